@@ -1,0 +1,1 @@
+"""Offline data path: synthetic canvases, label preparation, features and the training loader."""
