@@ -1,0 +1,238 @@
+"""Typed schemas of every config group.
+
+Defaults and field documentation live here only; YAML under ``conf/`` overrides them. Registering the
+schemas with Hydra's ConfigStore makes a misspelt key or a wrong type fail at compose time, naming the key.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from unirec.data.synthetic_config import SyntheticConfig
+
+
+class FieldKind(str, Enum):
+    """How a field is represented: an id, a bag of tokens, or a number."""
+
+    categorical = "categorical"
+    tokens = "tokens"
+    dense = "dense"
+
+
+class LabelSource(str, Enum):
+    """Where a task's negatives come from."""
+
+    impressions = "impressions"
+    """Logged impressions: unclicked rows of a logged slate are the negatives."""
+    positives = "positives"
+    """Only engagements are logged: negatives are sampled from the candidate catalogue."""
+
+
+class MixStrategy(str, Enum):
+    """How the loader mixes tasks within a batch."""
+
+    natural = "natural"
+    uniform = "uniform"
+    temperature = "temperature"
+    weights = "weights"
+
+
+@dataclass
+class FieldConfig:
+    """One feature field: its kind and how its vocabulary is built."""
+
+    kind: FieldKind = FieldKind.categorical
+    """categorical (one id), tokens (text split into a bag of tokens) or dense (a float)."""
+    column: Optional[str] = None
+    """Source column in a candidate table (candidate fields only; context fields come from adapters)."""
+    min_count: int = 1
+    """Values seen fewer times than this in train map to the out-of-vocabulary index."""
+    hash_buckets: int = 0
+    """If > 0, skip the vocabulary and hash values into this many buckets (for huge fields)."""
+    max_len: int = 8
+    """Tokens kept per bag (token fields only)."""
+
+
+@dataclass
+class AdapterConfig:
+    """How one canvas's raw log maps to the unified schema, and how it is cleaned."""
+
+    source: str = "???"
+    """Raw dataset: a directory name under the data set's raw directory, or an absolute path."""
+    request: str = "???"
+    """Raw column identifying one request (one slate)."""
+    candidate: str = "???"
+    """Raw column holding the candidate id."""
+    label: Optional[str] = None
+    """Raw column holding the 0/1 engagement; null for positives-only logs."""
+    timestamp: str = "???"
+    """Raw column holding the request time."""
+    timestamp_unit: str = "s"
+    """Unit of the timestamp column: s, ms, or iso (ISO-8601 text)."""
+    context: Dict[str, str] = field(default_factory=dict)
+    """Unified context field -> raw column."""
+    drop_duplicates: bool = True
+    """Reject exact duplicate rows of the same request and candidate (reason: duplicate)."""
+
+
+@dataclass
+class LabelConfig:
+    """How a task's examples are labelled."""
+
+    source: LabelSource = LabelSource.impressions
+    """impressions (logged slates) or positives (negatives sampled)."""
+    negatives: int = 4
+    """Sampled negatives per positive (positives-only tasks)."""
+
+
+@dataclass
+class TaskConfig:
+    """One use case (canvas): its context, labels, weights and metrics."""
+
+    id: int = "???"  # type: ignore[assignment]
+    """Stable integer task_type id; never reuse one for a different task."""
+    candidate: str = "item"
+    """Candidate entity type this task ranks (a key of data.candidates)."""
+    context: Dict[str, FieldConfig] = field(default_factory=dict)
+    """Context fields this task knows at request time."""
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    sampling_weight: float = 1.0
+    """Share of batches for loader.mix=weights."""
+    loss_weight: float = 1.0
+    """Multiplier of this task's loss in the total."""
+    train_rate: float = 1.0
+    """Fraction of this task's train requests kept (stratified down-sampling)."""
+    max_train_requests: Optional[int] = None
+    """Cap on this task's train requests after train_rate; null keeps all."""
+    metrics: List[str] = field(default_factory=lambda: ["auc", "ndcg@10", "recall@10", "mrr"])
+    """Valid metrics: auc, ndcg@K, recall@K, mrr."""
+
+
+@dataclass
+class CandidateConfig:
+    """A candidate entity type and the table its features come from."""
+
+    table: str = "???"
+    """Parquet file under the raw directory (or absolute path) with one row per candidate."""
+    key: str = "???"
+    """Id column of the table."""
+    fields: Dict[str, FieldConfig] = field(default_factory=dict)
+    """Candidate feature fields; the one whose column is the key is the candidate id field."""
+
+
+@dataclass
+class SplitConfig:
+    """Time-based split fractions, by request time within each task."""
+
+    valid: float = 0.1
+    test: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it is cached, and how it is split."""
+
+    name: str = "synthetic"
+    """Data set: synthetic (generated) or raw (logs already on disk under raw_dir)."""
+    cache_dir: Optional[str] = None
+    """Where prepared data sets are kept; null uses $UNIREC_CACHE or ~/.cache/unirec."""
+    raw_dir: Optional[str] = None
+    """Raw logs for name=raw; ignored for synthetic (generated into the cache)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    candidates: Dict[str, CandidateConfig] = field(default_factory=dict)
+    rows_per_file: int = 262_144
+    """Rows per feature shard file."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the multi-task ranker; input sizes come from feature_spec.json, never from here."""
+
+    embedding_dim: int = 16
+    """Width D of every field embedding."""
+    hidden_dim: int = 64
+    """Width H of the context and candidate encoders and of the shared tower."""
+    tower_layers: int = 2
+    """Residual cross blocks in the shared tower."""
+    head_hidden: int = 32
+    """Hidden width of each per-task head."""
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    """AdamW decoupled weight decay (dense parameters)."""
+    sparse_embeddings: bool = False
+    """Sparse gradients for embedding tables, stepped by SparseAdam (cheap for huge vocabularies)."""
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of lr."""
+
+
+@dataclass
+class LoaderConfig:
+    """Training batches: size, shuffle and task mixing."""
+
+    batch_size: int = 4096
+    mix: MixStrategy = MixStrategy.natural
+    """natural (by row count), uniform, temperature (count ** alpha) or weights (task sampling_weight)."""
+    alpha: float = 0.5
+    """Exponent for mix=temperature: 1 is natural, 0 is uniform."""
+    shuffle_buffer: int = 65_536
+    """Rows held per task for the bounded shuffle."""
+    prefetch: int = 4
+    """Batches prepared ahead in a background thread (0: none)."""
+
+
+@dataclass
+class TrainerConfig:
+    """The step loop: length, evaluation, logging, checkpoints and device."""
+
+    max_steps: int = 600
+    eval_every: int = 200
+    log_every: int = 20
+    eval_batch_size: int = 16_384
+    checkpoint_every: int = 200
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Config:
+    """Root of the composed configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    task: Dict[str, TaskConfig] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    """Seed for data sampling, initialisation and batching."""
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML files that name them (``defaults: [_self_, ...]``) are validated."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def to_object(cfg: Any) -> Config:
+    """Turn a composed DictConfig into typed dataclasses (read-only from here on)."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj

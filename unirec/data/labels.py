@@ -1,0 +1,275 @@
+"""Label preparation: per-canvas raw logs -> cleaned examples in the unified schema.
+
+Each canvas keeps its own raw column names; its adapter (``task.<name>.adapter`` in config) maps them.
+The row-wise steps (:func:`clean_batch`, :func:`to_examples`) are pure functions of one Arrow table, so an
+engine such as Spark ``mapInArrow`` or Ray ``map_batches`` can run them unchanged; the steps that need
+all rows of a canvas (:func:`drop_duplicates`, :func:`split_by_time`) are the usual shuffle operations.
+
+Every rejected row keeps its raw values (as text) and gets a ``reason``; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from unirec.config import FieldKind, LabelSource, SplitConfig, TaskConfig
+
+# The unified labeled columns (context fields follow, one per unified context field).
+REQUEST, TIMESTAMP, CANDIDATE, LABEL, WEIGHT, TASK_TYPE = (
+    "request_id",
+    "timestamp",
+    "candidate",
+    "label",
+    "weight",
+    "task_type",
+)
+SPLITS = ("train", "valid", "test")
+# Request ids are unique across tasks: the task id sits above the per-task request index.
+_TASK_SHIFT = 40
+# Earliest plausible event time (2000-01-01); earlier values are clock or parsing errors.
+MIN_TIMESTAMP = 946_684_800
+_TRUE = ("1", "true", "t", "yes", "y")
+_FALSE = ("0", "false", "f", "no", "n")
+
+
+@dataclass
+class Cleaned:
+    """A canvas table split into good rows (raw columns, typed) and rejects (raw text + reason)."""
+
+    good: pa.Table
+    rejects: pa.Table
+
+
+def clean_batch(raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array) -> Cleaned:
+    """Check every row of one raw batch; the first failing rule names its reject reason.
+
+    Adds typed columns ``__request``, ``__candidate`` (id as text), ``__label`` and ``__ts`` (epoch s).
+    ``catalogue_ids`` holds the known candidate ids as text.
+    """
+    a = task.adapter
+    _require_columns(raw, task)
+    n = raw.num_rows
+    reason = np.full(n, None, dtype=object)
+
+    def flag(mask, why: str) -> None:
+        mask = np.asarray(pc.fill_null(mask, True), dtype=bool) & (reason == None)  # noqa: E711
+        reason[mask] = why
+
+    flag(pc.is_null(raw[a.request]), f"missing:{a.request}")
+    cand_raw = raw[a.candidate]
+    flag(pc.is_null(cand_raw), f"missing:{a.candidate}")
+    cand_txt = pc.cast(cand_raw, pa.string())
+    if pa.types.is_string(cand_raw.type) and pa.types.is_integer(catalogue_ids.type):
+        flag(pc.invert(pc.match_substring_regex(cand_raw, r"^\s*-?\d+\s*$")), f"bad_type:{a.candidate}")
+    label = _parse_label(raw[a.label]) if a.label else pa.array(np.ones(n, dtype=np.float32))
+    flag(pc.is_null(label), "bad_label")
+    ts = _parse_timestamp(raw[a.timestamp], a.timestamp_unit)
+    flag(pc.or_(pc.is_null(ts), pc.less(ts, MIN_TIMESTAMP)), "bad_timestamp")
+    known = pc.is_in(_normalise_ids(cand_txt, reason), value_set=pc.cast(catalogue_ids, pa.string()))
+    flag(pc.invert(known), "unknown_candidate")
+
+    ok = reason == None  # noqa: E711
+    good = raw.filter(pa.array(ok))
+    good = good.append_column("__request", pc.cast(raw[a.request], pa.string()).filter(pa.array(ok)))
+    good = good.append_column("__candidate", _normalise_ids(cand_txt, reason).filter(pa.array(ok)))
+    good = good.append_column("__label", pc.cast(label, pa.float32()).filter(pa.array(ok)))
+    good = good.append_column("__ts", ts.filter(pa.array(ok)))
+    return Cleaned(good, _rejects(raw, ~ok, reason))
+
+
+def drop_duplicates(cleaned: Cleaned, raw_columns: list) -> Cleaned:
+    """Reject exact repeats of a raw row (keeping the first); needs the whole canvas, like Spark's dropDuplicates."""
+    good = cleaned.good
+    if good.num_rows == 0:
+        return cleaned
+    idx = good.append_column("__row", pa.array(np.arange(good.num_rows)))
+    first = idx.group_by(raw_columns, use_threads=False).aggregate([("__row", "min")])["__row_min"]
+    keep = np.zeros(good.num_rows, dtype=bool)
+    keep[first.to_numpy()] = True
+    reason = np.where(keep, None, "duplicate").astype(object)
+    dups = _rejects(good.select(raw_columns), ~keep, reason)
+    rejects = pa.concat_tables([cleaned.rejects, dups.cast(cleaned.rejects.schema)])
+    return Cleaned(good.filter(pa.array(keep)), rejects)
+
+
+def to_examples(good: pa.Table, task: TaskConfig, ctx_kinds: Mapping[str, FieldKind]) -> pa.Table:
+    """Map cleaned rows to unified columns; fields this task lacks stay null (their sentinel comes later)."""
+    a = task.adapter
+    request = pc.dictionary_encode(good["__request"]).combine_chunks().indices
+    cols = {
+        REQUEST: pc.add(pc.cast(request, pa.int64()), task.id << _TASK_SHIFT),
+        TIMESTAMP: good["__ts"],
+        TASK_TYPE: pa.array(np.full(good.num_rows, task.id, dtype=np.int32)),
+        CANDIDATE: good["__candidate"],
+        LABEL: good["__label"],
+        WEIGHT: pa.array(np.ones(good.num_rows, dtype=np.float32)),
+    }
+    for fname, kind in ctx_kinds.items():
+        target = pa.float64() if kind == FieldKind.dense else pa.string()
+        if fname in a.context:
+            cols[fname] = pc.cast(good[a.context[fname]], target)
+        else:
+            cols[fname] = pa.nulls(good.num_rows, target)
+    return pa.table(cols)
+
+
+def sample_negatives(examples: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, seed: int) -> pa.Table:
+    """For positives-only logs: add ``labels.negatives`` uniformly sampled items per positive, same request."""
+    if task.labels.source != LabelSource.positives or task.labels.negatives <= 0:
+        return examples
+    k = task.labels.negatives
+    rng = np.random.default_rng([seed, task.id, 17])
+    ids = np.asarray(pc.cast(catalogue_ids, pa.string()).to_pylist(), dtype=object)
+    rows = np.repeat(np.arange(examples.num_rows), k)
+    pos = np.asarray(examples[CANDIDATE].to_pylist(), dtype=object)[rows]
+    draw = ids[rng.integers(0, len(ids), size=len(rows))]
+    # Redraw the few collisions with the positive so a negative is never the engaged item.
+    for _ in range(8):
+        clash = draw == pos
+        if not clash.any():
+            break
+        draw[clash] = ids[rng.integers(0, len(ids), size=int(clash.sum()))]
+    neg = examples.take(pa.array(rows))
+    neg = neg.set_column(neg.schema.get_field_index(CANDIDATE), CANDIDATE, pa.array(draw, pa.string()))
+    neg = neg.set_column(neg.schema.get_field_index(LABEL), LABEL, pa.array(np.zeros(len(rows), np.float32)))
+    return pa.concat_tables([examples, neg]).sort_by([(REQUEST, "ascending")])
+
+
+def split_by_time(examples: pa.Table, split: SplitConfig) -> Dict[str, pa.Table]:
+    """Time-based split by request time: the latest ``test`` share of requests is test, the ``valid`` before it."""
+    if examples.num_rows == 0:
+        return {s: examples for s in SPLITS}
+    req_ts = examples.group_by(REQUEST, use_threads=False).aggregate([(TIMESTAMP, "min")])
+    ts = req_ts[f"{TIMESTAMP}_min"].to_numpy()
+    t_valid = np.quantile(ts, 1.0 - split.valid - split.test, method="lower")
+    t_test = np.quantile(ts, 1.0 - split.test, method="lower")
+    # A request's split follows its first event, so no request straddles two splits.
+    row_ts = _request_time(examples, req_ts)
+    masks = {
+        "train": row_ts < t_valid,
+        "valid": (row_ts >= t_valid) & (row_ts < t_test),
+        "test": row_ts >= t_test,
+    }
+    return {s: examples.filter(pa.array(m)) for s, m in masks.items()}
+
+
+def downsample(examples: pa.Table, task: TaskConfig, seed: int) -> pa.Table:
+    """Stratified merge: keep ``train_rate`` of a task's requests, then at most ``max_train_requests``."""
+    if task.train_rate >= 1.0 and task.max_train_requests is None:
+        return examples
+    req = np.unique(examples[REQUEST].to_numpy())
+    order = np.random.default_rng([seed, task.id, 29]).permutation(len(req))
+    keep_n = int(round(len(req) * task.train_rate))
+    if task.max_train_requests is not None:
+        keep_n = min(keep_n, task.max_train_requests)
+    kept = req[np.sort(order[:keep_n])]
+    return examples.filter(pc.is_in(examples[REQUEST], value_set=pa.array(kept)))
+
+
+def count_reasons(rejects: pa.Table) -> Dict[str, int]:
+    """Reject counts per reason, sorted by reason."""
+    if rejects.num_rows == 0:
+        return {}
+    counts = rejects.group_by("reason", use_threads=False).aggregate([("reason", "count")])
+    return dict(sorted(zip(counts["reason"].to_pylist(), counts["reason_count"].to_pylist())))
+
+
+def _request_time(examples: pa.Table, req_ts: pa.Table):
+    idx = pc.index_in(examples[REQUEST], value_set=req_ts[REQUEST]).to_numpy()
+    return req_ts[f"{TIMESTAMP}_min"].to_numpy()[idx]
+
+
+def _require_columns(raw: pa.Table, task: TaskConfig) -> None:
+    a = task.adapter
+    needed = [a.request, a.candidate, a.timestamp, *a.context.values()] + ([a.label] if a.label else [])
+    missing = [c for c in needed if c not in raw.column_names]
+    if missing:
+        raise KeyError(
+            f"raw log {a.source!r} lacks column(s) {missing} named in the adapter; it has {raw.column_names}"
+        )
+
+
+def _normalise_ids(ids: pa.Array, reason: np.ndarray) -> pa.Array:
+    """Ids as canonical text: strip spaces and leading zeros of integers ("042" and 42 are the same item)."""
+    txt = pc.utf8_trim_whitespace(ids)
+    numeric = pc.fill_null(pc.match_substring_regex(txt, r"^-?\d+$"), False)
+    as_int = pc.cast(pc.if_else(numeric, txt, pa.scalar("0")), pa.int64())
+    return pc.if_else(numeric, pc.cast(as_int, pa.string()), txt)
+
+
+def _parse_label(col: pa.ChunkedArray) -> pa.Array:
+    """0/1 from bool, number or text; anything else is null (bad_label)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_boolean(col.type):
+        return pc.cast(col, pa.float32())
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        ok = pc.is_in(col, value_set=pa.array([0, 1], col.type))
+        return pc.if_else(ok, pc.cast(col, pa.float32()), pa.scalar(None, pa.float32()))
+    txt = pc.utf8_lower(pc.utf8_trim_whitespace(pc.cast(col, pa.string())))
+    return pc.if_else(
+        pc.is_in(txt, value_set=pa.array(_TRUE)),
+        pa.scalar(1.0, pa.float32()),
+        pc.if_else(
+            pc.is_in(txt, value_set=pa.array(_FALSE)),
+            pa.scalar(0.0, pa.float32()),
+            pa.scalar(None, pa.float32()),
+        ),
+    )
+
+
+def _parse_timestamp(col: pa.ChunkedArray, unit: str) -> pa.Array:
+    """Epoch seconds (int64) from seconds, milliseconds or ISO-8601 text; unparseable is null."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if unit == "iso":
+        txt = pc.cast(col, pa.string())
+        parsed = pc.strptime(txt, format="%Y-%m-%dT%H:%M:%SZ", unit="s", error_is_null=True)
+        return pc.cast(parsed, pa.int64())
+    if unit not in ("s", "ms"):
+        raise ValueError(f"adapter.timestamp_unit must be s, ms or iso, got {unit!r}")
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise TypeError(f"timestamp column of unit {unit!r} must be numeric, got {col.type}")
+    secs = pc.cast(col, pa.float64())
+    if unit == "ms":
+        secs = pc.divide(secs, 1000.0)
+    finite = pc.and_(pc.is_finite(secs), pc.less(pc.abs(secs), 1e11))
+    secs = pc.if_else(finite, secs, pa.scalar(None, pa.float64()))
+    return pc.cast(pc.floor(secs), pa.int64())
+
+
+def _rejects(raw: pa.Table, bad: np.ndarray, reason: np.ndarray) -> pa.Table:
+    """The rejected rows with the reason; raw values are packed as text in one map column per row so
+    that every canvas's rejects share one schema whatever its raw columns."""
+    mask = pa.array(bad)
+    names = raw.column_names
+    n = int(bad.sum())
+    values = np.empty((n, len(names)), dtype=object)
+    for j, c in enumerate(names):
+        values[:, j] = pc.cast(raw[c], pa.string()).filter(mask).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.arange(0, n * len(names) + 1, len(names), dtype=np.int32))
+    keys = pa.array(np.tile(np.array(names, dtype=object), n), pa.string())
+    row = pa.MapArray.from_arrays(offsets, keys, pa.array(values.ravel(), pa.string()))
+    return pa.table({"reason": pa.array(reason[bad], pa.string()), "row": row})
+
+
+def labeled_tables(
+    raw: pa.Table,
+    task: TaskConfig,
+    catalogue_ids: pa.Array,
+    ctx_kinds: Mapping[str, FieldKind],
+    split: SplitConfig,
+    seed: int,
+) -> Tuple[Dict[str, pa.Table], pa.Table]:
+    """All of a canvas's label preparation: clean, dedupe, map, sample negatives, split, downsample train."""
+    raw_columns = list(raw.column_names)
+    cleaned = clean_batch(raw, task, catalogue_ids)
+    if task.adapter.drop_duplicates:
+        cleaned = drop_duplicates(cleaned, raw_columns)
+    examples = sample_negatives(to_examples(cleaned.good, task, ctx_kinds), task, catalogue_ids, seed)
+    splits = split_by_time(examples, split)
+    splits["train"] = downsample(splits["train"], task, seed)
+    return splits, cleaned.rejects

@@ -1,0 +1,266 @@
+"""Training and evaluation batches from feature shards: whole Arrow record batches, no per-row Python.
+
+Training draws each batch's task composition from a seeded multinomial over the tasks (the *mix*), then
+takes that many rows from each task's stream. A stream reads its row groups in a shuffled order each epoch
+and shuffles within a bounded buffer, so memory stays bounded whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from unirec.config import LoaderConfig, MixStrategy
+from unirec.schema import FeatureSpec
+
+Arrays = Dict[str, np.ndarray]
+
+# Arrow hands out read-only numpy views; batches are never written in place, so sharing them is safe.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+@dataclass
+class Batch:
+    """One batch of examples as tensors.
+
+    Shapes: B rows, F context fields; token fields are [B, L].
+        context: field -> [B] int64 | [B, L] int64 | [B] float32
+        present: [B, F] float32 presence mask in ``spec.context`` order
+        candidate: field -> as context
+        task_type, label, weight, request_id: [B]
+    """
+
+    context: Dict[str, torch.Tensor]
+    present: torch.Tensor
+    candidate: Dict[str, torch.Tensor]
+    task_type: torch.Tensor
+    label: torch.Tensor
+    weight: torch.Tensor
+    request_id: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, non_blocking=non_blocking)
+            return t.long() if t.dtype in (torch.int32, torch.int16, torch.uint8) else t
+
+        return Batch(
+            {k: mv(v) for k, v in self.context.items()},
+            mv(self.present).float(),
+            {k: mv(v) for k, v in self.candidate.items()},
+            mv(self.task_type),
+            mv(self.label),
+            mv(self.weight),
+            mv(self.request_id),
+        )
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+def to_batch(cols: Arrays, spec: FeatureSpec) -> Batch:
+    """Numpy columns (as read from shards) -> a :class:`Batch`; zero-copy where dtypes allow."""
+    t = torch.from_numpy
+    present = np.stack([cols[f"has.{f}"] for f in spec.context], axis=1)
+    return Batch(
+        context={f: t(cols[f"ctx.{f}"]) for f in spec.context},
+        present=t(present),
+        candidate={f: t(cols[f"cand.{f}"]) for f in spec.candidate_fields if f"cand.{f}" in cols},
+        task_type=t(cols["task_type"]),
+        label=t(cols["label"]),
+        weight=t(cols["weight"]),
+        request_id=t(cols["request_id"]),
+    )
+
+
+def table_to_arrays(table: pa.Table) -> Arrays:
+    """Arrow columns -> numpy; fixed-size lists become [n, L] matrices without copying their values."""
+    out: Arrays = {}
+    for name in table.column_names:
+        col = table[name].combine_chunks()
+        if isinstance(col.type, pa.FixedSizeListType):
+            out[name] = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def shard_files(features: Path, split: str, task: str) -> List[Path]:
+    files = sorted((Path(features) / split / task).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no feature shards for task {task!r} split {split!r} under {features}")
+    return files
+
+
+def count_rows(files: Sequence[Path]) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+class TaskStream:
+    """Endless shuffled rows of one task: row groups in a fresh random order each epoch, a bounded buffer.
+
+    Args:
+        files: the task's shard files.
+        buffer_rows: rows held for the shuffle (the memory bound).
+        rng: the stream's own generator (seeded by the loader).
+    """
+
+    def __init__(self, files: Sequence[Path], buffer_rows: int, rng: np.random.Generator):
+        self.units = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
+        self.buffer_rows = buffer_rows
+        self.rng = rng
+        self.epoch = 0
+        self._order: List[int] = []
+        self._buf: Optional[Arrays] = None
+        self._pos = 0
+        self._files: Dict[Path, pq.ParquetFile] = {}
+
+    def take(self, n: int) -> Arrays:
+        parts = []
+        while n > 0:
+            if self._buf is None or self._pos >= _len(self._buf):
+                self._refill()
+            k = min(n, _len(self._buf) - self._pos)
+            parts.append({c: v[self._pos : self._pos + k] for c, v in self._buf.items()})
+            self._pos += k
+            n -= k
+        return parts[0] if len(parts) == 1 else _concat(parts)
+
+    def _refill(self) -> None:
+        chunks, rows = [], 0
+        while rows < self.buffer_rows or not chunks:
+            if not self._order:
+                self._order = list(self.rng.permutation(len(self.units)))
+                self.epoch += 1
+            f, g = self.units[self._order.pop()]
+            pf = self._files.setdefault(f, pq.ParquetFile(f))
+            chunk = table_to_arrays(pf.read_row_group(g))
+            chunks.append(chunk)
+            rows += _len(chunk)
+        buf = _concat(chunks)
+        perm = self.rng.permutation(_len(buf))
+        self._buf = {c: v[perm] for c, v in buf.items()}
+        self._pos = 0
+
+
+def mix_probabilities(
+    rows: Mapping[str, int], cfg: LoaderConfig, weights: Mapping[str, float]
+) -> Dict[str, float]:
+    """Share of each task in a batch under the configured strategy.
+
+    >>> from unirec.config import LoaderConfig, MixStrategy
+    >>> mix_probabilities({"a": 300, "b": 100}, LoaderConfig(mix=MixStrategy.natural), {})
+    {'a': 0.75, 'b': 0.25}
+    >>> mix_probabilities({"a": 300, "b": 100}, LoaderConfig(mix=MixStrategy.uniform), {})
+    {'a': 0.5, 'b': 0.5}
+    """
+    mix = MixStrategy(cfg.mix)
+    names = sorted(rows)
+    if mix == MixStrategy.natural:
+        raw = [float(rows[t]) for t in names]
+    elif mix == MixStrategy.uniform:
+        raw = [1.0 for _ in names]
+    elif mix == MixStrategy.temperature:
+        raw = [float(rows[t]) ** cfg.alpha for t in names]
+    else:
+        raw = [float(weights[t]) for t in names]
+    if any(r < 0 for r in raw) or sum(raw) <= 0:
+        raise ValueError(f"loader.mix={mix.value}: task weights must be >= 0 with a positive sum, got {raw}")
+    return {t: r / sum(raw) for t, r in zip(names, raw)}
+
+
+class MixedLoader:
+    """Endless training batches mixing tasks by ``mix_probabilities``; deterministic for a seed.
+
+    Args:
+        features: the features directory.
+        spec: its feature spec.
+        cfg: loader settings.
+        weights: task name -> sampling_weight (for mix=weights).
+        seed: seeds the task draws and every stream.
+    """
+
+    def __init__(
+        self, features: Path, spec: FeatureSpec, cfg: LoaderConfig, weights: Mapping[str, float], seed: int
+    ):
+        self.spec, self.cfg = spec, cfg
+        files = {t: shard_files(features, "train", t) for t in spec.tasks}
+        self.rows = {t: count_rows(f) for t, f in files.items()}
+        empty = [t for t, n in self.rows.items() if n == 0]
+        if empty:
+            raise ValueError(f"tasks {empty} have no train rows; check their adapters and the split")
+        self.probs = mix_probabilities(self.rows, cfg, weights)
+        self.names = sorted(self.probs)
+        self.rng = np.random.default_rng([seed, 1])
+        self.streams = {
+            t: TaskStream(files[t], cfg.shuffle_buffer, np.random.default_rng([seed, 2, spec.tasks[t].id]))
+            for t in self.names
+        }
+
+    def next_arrays(self) -> Arrays:
+        counts = self.rng.multinomial(self.cfg.batch_size, [self.probs[t] for t in self.names])
+        parts = [self.streams[t].take(int(k)) for t, k in zip(self.names, counts) if k > 0]
+        return _concat(parts)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.cfg.prefetch <= 0:
+            while True:
+                yield to_batch(self.next_arrays(), self.spec)
+        yield from _prefetched(lambda: to_batch(self.next_arrays(), self.spec), self.cfg.prefetch)
+
+
+def eval_batches(
+    features: Path, spec: FeatureSpec, split: str, task: str, batch_size: int
+) -> Iterator[Batch]:
+    """The rows of one task and split in file order (no shuffle), in batches of whole record batches."""
+    for f in shard_files(features, split, task):
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+            yield to_batch(table_to_arrays(pa.Table.from_batches([rb])), spec)
+
+
+def _prefetched(make, depth: int) -> Iterator[Batch]:
+    """Build batches in a background thread: Arrow and numpy release the GIL, so this overlaps compute."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            while not stop.is_set():
+                put(make())
+        except BaseException as e:  # surfaced in the consumer, never swallowed
+            put(e)
+
+    th = threading.Thread(target=work, name="unirec-loader", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _len(cols: Arrays) -> int:
+    return len(next(iter(cols.values())))
+
+
+def _concat(parts: Sequence[Arrays]) -> Arrays:
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}

@@ -1,0 +1,180 @@
+"""The offline data path end to end: raw canvas logs -> labeled dataset -> feature shards.
+
+Layout of a prepared data set (one directory, keyed by a hash of everything that shapes it)::
+
+    raw/                 generated logs (synthetic data only)
+    labeled/split=<s>/task=<t>/part-00000.parquet
+    rejects/task=<t>/part-00000.parquet  +  rejects.json  (counts per task and reason)
+    features/feature_spec.json, vocab/, candidates/<type>.parquet, popularity.parquet,
+             <split>/<task>/part-*.parquet
+
+A directory is complete once ``_SUCCESS`` exists; it is written under a temporary name and renamed, so an
+interrupted preparation is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from unirec.config import DataConfig, FieldKind, TaskConfig
+from unirec.data import labels
+from unirec.data.features import Featurizer, fit, save_vocabs
+from unirec.schema import unified_context, validate_tasks
+
+log = logging.getLogger(__name__)
+SUCCESS = "_SUCCESS"
+
+
+def cache_root(data: DataConfig) -> Path:
+    root = data.cache_dir or os.environ.get("UNIREC_CACHE") or Path.home() / ".cache" / "unirec"
+    return Path(root).expanduser()
+
+
+def dataset_key(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) -> str:
+    """A short hash of every setting that changes the prepared data (not the model or trainer)."""
+    shaping = _plain(asdict(data))
+    shaping.pop("cache_dir")  # where the cache lives does not change what is in it
+    tasks_ = {k: _plain(asdict(v)) for k, v in sorted(tasks.items())}
+    blob = json.dumps({"data": shaping, "tasks": tasks_, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepare(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int, force: bool = False) -> Path:
+    """Prepare (or reuse) the data set for these tasks; returns its features directory."""
+    validate_tasks(tasks, data.candidates)
+    key = dataset_key(data, tasks, seed)
+    final = cache_root(data) / f"{data.name}-{key}"
+    if (final / SUCCESS).exists() and not force:
+        log.info("reusing prepared data %s", final)
+        return final / "features"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        raw_dir = _raw_dir(data, tmp, seed)
+        build(raw_dir, tmp, data, tasks, seed)
+        (tmp / SUCCESS).write_text(key)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "features"
+
+
+def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) -> Dict:
+    """Labels then features, into ``out``; returns the reject counts per task and reason."""
+    ctx_fields = unified_context(tasks)
+    kinds = {k: FieldKind(v.kind) for k, v in ctx_fields.items()}
+    catalogues = {c: read_raw(_resolve(raw_dir, cfg.table)) for c, cfg in data.candidates.items()}
+    splits: Dict[str, Dict[str, pa.Table]] = {s: {} for s in labels.SPLITS}
+    reject_counts: Dict[str, Dict[str, int]] = {}
+    for name, task in sorted(tasks.items()):
+        ccfg = data.candidates[task.candidate]
+        cat_ids = catalogues[task.candidate][ccfg.key].combine_chunks()
+        raw = read_raw(_resolve(raw_dir, task.adapter.source))
+        by_split, rejects = labels.labeled_tables(raw, task, cat_ids, kinds, data.split, seed)
+        reject_counts[name] = labels.count_reasons(rejects)
+        _write(rejects, out / "rejects" / f"task={name}" / "part-00000.parquet")
+        for s, t in by_split.items():
+            splits[s][name] = t
+            _write(t, out / "labeled" / f"split={s}" / f"task={name}" / "part-00000.parquet")
+        sizes = {s: by_split[s].num_rows for s in labels.SPLITS}
+        print(
+            f"labels  {name:<10} raw={raw.num_rows:>9,} rejected={rejects.num_rows:>7,} {sizes}  {reject_counts[name]}"
+        )
+    (out / "rejects.json").write_text(json.dumps(reject_counts, indent=2, sort_keys=True))
+
+    spec, vocabs = fit(splits["train"], tasks, ctx_fields, data.candidates, catalogues)
+    feat = out / "features"
+    feat.mkdir(parents=True, exist_ok=True)
+    spec.save(feat / "feature_spec.json")
+    save_vocabs(feat, spec, vocabs)
+    for c, t in catalogues.items():
+        _write(t, feat / "candidates" / f"{c}.parquet")
+    featurizer = Featurizer(spec, vocabs, catalogues)
+    for s, by_task in splits.items():
+        for name, t in by_task.items():
+            _write_shards(featurizer.examples(t), feat / s / name, data.rows_per_file)
+    _write(popularity(splits["train"], featurizer), feat / "popularity.parquet")
+    return reject_counts
+
+
+def popularity(train: Mapping[str, pa.Table], featurizer: Featurizer) -> pa.Table:
+    """Train engagements per (task, candidate id index): the popularity baseline's scores."""
+    parts = []
+    for name, t in train.items():
+        ctype = featurizer.spec.tasks[name].candidate
+        pos = t.filter(pc.greater(t[labels.LABEL], 0))
+        id_field = featurizer.spec.candidates[ctype].id_field
+        idx = featurizer.candidates(ctype, pos[labels.CANDIDATE])[f"cand.{id_field}"].to_numpy()
+        counts = np.bincount(idx, minlength=featurizer.spec.candidate_fields[id_field].size)
+        nz = np.nonzero(counts)[0]
+        parts.append(pa.table({"task": [name] * len(nz), "index": nz.astype(np.int32), "count": counts[nz]}))
+    return pa.concat_tables(parts)
+
+
+def read_raw(path: Path) -> pa.Table:
+    """A raw parquet file or directory of parts, in file order (deterministic)."""
+    if not path.exists():
+        raise FileNotFoundError(f"raw data {path} does not exist (check adapter.source / candidates.*.table)")
+    if path.is_file():
+        return pq.read_table(path)
+    files = sorted(str(p) for p in path.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {path}")
+    return ds.dataset(files, format="parquet").to_table()
+
+
+def _raw_dir(data: DataConfig, tmp: Path, seed: int) -> Path:
+    if data.name == "synthetic":
+        from unirec.data.synthetic import generate
+
+        summary = generate(data.synthetic, tmp / "raw")
+        print(
+            f"synthetic canvases: {summary['items']} items, {summary['users']} users, "
+            + ", ".join(f"{k}={v['rows']:,} rows" for k, v in summary["canvases"].items())
+        )
+        return tmp / "raw"
+    if not data.raw_dir:
+        raise ValueError(f"data.name={data.name!r} needs data.raw_dir: the directory of the raw canvas logs")
+    return Path(data.raw_dir).expanduser()
+
+
+def _resolve(raw_dir: Path, source: str) -> Path:
+    p = Path(source).expanduser()
+    return p if p.is_absolute() else raw_dir / p
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=16_384)
+
+
+def _write_shards(table: pa.Table, directory: Path, rows_per_file: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+        _write(table.slice(start, rows_per_file), directory / f"part-{i:05d}.parquet")
+
+
+def _plain(obj):
+    """Enums to their values so the hash does not depend on how a config was built."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return getattr(obj, "value", obj)

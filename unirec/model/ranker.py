@@ -1,0 +1,106 @@
+"""The multi-task ranker: context encoder and candidate encoder feeding one shared tower and per-task heads.
+
+::
+
+    context fields + task_type --FieldEmbeddings--> [B, Fc+1, D] --MLP--> c [B, H]   (once per request)
+    candidate fields           --FieldEmbeddings--> [B, Fi, D]   --MLP--> v [B, H]   (per candidate)
+    x0 = [c, v, c * v] [B, 3H] --ResidualCrossTower--> [B, 3H] --TaskHeads--> [B, K] -> own task's logit
+
+The context path never sees the candidate, so a service encodes a request's context once and broadcasts
+it over N candidates (:meth:`MultiTaskRanker.score_candidates`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from unirec.config import ModelConfig
+from unirec.model.embeddings import INIT_STD, FieldEmbeddings
+from unirec.model.heads import TaskHeads
+from unirec.model.towers import ResidualCrossTower
+from unirec.schema import FeatureSpec
+
+
+def _mlp(inp: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, out), nn.ReLU(), nn.Linear(out, out))
+
+
+class MultiTaskRanker(nn.Module):
+    """Scores (context, candidate) pairs for every task with one shared network.
+
+    Args:
+        spec: the fitted feature spec (field sizes, tasks); input widths come from here, not from config.
+        cfg: model shape.
+
+    Shapes (B rows, K tasks):
+        forward(batch) -> [B] logits of each row's own task
+        all_logits(batch) -> [B, K] logits of every head
+
+    Example:
+        >>> from unirec.schema import FeatureSpec, FieldSpec, TaskSpec, CandidateSpec
+        >>> spec = FeatureSpec(
+        ...     context={"user": FieldSpec("user", "categorical", size=5)},
+        ...     candidates={"item": CandidateSpec("item", "items.parquet", "item_id", "item", ("item",))},
+        ...     candidate_fields={"item": FieldSpec("item", "categorical", size=7, column="item_id")},
+        ...     tasks={"home": TaskSpec("home", 0, "item", ("user",))})
+        >>> m = MultiTaskRanker(spec, ModelConfig(embedding_dim=4, hidden_dim=8))
+        >>> c = m.encode_context({"user": torch.tensor([1])}, torch.ones(1, 1), torch.tensor([0]))
+        >>> m.score_candidates(c, {"item": torch.tensor([2, 3, 4])}, torch.tensor([0])).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: bool = False):
+        super().__init__()
+        d, h = cfg.embedding_dim, cfg.hidden_dim
+        self.task_names = list(spec.tasks)
+        self.context_embedding = FieldEmbeddings(spec.context, d, sparse)
+        self.task_embedding = nn.Embedding(spec.num_task_types, d, sparse=sparse)
+        nn.init.normal_(self.task_embedding.weight, std=INIT_STD)
+        self.candidate_embedding = FieldEmbeddings(spec.candidate_fields, d, sparse)
+        n_ctx = self.context_embedding.num_fields
+        # The presence mask goes in beside the embeddings so the encoder can tell which fields it has.
+        self.context_encoder = _mlp((n_ctx + 1) * d + n_ctx, h)
+        self.candidate_encoder = _mlp(self.candidate_embedding.num_fields * d, h)
+        self.tower = ResidualCrossTower(3 * h, cfg.tower_layers, cfg.dropout)
+        self.heads = TaskHeads(self.task_names, 3 * h, cfg.head_hidden)
+        head_of = torch.full((spec.num_task_types,), -1, dtype=torch.long)
+        for i, name in enumerate(self.task_names):
+            head_of[spec.tasks[name].id] = i
+        self.register_buffer("head_of_type", head_of, persistent=False)
+
+    def encode_context(
+        self, context: Dict[str, torch.Tensor], present: torch.Tensor, task_type: torch.Tensor
+    ):
+        """Context fields [B, ...], presence [B, Fc], task_type [B] -> context vector [B, H]."""
+        emb = self.context_embedding(context, present)
+        task = self.task_embedding(task_type).unsqueeze(1)
+        x = torch.cat([emb, task], dim=1).flatten(1)
+        return self.context_encoder(torch.cat([x, present.to(x.dtype)], dim=1))
+
+    def encode_candidates(self, candidate: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Candidate fields [N, ...] -> candidate vectors [N, H]."""
+        return self.candidate_encoder(self.candidate_embedding(candidate).flatten(1))
+
+    def interact(self, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Context [B, H] and candidate [B, H] vectors -> every head's logit [B, K]."""
+        return self.heads(self.tower(torch.cat([c, v, c * v], dim=1)))
+
+    def head_index(self, task_type: torch.Tensor) -> torch.Tensor:
+        return self.head_of_type[task_type]
+
+    def all_logits(self, batch) -> torch.Tensor:
+        c = self.encode_context(batch.context, batch.present, batch.task_type)
+        return self.interact(c, self.encode_candidates(batch.candidate))
+
+    def forward(self, batch) -> torch.Tensor:
+        logits = self.all_logits(batch)
+        return logits.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
+
+    def score_candidates(self, c: torch.Tensor, candidate: Dict[str, torch.Tensor], task_type: torch.Tensor):
+        """One request's context vector [1, H] against N candidates -> [N] logits of that request's task."""
+        v = self.encode_candidates(candidate)
+        logits = self.interact(c.expand(v.shape[0], -1), v)
+        return logits[:, self.head_index(task_type)[0]]

@@ -1,0 +1,182 @@
+"""The unified request context and the feature spec: the contract between data, model and serving.
+
+The unified schema is derived from the selected tasks: the union of their context fields plus
+``task_type``. A task that lacks a field gets the field's sentinel and a presence bit of 0.
+
+Index convention of categorical and token fields::
+
+    0  sentinel: the field is missing for this row (the model learns a "missing" vector there)
+    1  out of vocabulary: present, but unseen in train (or rarer than min_count)
+    2… vocabulary entries in order of decreasing train frequency, or hash buckets
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple
+
+from unirec.config import CandidateConfig, FieldConfig, FieldKind, TaskConfig
+
+SENTINEL = 0
+OOV = 1
+FIRST_ID = 2
+SPEC_VERSION = 1
+
+
+class SchemaError(ValueError):
+    """The task or candidate configuration cannot form one unified schema."""
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One input field once fitted: what the model needs to build its table."""
+
+    name: str
+    kind: str
+    size: int = 0
+    """Rows of the embedding table (sentinel and OOV included); 0 for dense fields."""
+    max_len: int = 1
+    """Tokens per bag (token fields), else 1."""
+    hash_buckets: int = 0
+    vocab: Optional[str] = None
+    """Vocabulary file relative to the feature directory (None for hashed and dense fields)."""
+    column: Optional[str] = None
+    """Candidate table column (candidate fields only)."""
+    mean: float = 0.0
+    std: float = 1.0
+    """Dense fields are standardised with the train mean and std."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as the model and the service see it."""
+
+    name: str
+    id: int
+    candidate: str
+    fields: Tuple[str, ...]
+    loss_weight: float = 1.0
+    metrics: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """A candidate entity type: its id field and feature fields."""
+
+    name: str
+    table: str
+    key: str
+    id_field: str
+    fields: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything derived from the data that the model and the featurizer need (``feature_spec.json``)."""
+
+    context: Dict[str, FieldSpec]
+    candidates: Dict[str, CandidateSpec]
+    candidate_fields: Dict[str, FieldSpec]
+    tasks: Dict[str, TaskSpec]
+    version: int = SPEC_VERSION
+    extras: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_task_types(self) -> int:
+        return max(t.id for t in self.tasks.values()) + 1
+
+    def task_names_by_id(self) -> Dict[int, str]:
+        return {t.id: t.name for t in self.tasks.values()}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureSpec:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SchemaError(f"cannot read feature spec {path}: {e}") from e
+        if raw.get("version") != SPEC_VERSION:
+            raise SchemaError(f"{path}: feature spec version {raw.get('version')}, expected {SPEC_VERSION}")
+        return cls(
+            context={k: FieldSpec(**v) for k, v in raw["context"].items()},
+            candidates={
+                k: CandidateSpec(**{**v, "fields": tuple(v["fields"])}) for k, v in raw["candidates"].items()
+            },
+            candidate_fields={k: FieldSpec(**v) for k, v in raw["candidate_fields"].items()},
+            tasks={
+                k: TaskSpec(**{**v, "fields": tuple(v["fields"]), "metrics": tuple(v["metrics"])})
+                for k, v in raw["tasks"].items()
+            },
+            version=raw["version"],
+            extras=raw.get("extras", {}),
+        )
+
+
+def unified_context(tasks: Mapping[str, TaskConfig]) -> Dict[str, FieldConfig]:
+    """The union of the tasks' context fields, sorted by name; the same field must agree across tasks.
+
+    >>> from unirec.config import TaskConfig, FieldConfig, FieldKind
+    >>> a = TaskConfig(id=0, context={"user": FieldConfig(FieldKind.categorical)})
+    >>> b = TaskConfig(id=1, context={"query": FieldConfig(FieldKind.tokens)})
+    >>> list(unified_context({"a": a, "b": b}))
+    ['query', 'user']
+    """
+    if not tasks:
+        raise SchemaError("no task selected: choose at least one, e.g. task=[home,search]")
+    merged: Dict[str, FieldConfig] = {}
+    owner: Dict[str, str] = {}
+    for name in sorted(tasks):
+        for fname, fcfg in tasks[name].context.items():
+            if fname == "task_type":
+                raise SchemaError(f"task.{name}.context.task_type: the name task_type is reserved")
+            if fname in merged and _field_key(merged[fname]) != _field_key(fcfg):
+                raise SchemaError(
+                    f"task.{name}.context.{fname} is declared as {_field_key(fcfg)} but task "
+                    f"{owner[fname]} declares it as {_field_key(merged[fname])}; make them agree"
+                )
+            merged.setdefault(fname, fcfg)
+            owner.setdefault(fname, name)
+    return dict(sorted(merged.items()))
+
+
+def validate_tasks(tasks: Mapping[str, TaskConfig], candidates: Mapping[str, CandidateConfig]) -> None:
+    """Fail early, naming the key, on task ids, candidate types and field-name clashes."""
+    ids: Dict[int, str] = {}
+    for name, t in tasks.items():
+        if not isinstance(t.id, int) or t.id < 0:
+            raise SchemaError(f"task.{name}.id must be a non-negative integer, got {t.id!r}")
+        if t.id in ids:
+            raise SchemaError(
+                f"task.{name}.id={t.id} is already used by task {ids[t.id]}; ids must be unique"
+            )
+        ids[t.id] = name
+        if t.candidate not in candidates:
+            raise SchemaError(
+                f"task.{name}.candidate={t.candidate!r} is not a candidate type; known: {sorted(candidates)}"
+            )
+        for fname in t.context:
+            if fname not in t.adapter.context:
+                raise SchemaError(
+                    f"task.{name}.adapter.context has no raw column for context field {fname!r}"
+                )
+        for fname in t.adapter.context:
+            if fname not in t.context:
+                raise SchemaError(
+                    f"task.{name}.adapter.context.{fname} maps a field not in task.{name}.context"
+                )
+    ctx = unified_context(tasks)
+    for cname, c in candidates.items():
+        for fname in c.fields:
+            if fname in ctx:
+                raise SchemaError(f"data.candidates.{cname}.fields.{fname} clashes with a context field")
+        if not any(f.column == c.key for f in c.fields.values()):
+            raise SchemaError(f"data.candidates.{cname}: no field reads the key column {c.key!r}")
+
+
+def _field_key(f: FieldConfig) -> str:
+    kind = f.kind.value if isinstance(f.kind, FieldKind) else str(f.kind)
+    return f"{kind}(min_count={f.min_count}, hash_buckets={f.hash_buckets}, max_len={f.max_len})"
