@@ -100,7 +100,7 @@ def drop_duplicates(cleaned: Cleaned, raw_columns: list) -> Cleaned:
 def to_examples(good: pa.Table, task: TaskConfig, ctx_kinds: Mapping[str, FieldKind]) -> pa.Table:
     """Map cleaned rows to unified columns; fields this task lacks stay null (their sentinel comes later)."""
     a = task.adapter
-    request = pc.dictionary_encode(good["__request"]).combine_chunks().indices
+    request = pc.dictionary_encode(good["__request"].combine_chunks()).indices
     cols = {
         REQUEST: pc.add(pc.cast(request, pa.int64()), task.id << _TASK_SHIFT),
         TIMESTAMP: good["__ts"],
@@ -119,23 +119,32 @@ def to_examples(good: pa.Table, task: TaskConfig, ctx_kinds: Mapping[str, FieldK
 
 
 def sample_negatives(examples: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, seed: int) -> pa.Table:
-    """For positives-only logs: add ``labels.negatives`` uniformly sampled items per positive, same request."""
+    """For positives-only logs: add ``labels.negatives`` uniformly sampled items per positive, same request.
+
+    A negative is never one of its request's positives (collisions are redrawn).
+    """
     if task.labels.source != LabelSource.positives or task.labels.negatives <= 0:
         return examples
     k = task.labels.negatives
     rng = np.random.default_rng([seed, task.id, 17])
-    ids = np.asarray(pc.cast(catalogue_ids, pa.string()).to_pylist(), dtype=object)
+    ids = pc.cast(catalogue_ids, pa.string())
+    n_ids = len(ids)
+    req = examples[REQUEST].to_numpy()
+    pos_idx = pc.index_in(examples[CANDIDATE], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    positives = np.unique(req * n_ids + pos_idx)
     rows = np.repeat(np.arange(examples.num_rows), k)
-    pos = np.asarray(examples[CANDIDATE].to_pylist(), dtype=object)[rows]
-    draw = ids[rng.integers(0, len(ids), size=len(rows))]
-    # Redraw the few collisions with the positive so a negative is never the engaged item.
-    for _ in range(8):
-        clash = draw == pos
+    draw = rng.integers(0, n_ids, size=len(rows))
+    for _ in range(16):
+        clash = np.isin(req[rows] * n_ids + draw, positives)
         if not clash.any():
             break
-        draw[clash] = ids[rng.integers(0, len(ids), size=int(clash.sum()))]
+        draw[clash] = rng.integers(0, n_ids, size=int(clash.sum()))
+    else:
+        # A request that engaged with nearly the whole catalogue: drop the draws that still clash.
+        keep = ~np.isin(req[rows] * n_ids + draw, positives)
+        rows, draw = rows[keep], draw[keep]
     neg = examples.take(pa.array(rows))
-    neg = neg.set_column(neg.schema.get_field_index(CANDIDATE), CANDIDATE, pa.array(draw, pa.string()))
+    neg = neg.set_column(neg.schema.get_field_index(CANDIDATE), CANDIDATE, ids.take(pa.array(draw)))
     neg = neg.set_column(neg.schema.get_field_index(LABEL), LABEL, pa.array(np.zeros(len(rows), np.float32)))
     return pa.concat_tables([examples, neg]).sort_by([(REQUEST, "ascending")])
 

@@ -1,0 +1,92 @@
+"""Label preparation: exact reject counts per reason, every good row arrives, no split leakage."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import compose
+from unirec.data.labels import REQUEST, SPLITS, TIMESTAMP
+from unirec.data.prepare import build, read_raw
+from unirec.data.synthetic import generate
+
+
+def _append_bad_rows(canvas_dir, edits):
+    """Write a part file of copies of the canvas's first row, each changed by one edit."""
+    table = read_raw(canvas_dir)
+    base = table.slice(0, 1).to_pylist()[0]
+    rows = [{**base, **e} if e is not None else dict(base) for e in edits]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), canvas_dir / "part-99999.parquet")
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+    cfg = compose(["debug=toy", "data.synthetic.dirt_rate=0"])
+    tmp = tmp_path_factory.mktemp("dirty")
+    raw = tmp / "raw"
+    generate(cfg.data.synthetic, raw)
+    clean_rows = {c: read_raw(raw / c).num_rows for c in ("home", "related", "search", "genre")}
+    _append_bad_rows(raw / "home", [
+        None, None, None,                       # 3 exact duplicates of the first row
+        {"video_id": None}, {"video_id": None},
+        {"video_id": 999_999}, {"video_id": 888_888}, {"video_id": -1}, {"video_id": 10**9},
+        {"play_start": 7},
+        {"event_ts": -5}, {"event_ts": None},
+        {"session_id": None},
+    ])  # fmt: skip
+    _append_bad_rows(raw / "search", [{"result_id": "x9z"}, {"result_id": "12a"}, {"clicked": "maybe"}])
+    _append_bad_rows(raw / "related", [{"ts_utc": "not-a-time"}])
+    _append_bad_rows(raw / "genre", [{"title": None}])
+    out = tmp / "prepared"
+    counts = build(raw, out, cfg.data, cfg.task, cfg.seed)
+    return cfg, out, counts, clean_rows
+
+
+def test_exact_reject_counts_per_reason(dirty):
+    _, out, counts, _ = dirty
+    assert counts == {
+        "home": {
+            "bad_label": 1,
+            "bad_timestamp": 2,
+            "duplicate": 3,
+            "missing:session_id": 1,
+            "missing:video_id": 2,
+            "unknown_candidate": 4,
+        },
+        "related": {"bad_timestamp": 1},
+        "search": {"bad_label": 1, "bad_type:result_id": 2},
+        "genre": {"missing:title": 1},
+    }
+    assert json.loads((out / "rejects.json").read_text()) == counts
+    rejects = pq.read_table(out / "rejects" / "task=home")
+    assert rejects.num_rows == 13
+    row = dict(rejects.filter(pa.compute.equal(rejects["reason"], "bad_label"))["row"][0].as_py())
+    assert row["play_start"] == "7"  # the raw value is kept for inspection
+
+
+def test_every_good_row_arrives(dirty):
+    cfg, out, _, clean_rows = dirty
+    for task in ("home", "related", "search"):
+        labeled = sum(pq.read_table(out / "labeled" / f"split={s}" / f"task={task}").num_rows for s in SPLITS)
+        assert labeled == clean_rows[task], task
+    genre = sum(pq.read_table(out / "labeled" / f"split={s}" / "task=genre").num_rows for s in SPLITS)
+    assert genre == clean_rows["genre"] * (1 + cfg.task["genre"].labels.negatives)
+
+
+def test_time_split_has_no_leakage(dirty):
+    _, out, _, _ = dirty
+    for task in ("home", "related", "search", "genre"):
+        t = {s: pq.read_table(out / "labeled" / f"split={s}" / f"task={task}") for s in SPLITS}
+        assert t["train"][TIMESTAMP].to_numpy().max() <= t["valid"][TIMESTAMP].to_numpy().min()
+        assert t["valid"][TIMESTAMP].to_numpy().max() <= t["test"][TIMESTAMP].to_numpy().min()
+        ids = [set(t[s][REQUEST].to_pylist()) for s in SPLITS]
+        assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+
+
+def test_sampled_negatives_never_the_positive(dirty):
+    _, out, _, _ = dirty
+    t = pq.read_table(out / "labeled" / "split=train" / "task=genre").to_pydict()
+    pos = {(r, c) for r, c, y in zip(t[REQUEST], t["candidate"], t["label"]) if y == 1}
+    neg = {(r, c) for r, c, y in zip(t[REQUEST], t["candidate"], t["label"]) if y == 0}
+    assert pos and neg and not (pos & neg)

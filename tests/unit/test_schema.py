@@ -1,0 +1,52 @@
+import pytest
+
+from unirec.config import AdapterConfig, CandidateConfig, FieldConfig, FieldKind, TaskConfig
+from unirec.schema import FeatureSpec, SchemaError, unified_context, validate_tasks
+
+
+def _task(i, **fields):
+    ctx = {k: FieldConfig(kind=v) for k, v in fields.items()}
+    return TaskConfig(id=i, context=ctx, adapter=AdapterConfig(context={k: k for k in fields}))
+
+
+CANDS = {"item": CandidateConfig(table="items.parquet", key="item_id", fields={"item": FieldConfig(column="item_id")})}
+
+
+def test_union_of_fields_sorted_by_name():
+    tasks = {"a": _task(0, user=FieldKind.categorical), "b": _task(1, query=FieldKind.tokens, user="categorical")}
+    assert list(unified_context(tasks)) == ["query", "user"]
+
+
+def test_conflicting_kinds_name_the_field():
+    tasks = {"a": _task(0, user=FieldKind.categorical), "b": _task(1, user=FieldKind.dense)}
+    with pytest.raises(SchemaError, match=r"task\.b\.context\.user"):
+        unified_context(tasks)
+
+
+def test_duplicate_task_ids_rejected():
+    tasks = {"a": _task(0, user=FieldKind.categorical), "b": _task(0, query=FieldKind.tokens)}
+    with pytest.raises(SchemaError, match=r"task\.b\.id=0 is already used by task a"):
+        validate_tasks(tasks, CANDS)
+
+
+def test_unknown_candidate_type_rejected():
+    t = _task(0, user=FieldKind.categorical)
+    t.candidate = "video"
+    with pytest.raises(SchemaError, match=r"task\.a\.candidate='video'"):
+        validate_tasks({"a": t}, CANDS)
+
+
+def test_context_field_without_raw_column_rejected():
+    t = _task(0, user=FieldKind.categorical)
+    t.adapter.context = {}
+    with pytest.raises(SchemaError, match="no raw column for context field 'user'"):
+        validate_tasks({"a": t}, CANDS)
+
+
+def test_feature_spec_round_trip(toy_features):
+    spec = FeatureSpec.load(toy_features / "feature_spec.json")
+    path = toy_features.parent / "spec-copy.json"
+    spec.save(path)
+    assert FeatureSpec.load(path) == spec
+    assert set(spec.tasks) == {"home", "related", "search", "genre"}
+    assert list(spec.context) == sorted(spec.context)
