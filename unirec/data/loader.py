@@ -135,11 +135,12 @@ class TaskStream:
         return parts[0] if len(parts) == 1 else _concat(parts)
 
     def _refill(self) -> None:
+        # A buffer never spans two epochs, so every row is seen exactly once per epoch.
+        if not self._order:
+            self._order = list(self.rng.permutation(len(self.units)))
+            self.epoch += 1
         chunks, rows = [], 0
-        while rows < self.buffer_rows or not chunks:
-            if not self._order:
-                self._order = list(self.rng.permutation(len(self.units)))
-                self.epoch += 1
+        while self._order and (rows < self.buffer_rows or not chunks):
             f, g = self.units[self._order.pop()]
             pf = self._files.setdefault(f, pq.ParquetFile(f))
             chunk = table_to_arrays(pf.read_row_group(g))

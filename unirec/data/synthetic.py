@@ -146,7 +146,7 @@ def _build_items(cfg: SyntheticConfig, rng: Rng, w: _World) -> np.ndarray:
     vec = (
         centroids[primary]
         + 0.3 * np.einsum("ng,gd->nd", gw == 0.5, centroids)
-        + 0.6 * rng.normal(size=(n, _DIM))
+        + 0.4 * rng.normal(size=(n, _DIM))
     )
     cluster = rng.integers(0, g, n)
     private = rng.normal(size=(g, _DIM))[cluster] + 0.6 * rng.normal(size=(n, _DIM))

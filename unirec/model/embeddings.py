@@ -23,6 +23,8 @@ class FieldEmbeddings(nn.Module):
         fields: field name -> fitted spec, in a fixed order.
         dim: embedding width D.
         sparse: sparse gradients for the tables (pair with SparseAdam).
+        masked: learn a missing vector per field, used where ``present == 0`` (context fields); candidate
+            fields come from a catalogue and use the plain sentinel instead.
 
     Shapes:
         inputs[f]: [B] int64, [B, L] int64 (tokens) or [B] float32 (dense); present: [B, F] -> [B, F, D]
@@ -34,7 +36,7 @@ class FieldEmbeddings(nn.Module):
         torch.Size([2, 1, 4])
     """
 
-    def __init__(self, fields: Mapping[str, FieldSpec], dim: int, sparse: bool = False):
+    def __init__(self, fields: Mapping[str, FieldSpec], dim: int, sparse: bool = False, masked: bool = True):
         super().__init__()
         self.names = list(fields)
         self.kinds = {name: f.kind for name, f in fields.items()}
@@ -49,7 +51,7 @@ class FieldEmbeddings(nn.Module):
                 )
             else:
                 self.scales[name] = nn.Parameter(torch.randn(dim) * INIT_STD)
-        self.missing = nn.Parameter(torch.randn(len(self.names), dim) * INIT_STD)
+        self.missing = nn.Parameter(torch.randn(len(self.names), dim) * INIT_STD) if masked else None
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=INIT_STD)
 
@@ -68,6 +70,6 @@ class FieldEmbeddings(nn.Module):
             else:
                 out.append(self.tables[name](x))
         emb = torch.stack(out, dim=1)
-        if present is None:
+        if present is None or self.missing is None:
             return emb
         return torch.where(present.unsqueeze(-1) > 0, emb, self.missing.to(emb.dtype))

@@ -59,7 +59,7 @@ class MultiTaskRanker(nn.Module):
         self.context_embedding = FieldEmbeddings(spec.context, d, sparse)
         self.task_embedding = nn.Embedding(spec.num_task_types, d, sparse=sparse)
         nn.init.normal_(self.task_embedding.weight, std=INIT_STD)
-        self.candidate_embedding = FieldEmbeddings(spec.candidate_fields, d, sparse)
+        self.candidate_embedding = FieldEmbeddings(spec.candidate_fields, d, sparse, masked=False)
         n_ctx = self.context_embedding.num_fields
         # The presence mask goes in beside the embeddings so the encoder can tell which fields it has.
         self.context_encoder = _mlp((n_ctx + 1) * d + n_ctx, h)

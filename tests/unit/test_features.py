@@ -1,0 +1,56 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unirec.data.features import Featurizer, tokenize
+from unirec.data.labels import SPLITS
+from unirec.schema import FIRST_ID, OOV, SENTINEL
+
+
+def test_tokenize_lowercases_and_drops_separators():
+    assert tokenize(pa.array(["  Comedy|DRAMA  ", "", None, "año 1990s"])).to_pylist() == [
+        ["comedy", "drama"],
+        [],
+        None,
+        ["año", "1990s"],
+    ]
+
+
+def test_sentinel_oov_and_vocab_indices(toy_features):
+    fz = Featurizer.load(toy_features)
+    vocab_user = fz._vocab["user"].to_pylist()
+    t = pa.table({"user": [vocab_user[0], "never-seen", None], "query": ["comedy", None, "zzzqqq"]})
+    out = fz.context(t)
+    assert out["ctx.user"].to_pylist() == [FIRST_ID, OOV, SENTINEL]
+    assert out["has.user"].to_pylist() == [1, 1, 0]
+    q = out["ctx.query"].to_pylist()
+    assert q[1] == [SENTINEL] * len(q[1]) and out["has.query"].to_pylist() == [1, 0, 1]
+    assert q[2][0] == OOV
+    # A field absent from the table entirely is missing for every row.
+    assert out["has.source_item"].to_pylist() == [0, 0, 0]
+
+
+def test_vocabularies_fitted_on_train_only(toy_features):
+    prepared = toy_features.parent
+    fz = Featurizer.load(toy_features)
+    train_users = set()
+    for task in ("home", "search", "genre"):
+        train_users |= set(pq.read_table(prepared / "labeled" / "split=train" / f"task={task}")["user"].to_pylist())
+    assert set(fz._vocab["user"].to_pylist()) == train_users - {None}
+
+
+def test_shards_cover_every_labeled_row(toy_features):
+    prepared = toy_features.parent
+    for split in SPLITS:
+        for task in ("home", "related", "search", "genre"):
+            labeled = pq.read_table(prepared / "labeled" / f"split={split}" / f"task={task}").num_rows
+            shards = pq.read_table(toy_features / split / task)
+            assert shards.num_rows == labeled
+            assert set(shards["task_type"].to_pylist()) <= {0, 1, 2, 3}
+
+
+def test_unknown_candidate_gets_oov_id_and_sentinel_content(toy_features):
+    fz = Featurizer.load(toy_features)
+    out = fz.candidates("item", pa.array(["1", "no-such-item"]))
+    assert out["cand.item"].to_pylist()[1] == OOV
+    assert out["cand.item_genres"].to_pylist()[1] == [SENTINEL] * 3
+    assert out["cand.item_genres"].to_pylist()[0][0] >= FIRST_ID
