@@ -6,24 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import List
 
 import pytest
 
-from unirec.config import Config, register_configs, to_object
+from unirec.config import Config, compose
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-
-def compose(overrides: Sequence[str] = ()) -> Config:
-    """The typed config exactly as ``python -m unirec.train <overrides>`` would build it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return to_object(hydra_compose("train", overrides=list(overrides)))
 
 
 def run_train(args: List[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -6,7 +6,8 @@ schemas with Hydra's ConfigStore makes a misspelt key or a wrong type fail at co
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 from unirec.data.synthetic_config import SyntheticConfig
 
@@ -227,6 +228,23 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+def conf_dir() -> str:
+    """conf/ ships inside the wheel as unirec/conf; in a source checkout it sits beside the package."""
+    here = Path(__file__).resolve().parent
+    installed = here / "conf"
+    return str(installed if installed.is_dir() else here.parent / "conf")
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> Config:
+    """The typed config exactly as ``python -m unirec.train <overrides>`` builds it (for scripts and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return to_object(hydra_compose(config_name, overrides=list(overrides)))
 
 
 def to_object(cfg: Any) -> Config:

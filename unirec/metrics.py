@@ -49,7 +49,7 @@ class TaskMetrics:
     def update(self, task: str, scores: torch.Tensor, label: torch.Tensor, request_id: torch.Tensor) -> None:
         """Scores and labels [B] of one task's rows; request ids group the ranking metrics."""
         scores, label, request_id = scores.detach().float().cpu(), label.cpu(), request_id.cpu()
-        for name, metric in self.tasks[task].items():
+        for _name, metric in self.tasks[task].items():
             if isinstance(metric, BinaryAUROC):
                 metric.update(scores, label.long())
             else:

@@ -19,7 +19,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> List[torch.optim.Opt
     """
     sparse, decay, no_decay = [], [], []
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
+        for _name, p in module.named_parameters(recurse=False):
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 (sparse if module.sparse else no_decay).append(p)
             elif p.ndim < 2:

@@ -16,15 +16,16 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from unirec import checkpoint
-from unirec.config import Config, TrainerConfig, register_configs, to_object
+from unirec.config import Config, TrainerConfig, conf_dir, register_configs, to_object
 from unirec.data.loader import MixedLoader
 from unirec.data.prepare import prepare
 from unirec.evaluate import Scores, evaluate, model_scorer, popularity_scorer
@@ -34,13 +35,6 @@ from unirec.optim import build_optimizers, build_schedulers
 from unirec.schema import FeatureSpec
 
 log = logging.getLogger("unirec.train")
-
-
-def _conf_dir() -> str:
-    """conf/ ships inside the wheel as unirec/conf; in a source checkout it sits beside the package."""
-    here = Path(__file__).resolve().parent
-    installed = here / "conf"
-    return str(installed if installed.is_dir() else here.parent / "conf")
 
 
 def setup_device(cfg: TrainerConfig) -> tuple[torch.device, bool]:
@@ -63,10 +57,76 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def train_step(model, batch, opts, scheds, loss_weights: torch.Tensor, bf16: bool):
+    """One optimisation step on a batch already on the device; returns (total, per-task losses, counts)."""
+    with _autocast(batch.label.device, bf16):
+        logits = model(batch)
+    losses, counts = task_losses(
+        logits, batch.label, batch.weight, model.head_index(batch.task_type), len(loss_weights)
+    )
+    loss = total_loss(losses, loss_weights)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o, s in zip(opts, scheds):
+        o.step()
+        s.step()
+    return loss, losses, counts
+
+
 def _log_scalars(writer, split: str, scores: Scores, step: int) -> None:
     for task, metrics in scores.items():
         for name, value in metrics.items():
             writer.add_scalar(f"{split}/{task}/{name}", value, step)
+
+
+@dataclass
+class Training:
+    """Everything the step loop needs, built from the config by :func:`setup`."""
+
+    spec: FeatureSpec
+    model: MultiTaskRanker
+    opts: List[torch.optim.Optimizer]
+    scheds: list
+    loader: MixedLoader
+    loss_weights: torch.Tensor
+    device: torch.device
+    bf16: bool
+
+
+def setup(cfg: Config, features: Path) -> Training:
+    """Model, optimizers, schedules and loader for ``cfg`` on the prepared ``features``."""
+    torch.manual_seed(cfg.seed)
+    spec = FeatureSpec.load(features / "feature_spec.json")
+    device, bf16 = setup_device(cfg.trainer)
+    model = MultiTaskRanker(spec, cfg.model, sparse=cfg.optim.sparse_embeddings).to(device)
+    opts = build_optimizers(model, cfg.optim)
+    scheds = build_schedulers(opts, cfg.trainer.max_steps, cfg.optim)
+    weights = {t: c.sampling_weight for t, c in cfg.task.items()}
+    loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed)
+    loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in model.task_names], device=device)
+    return Training(spec, model, opts, scheds, loader, loss_weights, device, bf16)
+
+
+class _TaskLossLog:
+    """Per-task mean loss over a logging interval, accumulated on the device (one sync per log)."""
+
+    def __init__(self, names: List[str], device: torch.device):
+        self.names = names
+        self.sum = torch.zeros(len(names), device=device)
+        self.n = torch.zeros(len(names), device=device)
+
+    def add(self, losses: torch.Tensor, counts: torch.Tensor) -> None:
+        present = (counts > 0).float()
+        self.sum += losses.detach() * present
+        self.n += present
+
+    def flush(self, writer, step: int) -> None:
+        for name, total, n in zip(self.names, self.sum.tolist(), self.n.tolist()):
+            if n:
+                writer.add_scalar(f"train/{name}/loss", total / n, step)
+        self.sum.zero_()
+        self.n.zero_()
 
 
 def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
@@ -75,83 +135,43 @@ def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
     from tqdm.auto import tqdm
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     features = features or prepare(cfg.data, cfg.task, cfg.seed)
-    spec = FeatureSpec.load(features / "feature_spec.json")
-    device, bf16 = setup_device(cfg.trainer)
-    model = MultiTaskRanker(spec, cfg.model, sparse=cfg.optim.sparse_embeddings).to(device)
-    opts = build_optimizers(model, cfg.optim)
-    scheds = build_schedulers(opts, cfg.trainer.max_steps, cfg.optim)
-    loader = MixedLoader(
-        features, spec, cfg.loader, {t: c.sampling_weight for t, c in cfg.task.items()}, cfg.seed
-    )
-    loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in model.task_names], device=device)
+    tr = setup(cfg, features)
+    tc = cfg.trainer
     writer = SummaryWriter(str(run_dir / "tb"))
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "model %.2fM parameters on %s (bf16=%s); train rows %s; mix %s",
-        n_params / 1e6,
-        device,
-        bf16,
-        loader.rows,
-        {t: round(p, 3) for t, p in loader.probs.items()},
-    )
-
-    def validate(step: int) -> Scores:
-        model.eval()
-        scores = evaluate(
-            model_scorer(model, device, bf16), features, spec, "valid", cfg.trainer.eval_batch_size
-        )
-        model.train()
-        _log_scalars(writer, "valid", scores, step)
-        return scores
-
-    baseline = evaluate(
-        popularity_scorer(features, spec, cfg.seed), features, spec, "valid", cfg.trainer.eval_batch_size
-    )
-    K = len(model.task_names)
-    loss_sum, loss_n = torch.zeros(K, device=device), torch.zeros(K, device=device)
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    log.info("model %.2fM parameters on %s (bf16=%s); train rows %s; task mix %s", n_params / 1e6, tr.device,
+             tr.bf16, tr.loader.rows, {t: round(p, 3) for t, p in tr.loader.probs.items()})  # fmt: skip
+    baseline = evaluate(popularity_scorer(features, tr.spec, cfg.seed), features, tr.spec, "valid",
+                        tc.eval_batch_size)  # fmt: skip
+    losses_log = _TaskLossLog(tr.model.task_names, tr.device)
+    bar = tqdm(total=tc.max_steps, disable=not tc.progress, desc="train", unit="step")
     start, samples, valid = time.perf_counter(), 0, {}
-    bar = tqdm(total=cfg.trainer.max_steps, disable=not cfg.trainer.progress, desc="train", unit="step")
-    batches = iter(loader)
-    for step in range(1, cfg.trainer.max_steps + 1):
-        batch = next(batches).to(device, non_blocking=True)
-        with _autocast(device, bf16):
-            logits = model(batch)
-        losses, counts = task_losses(logits, batch.label, batch.weight, model.head_index(batch.task_type), K)
-        loss = total_loss(losses, loss_weights)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o, s in zip(opts, scheds):
-            o.step()
-            s.step()
+    batches = iter(tr.loader)
+    for step in range(1, tc.max_steps + 1):
+        batch = next(batches).to(tr.device, non_blocking=True)
+        loss, losses, counts = train_step(tr.model, batch, tr.opts, tr.scheds, tr.loss_weights, tr.bf16)
         samples += len(batch)
-        present = (counts > 0).float()
-        loss_sum += losses.detach() * present
-        loss_n += present
-        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
-            mean = (loss_sum / loss_n.clamp_min(1)).tolist()
-            for name, value, n in zip(model.task_names, mean, loss_n.tolist()):
-                if n:
-                    writer.add_scalar(f"train/{name}/loss", value, step)
+        losses_log.add(losses, counts)
+        last = step == tc.max_steps
+        if step % tc.log_every == 0 or last:
+            losses_log.flush(writer, step)
             writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/lr", scheds[0].get_last_lr()[0], step)
+            writer.add_scalar("train/lr", tr.scheds[0].get_last_lr()[0], step)
             writer.add_scalar("train/samples_per_s", samples / (time.perf_counter() - start), step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            loss_sum.zero_()
-            loss_n.zero_()
-        if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.max_steps:
-            valid = validate(step)
-        if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.max_steps:
-            checkpoint.save(run_dir / "checkpoints", step, model, {"step": step})
+        if step % tc.eval_every == 0 or last:
+            valid = validate(tr, features, tc.eval_batch_size)
+            _log_scalars(writer, "valid", valid, step)
+        if step % tc.checkpoint_every == 0 or last:
+            checkpoint.save(run_dir / "checkpoints", step, tr.model, {"step": step})
         bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - start
     result = {
         "valid": valid,
         "popularity": baseline,
-        "steps": cfg.trainer.max_steps,
+        "steps": tc.max_steps,
         "train_seconds": round(elapsed, 2),
         "samples_per_s": round(samples / elapsed, 1),
         "parameters": n_params,
@@ -163,6 +183,15 @@ def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
     print(format_table(valid, baseline))
     log.info("run directory %s", run_dir)
     return result
+
+
+def validate(tr: Training, features: Path, batch_size: int) -> Scores:
+    """Per-task metrics of the model on the valid split (eval mode, then back to train mode)."""
+    tr.model.eval()
+    try:
+        return evaluate(model_scorer(tr.model, tr.device, tr.bf16), features, tr.spec, "valid", batch_size)
+    finally:
+        tr.model.train()
 
 
 def _write_hparams(writer, cfg: Config, valid: Scores) -> None:
@@ -200,7 +229,7 @@ def format_table(model: Scores, baseline: Scores) -> str:
 register_configs()
 
 
-@hydra.main(config_path=_conf_dir(), config_name="train", version_base=None)
+@hydra.main(config_path=conf_dir(), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> Dict:
     from hydra.core.hydra_config import HydraConfig
 

@@ -22,7 +22,9 @@ def cache(tmp_path_factory):
 def default_run(tmp_path_factory, cache):
     cwd = tmp_path_factory.mktemp("cwd")
     run_dir = cwd / "run"
-    proc = run_train(["debug=toy", f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", "model.embedding_dim=32"], cwd)
+    proc = run_train(
+        ["debug=toy", f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", "model.embedding_dim=32"], cwd
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, run_dir
 
@@ -59,16 +61,33 @@ def test_metrics_json_table_and_checkpoint(default_run):
 
 
 def test_two_tasks_only(tmp_path, cache):
-    proc = run_train(["debug=toy", f"data.cache_dir={cache}", f"hydra.run.dir={tmp_path}/r", "task=[home,search]",
-                      "trainer.max_steps=10"], tmp_path)
+    proc = run_train(
+        [
+            "debug=toy",
+            f"data.cache_dir={cache}",
+            f"hydra.run.dir={tmp_path}/r",
+            "task=[home,search]",
+            "trainer.max_steps=10",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert set(metrics["valid"]) == {"home", "search"} and metrics["steps"] == 10
 
 
 def test_multirun_sweep(tmp_path, cache):
-    proc = run_train(["-m", "debug=toy", f"data.cache_dir={cache}", f"hydra.sweep.dir={tmp_path}/sweep",
-                      "trainer.max_steps=4", "optim.lr=0.001,0.003"], tmp_path)
+    proc = run_train(
+        [
+            "-m",
+            "debug=toy",
+            f"data.cache_dir={cache}",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            "trainer.max_steps=4",
+            "optim.lr=0.001,0.003",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(runs) == 2

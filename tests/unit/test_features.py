@@ -34,7 +34,9 @@ def test_vocabularies_fitted_on_train_only(toy_features):
     fz = Featurizer.load(toy_features)
     train_users = set()
     for task in ("home", "search", "genre"):
-        train_users |= set(pq.read_table(prepared / "labeled" / "split=train" / f"task={task}")["user"].to_pylist())
+        train_users |= set(
+            pq.read_table(prepared / "labeled" / "split=train" / f"task={task}")["user"].to_pylist()
+        )
     assert set(fz._vocab["user"].to_pylist()) == train_users - {None}
 
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import compose
+from unirec.config import compose
 from unirec.data.labels import REQUEST, SPLITS, TIMESTAMP
 from unirec.data.prepare import build, read_raw
 from unirec.data.synthetic import generate

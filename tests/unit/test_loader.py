@@ -59,8 +59,12 @@ def test_stream_sees_every_row_once_per_epoch(toy_features):
 
 def test_eval_batches_in_file_order(toy_features):
     spec = FeatureSpec.load(toy_features / "feature_spec.json")
-    ids = np.concatenate([b.request_id.numpy() for b in eval_batches(toy_features, spec, "valid", "search", 100)])
-    assert np.array_equal(ids, pq.read_table(shard_files(toy_features, "valid", "search"))["request_id"].to_numpy())
+    ids = np.concatenate(
+        [b.request_id.numpy() for b in eval_batches(toy_features, spec, "valid", "search", 100)]
+    )
+    assert np.array_equal(
+        ids, pq.read_table(shard_files(toy_features, "valid", "search"))["request_id"].to_numpy()
+    )
 
 
 def test_prefetch_thread_yields_same_batches(toy_features):

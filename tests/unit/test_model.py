@@ -1,9 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from unirec.config import ModelConfig
+from unirec.config import LoaderConfig, ModelConfig
 from unirec.data.loader import MixedLoader, to_batch
-from unirec.config import LoaderConfig
 from unirec.losses import task_losses, total_loss
 from unirec.model import MultiTaskRanker
 from unirec.schema import FeatureSpec
@@ -35,7 +34,9 @@ def test_shapes_and_every_parameter_learns(toy_features):
     logits = model(batch)
     assert logits.shape == (len(batch),)
     assert model.all_logits(batch).shape == (len(batch), len(spec.tasks))
-    losses, _ = task_losses(logits, batch.label, batch.weight, model.head_index(batch.task_type), len(spec.tasks))
+    losses, _ = task_losses(
+        logits, batch.label, batch.weight, model.head_index(batch.task_type), len(spec.tasks)
+    )
     total_loss(losses, torch.ones(len(spec.tasks))).backward()
     silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert silent == [], silent
@@ -46,8 +47,13 @@ def test_a_row_trains_only_its_own_head(toy_features):
     home = spec.tasks["home"].id
     keep = batch.task_type == home
     logits = model(batch)
-    losses, _ = task_losses(logits[keep], batch.label[keep], batch.weight[keep],
-                            model.head_index(batch.task_type[keep]), len(spec.tasks))
+    losses, _ = task_losses(
+        logits[keep],
+        batch.label[keep],
+        batch.weight[keep],
+        model.head_index(batch.task_type[keep]),
+        len(spec.tasks),
+    )
     losses.sum().backward()
     for name in spec.tasks:
         grads = [p.grad for p in model.heads.heads[name].parameters()]
@@ -69,6 +75,8 @@ def test_context_encoded_once_matches_row_by_row_forward(toy_features):
         batch.present[i : i + 1].expand(n, -1),
         cands,
         batch.task_type[i : i + 1].expand(n),
-        batch.label[:n], batch.weight[:n], batch.request_id[:n],
+        batch.label[:n],
+        batch.weight[:n],
+        batch.request_id[:n],
     )
     assert torch.allclose(once, model(rows), atol=1e-6)

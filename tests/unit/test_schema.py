@@ -9,11 +9,18 @@ def _task(i, **fields):
     return TaskConfig(id=i, context=ctx, adapter=AdapterConfig(context={k: k for k in fields}))
 
 
-CANDS = {"item": CandidateConfig(table="items.parquet", key="item_id", fields={"item": FieldConfig(column="item_id")})}
+CANDS = {
+    "item": CandidateConfig(
+        table="items.parquet", key="item_id", fields={"item": FieldConfig(column="item_id")}
+    )
+}
 
 
 def test_union_of_fields_sorted_by_name():
-    tasks = {"a": _task(0, user=FieldKind.categorical), "b": _task(1, query=FieldKind.tokens, user="categorical")}
+    tasks = {
+        "a": _task(0, user=FieldKind.categorical),
+        "b": _task(1, query=FieldKind.tokens, user="categorical"),
+    }
     assert list(unified_context(tasks)) == ["query", "user"]
 
 

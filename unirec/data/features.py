@@ -157,7 +157,7 @@ class Featurizer:
                 except (OSError, json.JSONDecodeError) as e:
                     raise ValueError(
                         f"cannot read vocabulary of field {f.name!r} from {directory / f.vocab}: {e}"
-                    )
+                    ) from e
         cats = {c: pq.read_table(directory / "candidates" / f"{c}.parquet") for c in spec.candidates}
         return cls(spec, vocabs, cats)
 
