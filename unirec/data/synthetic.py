@@ -58,7 +58,7 @@ _BATCH = 4096  # requests simulated at once inside a chunk: bounds the (requests
 _ROW_GROUP = 1 << 17  # fixed parquet row-group size, part of the byte-for-byte reproducibility
 _POS_BIAS = 0.35  # click logit lost per log(1 + position)
 # Click model per canvas: (relevance weight, log-popularity weight, intercept), tuned to ~10-20% CTR.
-_CLICK = dict(zip(CANVASES, [(1.9, 0.35, -3.6), (1.9, 0.35, -4.3), (1.6, 0.35, -3.9), (1.7, 0.35, -4.5)]))
+_CLICK = dict(zip(CANVASES, [(2.3, 0.35, -4.1), (1.9, 0.35, -4.5), (1.9, 0.35, -4.4), (1.7, 0.35, -4.5)]))
 # Logging policy: (relevance weight, log-popularity weight) of its Plackett-Luce (Gumbel top-k) scores.
 _LOGGING = (0.6, 0.5)
 
