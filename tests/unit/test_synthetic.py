@@ -4,7 +4,7 @@ never disturbs the clean rows."""
 
 import math
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,7 @@ def _seconds(canvas: str, value) -> float | None:
         return None
     if canvas == "related":
         try:
-            return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+            return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
         except ValueError:
             return None
     return value / 1000 if canvas == "home" else value
