@@ -60,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="train steps per measurement")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--loader-batches", type=int, default=20)
+    ap.add_argument("--loader-batches", type=int, default=50)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. loader.batch_size=8192")
     args = ap.parse_args()
     cfg = compose(["trainer.max_steps=100000", *args.overrides])
@@ -89,7 +89,7 @@ def main() -> None:
     for _ in range(args.repeats):
         start = time.perf_counter()
         for _ in range(args.loader_batches):
-            to_batch(tr.loader.next_arrays(), tr.spec)
+            tr.loader.next_batch()
         ours.append(args.loader_batches * bs / (time.perf_counter() - start))
         dl = DataLoader(rows, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0))
         start = time.perf_counter()

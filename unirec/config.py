@@ -166,7 +166,7 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-5
     """AdamW decoupled weight decay (dense parameters)."""
     sparse_embeddings: bool = False

@@ -211,11 +211,16 @@ class MixedLoader:
         parts = [self.streams[t].take(int(k)) for t, k in zip(self.names, counts) if k > 0]
         return _concat(parts)
 
+    def next_batch(self) -> Batch:
+        """The next batch with the model's dtypes already applied (int64 ids, float masks), so this work
+        happens in the prefetch thread rather than in the training step."""
+        return to_batch(self.next_arrays(), self.spec).to(torch.device("cpu"))
+
     def __iter__(self) -> Iterator[Batch]:
         if self.cfg.prefetch <= 0:
             while True:
-                yield to_batch(self.next_arrays(), self.spec)
-        yield from _prefetched(lambda: to_batch(self.next_arrays(), self.spec), self.cfg.prefetch)
+                yield self.next_batch()
+        yield from _prefetched(self.next_batch, self.cfg.prefetch)
 
 
 def eval_batches(

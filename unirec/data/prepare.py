@@ -37,6 +37,8 @@ from unirec.schema import unified_context, validate_tasks
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
+# Part of the cache key: bump when label or feature preparation changes what it writes.
+PREPARE_VERSION = 2
 
 
 def cache_root(data: DataConfig) -> Path:
@@ -49,7 +51,9 @@ def dataset_key(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) ->
     shaping = _plain(asdict(data))
     shaping.pop("cache_dir")  # where the cache lives does not change what is in it
     tasks_ = {k: _plain(asdict(v)) for k, v in sorted(tasks.items())}
-    blob = json.dumps({"data": shaping, "tasks": tasks_, "seed": seed}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"data": shaping, "tasks": tasks_, "seed": seed, "version": PREPARE_VERSION}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
