@@ -56,3 +56,32 @@ def test_unknown_candidate_gets_oov_id_and_sentinel_content(toy_features):
     assert out["cand.item"].to_pylist()[1] == OOV
     assert out["cand.item_genres"].to_pylist()[1] == [SENTINEL] * 3
     assert out["cand.item_genres"].to_pylist()[0][0] >= FIRST_ID
+
+
+def test_hash_buckets_replace_the_vocabulary(tmp_path):
+    from unirec.config import compose
+    from unirec.data.prepare import prepare
+
+    cfg = compose(
+        ["debug=toy", f"data.cache_dir={tmp_path}", "task=[home]", "task.home.context.user.hash_buckets=64"]
+    )
+    features = prepare(cfg.data, cfg.task, cfg.seed)
+    fz = Featurizer.load(features)
+    user = fz.spec.context["user"]
+    assert (user.size, user.hash_buckets, user.vocab) == (FIRST_ID + 64, 64, None)
+    ids = fz.context(pa.table({"user": ["17", "17", "18", None]}))["ctx.user"].to_pylist()
+    assert (
+        ids[0] == ids[1] and FIRST_ID <= min(ids[:3]) and max(ids[:3]) < FIRST_ID + 64 and ids[3] == SENTINEL
+    )
+
+
+def test_min_count_sends_rare_values_to_oov(tmp_path):
+    from unirec.config import compose
+    from unirec.data.prepare import prepare
+
+    cfg = compose(
+        ["debug=toy", f"data.cache_dir={tmp_path}", "task=[home]", "task.home.context.user.min_count=1000000"]
+    )
+    fz = Featurizer.load(prepare(cfg.data, cfg.task, cfg.seed))
+    assert fz.spec.context["user"].size == FIRST_ID
+    assert set(fz.context(pa.table({"user": ["1", "2"]}))["ctx.user"].to_pylist()) == {OOV}

@@ -90,3 +90,18 @@ def test_sampled_negatives_never_the_positive(dirty):
     pos = {(r, c) for r, c, y in zip(t[REQUEST], t["candidate"], t["label"]) if y == 1}
     neg = {(r, c) for r, c, y in zip(t[REQUEST], t["candidate"], t["label"]) if y == 0}
     assert pos and neg and not (pos & neg)
+
+
+def test_stratified_merge_rate_and_cap():
+    import numpy as np
+
+    from unirec.data.labels import downsample
+
+    cfg = compose(["debug=toy"])
+    task = cfg.task["home"]
+    table = pa.table({REQUEST: np.repeat(np.arange(100), 3), "label": np.zeros(300)})
+    task.train_rate = 0.5
+    assert len(set(downsample(table, task, 0)[REQUEST].to_pylist())) == 50
+    task.max_train_requests = 20
+    kept = downsample(table, task, 0)
+    assert len(set(kept[REQUEST].to_pylist())) == 20 and kept.num_rows == 60  # whole requests are kept
