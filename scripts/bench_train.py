@@ -49,7 +49,7 @@ def _steps(tr, batches, steps: int) -> float:
     n = 0
     for batch in islice(batches, steps):
         batch = batch.to(tr.device, non_blocking=True)
-        train_step(tr.model, batch, tr.opts, tr.scheds, tr.loss_weights, tr.bf16)
+        train_step(tr, batch)
         n += len(batch)
     if tr.device.type == "cuda":
         torch.cuda.synchronize()

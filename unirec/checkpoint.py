@@ -1,8 +1,15 @@
 """Checkpoints written atomically and read without unpickling code.
 
-A checkpoint is a directory ``step-<N>/`` holding ``model.safetensors`` and ``state.pt`` (optimizer and
-scheduler state: tensors and plain containers only, loaded with ``weights_only=True``). It is written under
-a temporary name, fsynced and renamed; only then does ``latest`` point at it.
+A checkpoint is a directory ``step-<N>/`` holding
+
+    model.safetensors   the weights
+    state.pt            optimizer, scheduler and torch RNG state: tensors and plain containers only,
+                        loaded with ``weights_only=True``
+    trainer.json        step, loader positions (one per rank), counters, metrics: plain JSON
+
+It is written under a temporary name, every file fsynced, then renamed; only then does the ``latest``
+pointer move to it (itself written by rename), and only then are old checkpoints pruned. A process killed
+at any moment leaves ``latest`` on a complete checkpoint. Non-finite weights are never written.
 """
 
 from __future__ import annotations
@@ -11,53 +18,108 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+BEST = "best"
+# Fault injection for tests: seconds to pause between writing a checkpoint's files.
+_DELAY_ENV = "UNIREC_CHECKPOINT_DELAY_S"
 
 
-def save(directory: Path, step: int, model: torch.nn.Module, extra: Dict[str, Any], keep: int = 2) -> Path:
-    """Write ``directory/step-<step>`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read."""
+
+
+def save(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: Dict[str, Any],
+    trainer: Dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``directory/step-<step>`` atomically, point ``latest`` at it, keep the newest ``keep`` and best."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write step {step}: non-finite values in {bad[:5]}")
     final = directory / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    torch.save(extra, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    delay = float(os.environ.get(_DELAY_ENV, "0"))
+    save_file(weights, str(tmp / "model.safetensors"))
+    time.sleep(delay)
+    torch.save(state, tmp / "state.pt")
+    time.sleep(delay)
+    (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step}))
     for f in tmp.iterdir():
         _fsync(f)
+    _fsync(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(directory)
-    pointer = directory / f".{LATEST}.tmp"
-    pointer.write_text(final.name)
-    _fsync(pointer)
-    os.replace(pointer, directory / LATEST)
-    for old in sorted(directory.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _point(directory, LATEST, final.name)
+    _prune(directory, keep)
     return final
 
 
+def mark_best(directory: Path, step: int) -> None:
+    """Record ``step-<step>`` as the best checkpoint so far; pruning keeps it."""
+    _point(Path(directory), BEST, f"step-{step:08d}")
+
+
 def latest(directory: Path) -> Optional[Path]:
-    """The checkpoint ``latest`` points at, or None."""
+    """The checkpoint ``latest`` points at, or None when there is none."""
     pointer = Path(directory) / LATEST
     if not pointer.exists():
         return None
     path = Path(directory) / pointer.read_text().strip()
-    return path if (path / "meta.json").exists() else None
+    if not (path / "trainer.json").exists():
+        raise CheckpointError(f"{pointer} points at {path.name}, which is incomplete or missing")
+    return path
 
 
-def load(path: Path, model: torch.nn.Module) -> Dict[str, Any]:
-    """Load weights into ``model`` and return the extra state (tensors and plain data only)."""
-    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
-    return torch.load(Path(path) / "state.pt", weights_only=True)
+def load(path: Path, model: torch.nn.Module) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Load weights into ``model``; return (state.pt contents, trainer.json contents)."""
+    path = Path(path)
+    try:
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        state = torch.load(path / "state.pt", weights_only=True)
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+    return state, trainer
+
+
+def clean_partial(directory: Path) -> int:
+    """Remove temporary directories left by a process killed mid-write; returns how many."""
+    stale = list(Path(directory).glob(".tmp-*")) if Path(directory).exists() else []
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(stale)
+
+
+def _point(directory: Path, name: str, target: str) -> None:
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(target)
+    _fsync(tmp)
+    os.replace(tmp, directory / name)
+    _fsync(directory)
+
+
+def _prune(directory: Path, keep: int) -> None:
+    best = directory / BEST
+    protected = {best.read_text().strip()} if best.exists() else set()
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        if old.name not in protected:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

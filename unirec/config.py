@@ -206,6 +206,17 @@ class TrainerConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
     progress: bool = True
     """Show a progress bar."""
+    resume: str = "auto"
+    """auto: continue from the run directory's newest complete checkpoint if there is one (set a fixed
+    hydra.run.dir for restartable jobs); never: start fresh; or the path of a checkpoint directory."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept (the best one is kept as well)."""
+    best_metric: str = "mean/auc"
+    """Validation metric that picks the best checkpoint, higher is better: <task or mean>/<metric>."""
+    max_nonfinite: int = 5
+    """Consecutive steps with a NaN/Inf loss or gradient (each skipped) after which the run stops."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPUs for long runs)."""
 
 
 @dataclass

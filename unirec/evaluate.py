@@ -18,12 +18,22 @@ Scores = Dict[str, Dict[str, float]]
 
 
 def evaluate(
-    score: Callable[[Batch], torch.Tensor], features: Path, spec: FeatureSpec, split: str, batch_size: int
+    score: Callable[[Batch], torch.Tensor],
+    features: Path,
+    spec: FeatureSpec,
+    split: str,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> Scores:
-    """Per-task metrics of ``score`` (batch -> [B] scores) over every row of ``split``."""
+    """Per-task metrics of ``score`` (batch -> [B] scores) over every row of ``split``.
+
+    Under torchrun each rank scores its share of the rows; torchmetrics gathers the states of every rank
+    before computing, so every rank returns the metrics of the whole split.
+    """
     metrics = TaskMetrics({t: s.metrics for t, s in spec.tasks.items()})
     for task in spec.tasks:
-        for batch in eval_batches(features, spec, split, task, batch_size):
+        for batch in eval_batches(features, spec, split, task, batch_size, rank, world):
             metrics.update(task, score(batch), batch.label, batch.request_id)
     return metrics.compute()
 

@@ -5,9 +5,11 @@ Examples::
     python -m unirec.train                                   # synthetic canvases, all four tasks
     python -m unirec.train task=[home,search] model.embedding_dim=32 trainer.max_steps=100
     python -m unirec.train -m optim.lr=1e-3,3e-3             # a sweep (Hydra multirun)
+    torchrun --nproc_per_node=2 -m unirec.train hydra.run.dir=runs/ddp   # DDP (gloo on CPU, NCCL on GPU)
 
 The run directory (``runs/<date>/<time>`` by default) receives TensorBoard events, checkpoints, the
-composed config and ``metrics.json``.
+composed config, ``train_log.jsonl`` (the loss of every logged step, as text) and ``metrics.json``.
+A restarted job with the same ``hydra.run.dir`` resumes from its newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -15,32 +17,39 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from unirec import checkpoint
+from unirec import distributed as dst
 from unirec.config import Config, TrainerConfig, conf_dir, register_configs, to_object
-from unirec.data.loader import MixedLoader
+from unirec.data.loader import Batch, MixedLoader
 from unirec.data.prepare import prepare
-from unirec.evaluate import Scores, evaluate, model_scorer, popularity_scorer
+from unirec.evaluate import evaluate, model_scorer, popularity_scorer
 from unirec.losses import task_losses, total_loss
 from unirec.model import MultiTaskRanker
 from unirec.optim import build_optimizers, build_schedulers
+from unirec.report import Scores, TaskLossLog, format_table, log_scalars, metric_value, write_hparams
 from unirec.schema import FeatureSpec
 
 log = logging.getLogger("unirec.train")
 
 
-def setup_device(cfg: TrainerConfig) -> tuple[torch.device, bool]:
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a NaN/Inf loss or gradient."""
+
+
+def setup_device(cfg: TrainerConfig, local_rank: int = 0) -> Tuple[torch.device, bool]:
     """The device, and whether to autocast to bf16 (CUDA only unless asked)."""
     if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -53,177 +62,309 @@ def setup_device(cfg: TrainerConfig) -> tuple[torch.device, bool]:
     return device, bf16
 
 
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def train_step(model, batch, opts, scheds, loss_weights: torch.Tensor, bf16: bool):
-    """One optimisation step on a batch already on the device; returns (total, per-task losses, counts)."""
-    with _autocast(batch.label.device, bf16):
-        logits = model(batch)
-    losses, counts = task_losses(
-        logits, batch.label, batch.weight, model.head_index(batch.task_type), len(loss_weights)
-    )
-    loss = total_loss(losses, loss_weights)
-    for o in opts:
-        o.zero_grad(set_to_none=True)
-    loss.backward()
-    for o, s in zip(opts, scheds):
-        o.step()
-        s.step()
-    return loss, losses, counts
-
-
-def _log_scalars(writer, split: str, scores: Scores, step: int) -> None:
-    for task, metrics in scores.items():
-        for name, value in metrics.items():
-            writer.add_scalar(f"{split}/{task}/{name}", value, step)
-
-
 @dataclass
 class Training:
     """Everything the step loop needs, built from the config by :func:`setup`."""
 
     spec: FeatureSpec
-    model: MultiTaskRanker
+    module: MultiTaskRanker
+    """The model itself (``model`` may be its DDP or compiled wrapper)."""
+    model: torch.nn.Module
     opts: List[torch.optim.Optimizer]
     scheds: list
     loader: MixedLoader
     loss_weights: torch.Tensor
     device: torch.device
     bf16: bool
+    dist: dst.Dist
 
 
-def setup(cfg: Config, features: Path) -> Training:
+def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training:
     """Model, optimizers, schedules and loader for ``cfg`` on the prepared ``features``."""
+    d = d or dst.Dist()
     torch.manual_seed(cfg.seed)
     spec = FeatureSpec.load(features / "feature_spec.json")
-    device, bf16 = setup_device(cfg.trainer)
-    model = MultiTaskRanker(spec, cfg.model, sparse=cfg.optim.sparse_embeddings).to(device)
-    opts = build_optimizers(model, cfg.optim)
+    device, bf16 = setup_device(cfg.trainer, d.local_rank)
+    module = MultiTaskRanker(spec, cfg.model, sparse=cfg.optim.sparse_embeddings).to(device)
+    model: torch.nn.Module = module
+    if d.world > 1:
+        # Every head scores every row, so no parameter is ever unused: the cheap DDP path.
+        model = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device] if device.type == "cuda" else None
+        )
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    opts = build_optimizers(module, cfg.optim)
     scheds = build_schedulers(opts, cfg.trainer.max_steps, cfg.optim)
     weights = {t: c.sampling_weight for t, c in cfg.task.items()}
-    loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed)
-    loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in model.task_names], device=device)
-    return Training(spec, model, opts, scheds, loader, loss_weights, device, bf16)
+    loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed, d.rank, d.world)
+    loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in module.task_names], device=device)
+    return Training(spec, module, model, opts, scheds, loader, loss_weights, device, bf16, d)
 
 
-class _TaskLossLog:
-    """Per-task mean loss over a logging interval, accumulated on the device (one sync per log)."""
-
-    def __init__(self, names: List[str], device: torch.device):
-        self.names = names
-        self.sum = torch.zeros(len(names), device=device)
-        self.n = torch.zeros(len(names), device=device)
-
-    def add(self, losses: torch.Tensor, counts: torch.Tensor) -> None:
-        present = (counts > 0).float()
-        self.sum += losses.detach() * present
-        self.n += present
-
-    def flush(self, writer, step: int) -> None:
-        for name, total, n in zip(self.names, self.sum.tolist(), self.n.tolist()):
-            if n:
-                writer.add_scalar(f"train/{name}/loss", total / n, step)
-        self.sum.zero_()
-        self.n.zero_()
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
-    """Train and evaluate; returns (and writes to ``run_dir/metrics.json``) the per-task results."""
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
+def train_step(tr: Training, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """One optimisation step on a batch on the device; returns (total loss, task losses, counts, stepped).
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    features = features or prepare(cfg.data, cfg.task, cfg.seed)
-    tr = setup(cfg, features)
-    tc = cfg.trainer
-    writer = SummaryWriter(str(run_dir / "tb"))
-    n_params = sum(p.numel() for p in tr.model.parameters())
-    log.info("model %.2fM parameters on %s (bf16=%s); train rows %s; task mix %s", n_params / 1e6, tr.device,
-             tr.bf16, tr.loader.rows, {t: round(p, 3) for t, p in tr.loader.probs.items()})  # fmt: skip
-    baseline = evaluate(popularity_scorer(features, tr.spec, cfg.seed), features, tr.spec, "valid",
-                        tc.eval_batch_size)  # fmt: skip
-    losses_log = _TaskLossLog(tr.model.task_names, tr.device)
-    bar = tqdm(total=tc.max_steps, disable=not tc.progress, desc="train", unit="step")
-    start, samples, valid = time.perf_counter(), 0, {}
-    batches = iter(tr.loader)
-    for step in range(1, tc.max_steps + 1):
-        batch = next(batches).to(tr.device, non_blocking=True)
-        loss, losses, counts = train_step(tr.model, batch, tr.opts, tr.scheds, tr.loss_weights, tr.bf16)
-        samples += len(batch)
-        losses_log.add(losses, counts)
-        last = step == tc.max_steps
-        if step % tc.log_every == 0 or last:
-            losses_log.flush(writer, step)
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/lr", tr.scheds[0].get_last_lr()[0], step)
-            writer.add_scalar("train/samples_per_s", samples / (time.perf_counter() - start), step)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % tc.eval_every == 0 or last:
-            valid = validate(tr, features, tc.eval_batch_size)
-            _log_scalars(writer, "valid", valid, step)
-        if step % tc.checkpoint_every == 0 or last:
-            checkpoint.save(run_dir / "checkpoints", step, tr.model, {"step": step})
-        bar.update(1)
-    bar.close()
-    elapsed = time.perf_counter() - start
-    result = {
-        "valid": valid,
-        "popularity": baseline,
-        "steps": tc.max_steps,
-        "train_seconds": round(elapsed, 2),
-        "samples_per_s": round(samples / elapsed, 1),
-        "parameters": n_params,
-        "features": str(features),
+    A step whose loss or gradient is not finite on any rank is skipped on every rank: weights, optimizer
+    moments and the schedule stay as they were.
+    """
+    with _autocast(tr.device, tr.bf16):
+        logits = tr.model(batch)
+    head = tr.module.head_index(batch.task_type)
+    all_sum = (lambda x: dst.all_sum(tr.dist, x)) if tr.dist.world > 1 else None
+    losses, counts = task_losses(
+        logits, batch.label, batch.weight, head, len(tr.module.task_names), all_sum, tr.dist.world
+    )
+    loss = total_loss(losses, tr.loss_weights)
+    for o in tr.opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in tr.module.parameters() if p.grad is not None]
+    finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()
+                                                   for g in grads]).all()  # fmt: skip
+    if not dst.all_true(tr.dist, finite):
+        for o in tr.opts:
+            o.zero_grad(set_to_none=True)
+        return loss.detach(), losses.detach(), counts, False
+    for o, s in zip(tr.opts, tr.scheds):
+        o.step()
+        s.step()
+    return loss.detach(), losses.detach(), counts, True
+
+
+@dataclass
+class Progress:
+    """Loop counters saved with every checkpoint."""
+
+    step: int = 0
+    skipped: int = 0
+    skipped_in_a_row: int = 0
+    best: Optional[float] = None
+    best_step: Optional[int] = None
+
+
+def resume(tr: Training, run_dir: Path, cfg: TrainerConfig) -> Progress:
+    """Restore model, optimizers, schedules, RNG and loader position when ``trainer.resume`` asks for it."""
+    ckpt_dir = run_dir / "checkpoints"
+    if tr.dist.main and checkpoint.clean_partial(ckpt_dir):
+        log.warning("removed partial checkpoint(s) left by an interrupted write in %s", ckpt_dir)
+    dst.barrier(tr.dist)
+    if cfg.resume == "never":
+        return Progress()
+    path = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        return Progress()
+    state, trainer = checkpoint.load(path, tr.module)
+    for o, s_ in zip(tr.opts, state["optimizers"]):
+        o.load_state_dict(s_)
+    for s, s_ in zip(tr.scheds, state["schedulers"]):
+        s.load_state_dict(s_)
+    torch.set_rng_state(state["torch_rng"])
+    if tr.device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], tr.device)
+    if len(trainer["loader"]) != tr.dist.world:
+        raise checkpoint.CheckpointError(
+            f"{path} was written by {len(trainer['loader'])} rank(s); resume it with the same number of processes"
+        )
+    tr.loader.load_state(trainer["loader"][tr.dist.rank])
+    log.info("resumed from %s (step %d)", path, trainer["step"])
+    return Progress(**trainer["progress"])
+
+
+def save_checkpoint(tr: Training, run_dir: Path, progress: Progress, loader_state: dict, keep: int) -> None:
+    """Every rank's loader position, gathered; rank 0 writes."""
+    states = dst.gather(tr.dist, loader_state)
+    if not tr.dist.main:
+        return
+    state = {
+        "optimizers": [o.state_dict() for o in tr.opts],
+        "schedulers": [s.state_dict() for s in tr.scheds],
+        "torch_rng": torch.get_rng_state(),
     }
-    _write_hparams(writer, cfg, valid)
-    writer.close()
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-    print(format_table(valid, baseline))
-    log.info("run directory %s", run_dir)
-    return result
+    if tr.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(tr.device)
+    trainer = {"loader": states, "progress": asdict(progress)}
+    checkpoint.save(run_dir / "checkpoints", progress.step, tr.module, state, trainer, keep)
+    if progress.best_step == progress.step:
+        checkpoint.mark_best(run_dir / "checkpoints", progress.step)
 
 
 def validate(tr: Training, features: Path, batch_size: int) -> Scores:
     """Per-task metrics of the model on the valid split (eval mode, then back to train mode)."""
     tr.model.eval()
     try:
-        return evaluate(model_scorer(tr.model, tr.device, tr.bf16), features, tr.spec, "valid", batch_size)
+        scorer = model_scorer(tr.module, tr.device, tr.bf16)
+        return evaluate(scorer, features, tr.spec, "valid", batch_size, tr.dist.rank, tr.dist.world)
     finally:
         tr.model.train()
 
 
-def _write_hparams(writer, cfg: Config, valid: Scores) -> None:
-    from torch.utils.tensorboard.summary import hparams
+def _prepare_once(cfg: Config, d: dst.Dist) -> Path:
+    """Rank 0 prepares (or finds) the data set first; the others then find it complete."""
+    if d.main:
+        features = prepare(cfg.data, cfg.task, cfg.seed)
+    dst.barrier(d)
+    return features if d.main else prepare(cfg.data, cfg.task, cfg.seed)
 
-    flat = {
+
+class _StepLog:
+    """``train_log.jsonl``: one line per logged step; a resumed run first drops the lines past its step."""
+
+    def __init__(self, path: Path, resumed_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= resumed_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: Dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
+    """Train and evaluate; returns (and, on rank 0, writes to ``run_dir/metrics.json``) the per-task results."""
+    d = dst.init("cuda" if setup_device(cfg.trainer)[0].type == "cuda" else "cpu")
+    try:
+        run_dir = Path(dst.broadcast(d, str(run_dir)))
+        features = features or _prepare_once(cfg, d)
+        return _loop(cfg, setup(cfg, features, d), features, run_dir)
+    finally:
+        dst.shutdown(d)
+
+
+def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    tc, main = cfg.trainer, tr.dist.main
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = resume(tr, run_dir, tc)
+    writer = SummaryWriter(str(run_dir / "tb")) if main else None
+    steplog = _StepLog(run_dir / "train_log.jsonl", progress.step, main)
+    n_params = sum(p.numel() for p in tr.module.parameters())
+    log.info("model %.2fM parameters on %s (bf16=%s, ranks=%d); train rows %s; task mix %s", n_params / 1e6,
+             tr.device, tr.bf16, tr.dist.world, tr.loader.rows, {t: round(p, 3) for t, p in tr.loader.probs.items()})  # fmt: skip
+    baseline = evaluate(popularity_scorer(features, tr.spec, cfg.seed), features, tr.spec, "valid",
+                        tc.eval_batch_size, tr.dist.rank, tr.dist.world)  # fmt: skip
+    out = _Outputs(
+        writer, steplog, tqdm(total=tc.max_steps, initial=progress.step, disable=not (tc.progress and main))
+    )
+    start = time.perf_counter()
+    batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
+    try:
+        valid, samples = _steps(tc, tr, features, run_dir, progress, batches, out)
+    finally:
+        batches.close()  # stops the prefetch thread
+        out.bar.close()
+    if not valid:  # resumed at the very end: nothing left to train, still report
+        valid = validate(tr, features, tc.eval_batch_size)
+    elapsed = time.perf_counter() - start
+    result = {
+        "valid": valid,
+        "popularity": baseline,
+        "steps": tc.max_steps,
+        "nonfinite_skipped": progress.skipped,
+        "best": {"metric": tc.best_metric, "value": progress.best, "step": progress.best_step},
+        "train_seconds": round(elapsed, 2),
+        "samples_per_s": round(samples / max(elapsed, 1e-9), 1),
+        "parameters": n_params,
+        "ranks": tr.dist.world,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "features": str(features),
+    }
+    if main:
+        write_hparams(writer, _hparams(cfg), valid, tc.max_steps)
+        writer.close()
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+        print(format_table(valid, baseline))
+        log.info("run directory %s", run_dir)
+    return result
+
+
+@dataclass
+class _Outputs:
+    """Where rank 0 reports (``writer`` is None on the other ranks)."""
+
+    writer: object
+    steplog: _StepLog
+    bar: object
+
+
+def _steps(
+    tc: TrainerConfig, tr: Training, features: Path, run_dir: Path, progress: Progress, batches, out: _Outputs
+):
+    """The step loop proper; returns the last validation scores and the samples trained on."""
+    main, writer = tr.dist.main, out.writer
+    losses_log = TaskLossLog(tr.module.task_names, tr.device)
+    start, samples, valid = time.perf_counter(), 0, {}
+    for step in range(progress.step + 1, tc.max_steps + 1):
+        batch, loader_state = next(batches)
+        loss, losses, counts, stepped = train_step(tr, batch.to(tr.device, non_blocking=True))
+        progress.step, samples = step, samples + len(batch) * tr.dist.world
+        _count_nonfinite(progress, stepped, step, tc, writer)
+        if stepped:
+            losses_log.add(losses, counts)
+        last = step == tc.max_steps
+        if main and (step % tc.log_every == 0 or last):
+            per_task = losses_log.flush()
+            for name, value in per_task.items():
+                writer.add_scalar(f"train/{name}/loss", value, step)
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", tr.scheds[0].get_last_lr()[0], step)
+            writer.add_scalar("train/samples_per_s", samples / (time.perf_counter() - start), step)
+            out.steplog.write({"step": step, "loss": loss.item(), "tasks": per_task, "stepped": stepped})
+            out.bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % tc.eval_every == 0 or last:
+            valid = validate(tr, features, tc.eval_batch_size)
+            _track_best(progress, valid, tc.best_metric, step)
+            if main:
+                log_scalars(writer, "valid", valid, step)
+        if step % tc.checkpoint_every == 0 or last or progress.best_step == step:
+            save_checkpoint(tr, run_dir, progress, loader_state, tc.keep_checkpoints)
+        out.bar.update(1)
+    return valid, samples
+
+
+def _count_nonfinite(progress: Progress, stepped: bool, step: int, tc: TrainerConfig, writer) -> None:
+    if stepped:
+        progress.skipped_in_a_row = 0
+        return
+    progress.skipped += 1
+    progress.skipped_in_a_row += 1
+    log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, progress.skipped)
+    if writer is not None:
+        writer.add_scalar("train/nonfinite_skipped", progress.skipped, step)
+    if progress.skipped_in_a_row >= tc.max_nonfinite:
+        raise NonFiniteError(
+            f"{progress.skipped_in_a_row} consecutive steps up to step {step} had a NaN/Inf loss or gradient; "
+            "stopping. Lower optim.lr, check the inputs, or resume from the last checkpoint "
+            f"(trainer.max_nonfinite={tc.max_nonfinite})"
+        )
+
+
+def _track_best(progress: Progress, valid: Scores, key: str, step: int) -> None:
+    value = metric_value(valid, key)
+    if progress.best is None or value > progress.best:
+        progress.best, progress.best_step = value, step
+
+
+def _hparams(cfg: Config) -> Dict[str, object]:
+    return {
         "model.embedding_dim": cfg.model.embedding_dim,
         "model.hidden_dim": cfg.model.hidden_dim,
         "model.tower_layers": cfg.model.tower_layers,
         "optim.lr": cfg.optim.lr,
         "loader.batch_size": cfg.loader.batch_size,
-        "loader.mix": str(getattr(cfg.loader.mix, "value", cfg.loader.mix)),
+        "loader.mix": getattr(cfg.loader.mix, "value", cfg.loader.mix),
         "trainer.max_steps": cfg.trainer.max_steps,
         "tasks": ",".join(sorted(cfg.task)),
         "seed": cfg.seed,
     }
-    metrics = {f"hparam/{t}/{m}": v for t, ms in valid.items() for m, v in ms.items()}
-    for summary in hparams(flat, metrics):
-        writer.file_writer.add_summary(summary)
-    for name, value in metrics.items():
-        writer.add_scalar(name, value, cfg.trainer.max_steps)
-
-
-def format_table(model: Scores, baseline: Scores) -> str:
-    """Per-task valid metrics, the model beside the popularity baseline."""
-    names = sorted({m for ms in model.values() for m in ms})
-    head = f"{'task':<10}" + "".join(f"{n:>22}" for n in names)
-    lines = ["valid metrics: model (popularity)", head, "-" * len(head)]
-    for task in model:
-        cells = "".join(f"{model[task][n]:>13.4f} ({baseline[task][n]:.4f})" for n in names)
-        lines.append(f"{task:<10}{cells}")
-    return "\n".join(lines)
 
 
 register_configs()

@@ -1,3 +1,4 @@
+import json
 from collections import Counter
 
 import numpy as np
@@ -75,3 +76,45 @@ def test_prefetch_thread_yields_same_batches(toy_features):
     it = iter(threaded)
     for _ in range(3):
         assert np.array_equal(next(it).request_id.numpy(), plain.next_arrays()["request_id"])
+
+
+def test_state_round_trip_resumes_the_same_rows(toy_features):
+    spec = FeatureSpec.load(toy_features / "feature_spec.json")
+    cfg = LoaderConfig(batch_size=200, shuffle_buffer=1000, prefetch=0)
+    ref = MixedLoader(toy_features, spec, cfg, {}, 11)
+    for _ in range(7):  # past several buffer refills
+        ref.next_arrays()
+    state = json.loads(json.dumps(ref.state()))  # it is plain data
+    fresh = MixedLoader(toy_features, spec, cfg, {}, 11)
+    fresh.load_state(state)
+    for _ in range(20):
+        a, b = ref.next_arrays(), fresh.next_arrays()
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_prefetched_batches_carry_the_state_of_the_batch_consumed(toy_features):
+    spec = FeatureSpec.load(toy_features / "feature_spec.json")
+    cfg = LoaderConfig(batch_size=128, shuffle_buffer=512, prefetch=3)
+    it = MixedLoader(toy_features, spec, cfg, {}, 2).batches()
+    for _ in range(4):
+        _, state = next(it)
+    nxt, _ = next(it)
+    resumed = MixedLoader(
+        toy_features, spec, LoaderConfig(batch_size=128, shuffle_buffer=512, prefetch=0), {}, 2
+    )
+    resumed.load_state(state)
+    assert np.array_equal(resumed.next_batch().request_id.numpy(), nxt.request_id.numpy())
+
+
+def test_ranks_partition_every_epoch_exactly(toy_features):
+    files = shard_files(toy_features, "train", "search")
+    table = pq.read_table(files)
+    want = Counter(zip(table["request_id"].to_pylist(), table["cand.item"].to_pylist()))
+    got = Counter()
+    for rank in range(3):
+        stream = TaskStream(files, 10**9, np.random.default_rng(0), rank=rank, world=3)
+        n = sum(stream._unit_rows(u) for u in range(len(stream.units)))
+        rows = stream.take(n)
+        assert stream.epoch == 1
+        got.update(zip(rows["request_id"].tolist(), rows["cand.item"].tolist()))
+    assert got == want

@@ -12,7 +12,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +62,15 @@ class Batch:
             mv(self.request_id),
         )
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so a CUDA copy with ``non_blocking=True`` overlaps compute."""
+        return Batch(
+            {k: v.pin_memory() for k, v in self.context.items()},
+            self.present.pin_memory(),
+            {k: v.pin_memory() for k, v in self.candidate.items()},
+            *(t.pin_memory() for t in (self.task_type, self.label, self.weight, self.request_id)),
+        )
+
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
@@ -107,19 +116,31 @@ def count_rows(files: Sequence[Path]) -> int:
 class TaskStream:
     """Endless shuffled rows of one task: row groups in a fresh random order each epoch, a bounded buffer.
 
+    With several ranks, each takes every ``world``-th row of each row group (offset ``rank``), so the ranks
+    partition every epoch exactly: no row twice, none left out. The stream's position is a small
+    :meth:`state` (generator states, the epoch's remaining order, the row groups of the current buffer and
+    the offset in it) from which :meth:`load_state` rebuilds the identical buffer, so a resumed run sees
+    exactly the rows the interrupted one would have.
+
     Args:
         files: the task's shard files.
         buffer_rows: rows held for the shuffle (the memory bound).
         rng: the stream's own generator (seeded by the loader).
+        rank, world: this process's share of every row group.
     """
 
-    def __init__(self, files: Sequence[Path], buffer_rows: int, rng: np.random.Generator):
+    def __init__(
+        self, files: Sequence[Path], buffer_rows: int, rng: np.random.Generator, rank: int = 0, world: int = 1
+    ):
         self.units = [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
         self.buffer_rows = buffer_rows
         self.rng = rng
+        self.rank, self.world = rank, world
         self.epoch = 0
         self._order: List[int] = []
         self._buf: Optional[Arrays] = None
+        self._buf_units: List[int] = []
+        self._buf_rng: Optional[dict] = None
         self._pos = 0
         self._files: Dict[Path, pq.ParquetFile] = {}
 
@@ -134,22 +155,56 @@ class TaskStream:
             n -= k
         return parts[0] if len(parts) == 1 else _concat(parts)
 
+    def state(self) -> dict:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "epoch": self.epoch,
+            "order": [int(i) for i in self._order],
+            "buf_units": list(self._buf_units),
+            "buf_rng": self._buf_rng,
+            "pos": self._pos,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self._order = state["epoch"], list(state["order"])
+        self._buf_units, self._buf_rng, self._pos = list(state["buf_units"]), state["buf_rng"], state["pos"]
+        self._buf = None
+        if self._buf_units:
+            self.rng.bit_generator.state = self._buf_rng
+            self._buf = self._shuffled(self._buf_units)
+        self.rng.bit_generator.state = state["rng"]
+
     def _refill(self) -> None:
         # A buffer never spans two epochs, so every row is seen exactly once per epoch.
         if not self._order:
-            self._order = list(self.rng.permutation(len(self.units)))
+            self._order = [int(i) for i in self.rng.permutation(len(self.units))]
             self.epoch += 1
-        chunks, rows = [], 0
-        while self._order and (rows < self.buffer_rows or not chunks):
-            f, g = self.units[self._order.pop()]
-            pf = self._files.setdefault(f, pq.ParquetFile(f))
-            chunk = table_to_arrays(pf.read_row_group(g))
-            chunks.append(chunk)
-            rows += _len(chunk)
-        buf = _concat(chunks)
-        perm = self.rng.permutation(_len(buf))
-        self._buf = {c: v[perm] for c, v in buf.items()}
+        units, rows = [], 0
+        while self._order and (rows < self.buffer_rows or not units):
+            units.append(self._order.pop())
+            rows += self._unit_rows(units[-1])
+        self._buf_units, self._buf_rng = units, self.rng.bit_generator.state
+        self._buf = self._shuffled(units)
         self._pos = 0
+
+    def _shuffled(self, units: List[int]) -> Arrays:
+        buf = _concat([self._read(u) for u in units])
+        return {c: v[perm] for perm in [self.rng.permutation(_len(buf))] for c, v in buf.items()}
+
+    def _read(self, unit: int) -> Arrays:
+        f, g = self.units[unit]
+        table = self._file(f).read_row_group(g)
+        if self.world > 1:
+            table = table.take(np.arange(self.rank, table.num_rows, self.world))
+        return table_to_arrays(table)
+
+    def _unit_rows(self, unit: int) -> int:
+        f, g = self.units[unit]
+        n = self._file(f).metadata.row_group(g).num_rows
+        return len(range(self.rank, n, self.world))
+
+    def _file(self, f: Path) -> pq.ParquetFile:
+        return self._files.setdefault(f, pq.ParquetFile(f))
 
 
 def mix_probabilities(
@@ -187,10 +242,18 @@ class MixedLoader:
         cfg: loader settings.
         weights: task name -> sampling_weight (for mix=weights).
         seed: seeds the task draws and every stream.
+        rank, world: this process's share of the data under torchrun (see :class:`TaskStream`).
     """
 
     def __init__(
-        self, features: Path, spec: FeatureSpec, cfg: LoaderConfig, weights: Mapping[str, float], seed: int
+        self,
+        features: Path,
+        spec: FeatureSpec,
+        cfg: LoaderConfig,
+        weights: Mapping[str, float],
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.spec, self.cfg = spec, cfg
         files = {t: shard_files(features, "train", t) for t in spec.tasks}
@@ -200,11 +263,25 @@ class MixedLoader:
             raise ValueError(f"tasks {empty} have no train rows; check their adapters and the split")
         self.probs = mix_probabilities(self.rows, cfg, weights)
         self.names = sorted(self.probs)
-        self.rng = np.random.default_rng([seed, 1])
+        self.rng = np.random.default_rng([seed, 1, rank])
         self.streams = {
-            t: TaskStream(files[t], cfg.shuffle_buffer, np.random.default_rng([seed, 2, spec.tasks[t].id]))
+            t: TaskStream(
+                files[t], cfg.shuffle_buffer, np.random.default_rng([seed, 2, spec.tasks[t].id]), rank, world
+            )
             for t in self.names
         }
+
+    def state(self) -> dict:
+        """Position after the last batch produced: plain data (JSON-able), see :meth:`TaskStream.state`."""
+        return {
+            "rng": self.rng.bit_generator.state,
+            "streams": {t: s.state() for t, s in self.streams.items()},
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        for t, s in state["streams"].items():
+            self.streams[t].load_state(s)
 
     def next_arrays(self) -> Arrays:
         counts = self.rng.multinomial(self.cfg.batch_size, [self.probs[t] for t in self.names])
@@ -216,20 +293,33 @@ class MixedLoader:
         happens in the prefetch thread rather than in the training step."""
         return to_batch(self.next_arrays(), self.spec).to(torch.device("cpu"))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def batches(self, pin_memory: bool = False) -> Iterator[Tuple[Batch, dict]]:
+        """Endless (batch, loader state right after it): checkpoints save the state of the last batch
+        *consumed*, which with prefetching is behind the loader's own position."""
+
+        def make():
+            batch = self.next_batch()
+            return (batch.pin_memory() if pin_memory else batch), self.state()
+
         if self.cfg.prefetch <= 0:
             while True:
-                yield self.next_batch()
-        yield from _prefetched(self.next_batch, self.cfg.prefetch)
+                yield make()
+        yield from _prefetched(make, self.cfg.prefetch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (batch for batch, _ in self.batches())
 
 
 def eval_batches(
-    features: Path, spec: FeatureSpec, split: str, task: str, batch_size: int
+    features: Path, spec: FeatureSpec, split: str, task: str, batch_size: int, rank: int = 0, world: int = 1
 ) -> Iterator[Batch]:
-    """The rows of one task and split in file order (no shuffle), in batches of whole record batches."""
+    """The rows of one task and split in file order (no shuffle); with several ranks, every world-th row."""
     for f in shard_files(features, split, task):
         for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-            yield to_batch(table_to_arrays(pa.Table.from_batches([rb])), spec)
+            table = pa.Table.from_batches([rb])
+            if world > 1:
+                table = table.take(np.arange(rank, table.num_rows, world))
+            yield to_batch(table_to_arrays(table), spec)
 
 
 def _prefetched(make, depth: int) -> Iterator[Batch]:
@@ -261,7 +351,9 @@ def _prefetched(make, depth: int) -> Iterator[Batch]:
                 raise item
             yield item
     finally:
+        # Join, not just signal: a daemon thread still inside Arrow or torch at interpreter exit aborts it.
         stop.set()
+        th.join(timeout=10)
 
 
 def _len(cols: Arrays) -> int:
