@@ -107,7 +107,8 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def train_step(tr: Training, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """One optimisation step on a batch on the device; returns (total loss, task losses, counts, stepped).
+    """One optimisation step on a batch on the device; returns (total loss, task losses, counts, stepped),
+    the losses and counts being those of the global batch (all ranks).
 
     A step whose loss or gradient is not finite on any rank is skipped on every rank: weights, optimizer
     moments and the schedule stay as they were.
@@ -126,14 +127,19 @@ def train_step(tr: Training, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, 
     grads = [p.grad for p in tr.module.parameters() if p.grad is not None]
     finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()
                                                    for g in grads]).all()  # fmt: skip
-    if not dst.all_true(tr.dist, finite):
+    stepped = dst.all_true(tr.dist, finite)
+    if stepped:
+        for o, s in zip(tr.opts, tr.scheds):
+            o.step()
+            s.step()
+    else:
         for o in tr.opts:
             o.zero_grad(set_to_none=True)
-        return loss.detach(), losses.detach(), counts, False
-    for o, s in zip(tr.opts, tr.scheds):
-        o.step()
-        s.step()
-    return loss.detach(), losses.detach(), counts, True
+    losses, counts = losses.detach(), counts
+    if tr.dist.world > 1:
+        # Report the loss of the global batch: each rank's term is its share, scaled by world.
+        losses, counts = dst.all_sum(tr.dist, losses) / tr.dist.world, dst.all_sum(tr.dist, counts)
+    return total_loss(losses, tr.loss_weights), losses, counts, stepped
 
 
 @dataclass
