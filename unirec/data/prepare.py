@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -182,3 +182,22 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return getattr(obj, "value", obj)
+
+
+def main(argv: Optional[list] = None) -> None:
+    """``python -m unirec.data.prepare [overrides]``: prepare (or find) the data set of a training config,
+    without training; prints the features directory. Takes the same Hydra overrides as ``unirec.train``."""
+    import resource
+    import sys
+
+    from unirec.config import compose
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = compose(sys.argv[1:] if argv is None else argv)
+    features = prepare(cfg.data, cfg.task, cfg.seed)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"features: {features}\npeak RSS: {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
