@@ -189,6 +189,8 @@ class LoaderConfig:
     """Rows held per task for the bounded shuffle."""
     prefetch: int = 4
     """Batches prepared ahead in a background thread (0: none)."""
+    resident: bool = False
+    """Hold each task's train rows as tensors on the training device (data that fits on the card)."""
 
 
 @dataclass

@@ -97,7 +97,7 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
     opts = build_optimizers(module, cfg.optim)
     scheds = build_schedulers(opts, cfg.trainer.max_steps, cfg.optim)
     weights = {t: c.sampling_weight for t, c in cfg.task.items()}
-    loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed, d.rank, d.world)
+    loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed, d.rank, d.world, str(device))
     loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in module.task_names], device=device)
     return Training(spec, module, model, opts, scheds, loader, loss_weights, device, bf16, d)
 

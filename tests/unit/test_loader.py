@@ -4,6 +4,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from unirec.config import LoaderConfig, MixStrategy
 from unirec.data.loader import MixedLoader, TaskStream, eval_batches, mix_probabilities, shard_files
@@ -118,3 +119,31 @@ def test_ranks_partition_every_epoch_exactly(toy_features):
         assert stream.epoch == 1
         got.update(zip(rows["request_id"].tolist(), rows["cand.item"].tolist()))
     assert got == want
+
+
+def test_resident_streams_cover_each_epoch_and_resume(toy_features):
+    spec = FeatureSpec.load(toy_features / "feature_spec.json")
+    cfg = LoaderConfig(batch_size=300, resident=True)
+    ld = MixedLoader(toy_features, spec, cfg, {}, 5)
+    stream = ld.streams["home"]
+    rows = stream.take(stream.n)
+    table = pq.read_table(shard_files(toy_features, "train", "home"))
+    got = Counter(zip(rows["request_id"].tolist(), rows["cand.item"].tolist()))
+    assert got == Counter(zip(table["request_id"].to_pylist(), table["cand.item"].to_pylist()))
+    assert rows["cand.item"].dtype == torch.int64  # widened once at load time
+
+    for _ in range(3):
+        ld.next_batch()
+    state = json.loads(json.dumps(ld.state()))
+    again = MixedLoader(toy_features, spec, cfg, {}, 5)
+    again.load_state(state)
+    for _ in range(5):
+        a, b = ld.next_batch(), again.next_batch()
+        assert torch.equal(a.request_id, b.request_id) and torch.equal(a.context["user"], b.context["user"])
+
+
+def test_resident_batches_equal_their_rows(toy_features):
+    spec = FeatureSpec.load(toy_features / "feature_spec.json")
+    batch = MixedLoader(toy_features, spec, LoaderConfig(batch_size=64, resident=True), {}, 1).next_batch()
+    assert batch.present.dtype == torch.float32 and batch.present.shape == (64, len(spec.context))
+    assert batch.context["query"].shape == (64, spec.context["query"].max_len)

@@ -30,3 +30,12 @@ def test_schedule_warms_up_then_decays_to_floor():
     f = [lr_factor(s, 100, cfg) for s in range(101)]
     assert f[0] == 0.1 and f[9] == 1.0 and f[10] == 1.0 and abs(f[100] - 0.1) < 1e-9
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_resident_loader_trains(toy_features):
+    cfg = compose(["debug=toy", "model.embedding_dim=8", "model.hidden_dim=16", "loader.resident=true",
+                   "loader.batch_size=256", "trainer.max_steps=25"])  # fmt: skip
+    tr = setup(cfg, toy_features)
+    batches = tr.loader.batches()
+    losses = [train_step(tr, next(batches)[0])[0].item() for _ in range(25)]
+    assert sum(losses[-5:]) < sum(losses[:5])

@@ -76,9 +76,9 @@ class Batch:
 
 
 def to_batch(cols: Arrays, spec: FeatureSpec) -> Batch:
-    """Numpy columns (as read from shards) -> a :class:`Batch`; zero-copy where dtypes allow."""
-    t = torch.from_numpy
-    present = np.stack([cols[f"has.{f}"] for f in spec.context], axis=1)
+    """Numpy columns (as read from shards) or tensors -> a :class:`Batch`; zero-copy where dtypes allow."""
+    t = torch.as_tensor
+    present = torch.stack([t(cols[f"has.{f}"]) for f in spec.context], dim=1)
     return Batch(
         context={f: t(cols[f"ctx.{f}"]) for f in spec.context},
         present=t(present),
@@ -243,6 +243,7 @@ class MixedLoader:
         weights: task name -> sampling_weight (for mix=weights).
         seed: seeds the task draws and every stream.
         rank, world: this process's share of the data under torchrun (see :class:`TaskStream`).
+        device: where rows live with ``loader.resident`` (see :mod:`unirec.data.resident`).
     """
 
     def __init__(
@@ -254,6 +255,7 @@ class MixedLoader:
         seed: int,
         rank: int = 0,
         world: int = 1,
+        device: str = "cpu",
     ):
         self.spec, self.cfg = spec, cfg
         files = {t: shard_files(features, "train", t) for t in spec.tasks}
@@ -264,12 +266,16 @@ class MixedLoader:
         self.probs = mix_probabilities(self.rows, cfg, weights)
         self.names = sorted(self.probs)
         self.rng = np.random.default_rng([seed, 1, rank])
-        self.streams = {
-            t: TaskStream(
-                files[t], cfg.shuffle_buffer, np.random.default_rng([seed, 2, spec.tasks[t].id]), rank, world
-            )
-            for t in self.names
-        }
+        self.device = torch.device(device) if cfg.resident else torch.device("cpu")
+        self.streams = {t: self._stream(files[t], seed, spec.tasks[t].id, rank, world) for t in self.names}
+
+    def _stream(self, files, seed: int, task_id: int, rank: int, world: int):
+        if self.cfg.resident:
+            from unirec.data.resident import ResidentStream
+
+            return ResidentStream(files, seed * 1_000 + task_id, self.device, rank, world)
+        rng = np.random.default_rng([seed, 2, task_id])
+        return TaskStream(files, self.cfg.shuffle_buffer, rng, rank, world)
 
     def state(self) -> dict:
         """Position after the last batch produced: plain data (JSON-able), see :meth:`TaskStream.state`."""
@@ -286,12 +292,14 @@ class MixedLoader:
     def next_arrays(self) -> Arrays:
         counts = self.rng.multinomial(self.cfg.batch_size, [self.probs[t] for t in self.names])
         parts = [self.streams[t].take(int(k)) for t, k in zip(self.names, counts) if k > 0]
+        if self.cfg.resident:
+            return {c: torch.cat([p[c] for p in parts]) for c in parts[0]}
         return _concat(parts)
 
     def next_batch(self) -> Batch:
         """The next batch with the model's dtypes already applied (int64 ids, float masks), so this work
         happens in the prefetch thread rather than in the training step."""
-        return to_batch(self.next_arrays(), self.spec).to(torch.device("cpu"))
+        return to_batch(self.next_arrays(), self.spec).to(self.device)
 
     def batches(self, pin_memory: bool = False) -> Iterator[Tuple[Batch, dict]]:
         """Endless (batch, loader state right after it): checkpoints save the state of the last batch
@@ -299,9 +307,9 @@ class MixedLoader:
 
         def make():
             batch = self.next_batch()
-            return (batch.pin_memory() if pin_memory else batch), self.state()
+            return (batch.pin_memory() if pin_memory and not self.cfg.resident else batch), self.state()
 
-        if self.cfg.prefetch <= 0:
+        if self.cfg.prefetch <= 0 or self.cfg.resident:  # resident batches need no loader thread
             while True:
                 yield make()
         yield from _prefetched(make, self.cfg.prefetch)
