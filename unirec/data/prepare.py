@@ -52,7 +52,9 @@ def dataset_key(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) ->
     shaping.pop("cache_dir")  # where the cache lives does not change what is in it
     tasks_ = {k: _plain(asdict(v)) for k, v in sorted(tasks.items())}
     blob = json.dumps(
-        {"data": shaping, "tasks": tasks_, "seed": seed, "version": PREPARE_VERSION}, sort_keys=True, default=str
+        {"data": shaping, "tasks": tasks_, "seed": seed, "version": PREPARE_VERSION},
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -113,7 +115,7 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
     featurizer = Featurizer(spec, vocabs, catalogues)
     for s, by_task in splits.items():
         for name, t in by_task.items():
-            _write_shards(featurizer.examples(t), feat / s / name, data.rows_per_file)
+            _write_shards(t, feat / s / name, data.rows_per_file, featurizer.examples)
     _write(popularity(splits["train"], featurizer), feat / "popularity.parquet")
     return reject_counts
 
@@ -169,10 +171,11 @@ def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, row_group_size=16_384)
 
 
-def _write_shards(table: pa.Table, directory: Path, rows_per_file: int) -> None:
+def _write_shards(table: pa.Table, directory: Path, rows_per_file: int, transform) -> None:
+    """``transform`` (featurize) each file's slice on its own, so memory grows with a file, not a split."""
     directory.mkdir(parents=True, exist_ok=True)
     for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-        _write(table.slice(start, rows_per_file), directory / f"part-{i:05d}.parquet")
+        _write(transform(table.slice(start, rows_per_file)), directory / f"part-{i:05d}.parquet")
 
 
 def _plain(obj):
