@@ -105,3 +105,15 @@ def test_stratified_merge_rate_and_cap():
     task.max_train_requests = 20
     kept = downsample(table, task, 0)
     assert len(set(kept[REQUEST].to_pylist())) == 20 and kept.num_rows == 60  # whole requests are kept
+
+
+def test_wrong_timestamp_unit_names_the_column():
+    cfg = compose(["debug=toy"])
+    task = cfg.task["related"]
+    task.adapter.timestamp_unit = "s"  # but ts_utc holds ISO text
+    raw = pa.table({"anchor_video": [1], "shown_video": [2], "click": [True], "ts_utc": ["2023-11-14T22:13:20Z"],
+                    "country": ["us"], "req": ["r1"]})  # fmt: skip
+    from unirec.data.labels import clean_batch
+
+    with pytest.raises(TypeError, match=r"related\.ts_utc holds string.*timestamp_unit=iso"):
+        clean_batch(raw, task, pa.array([1, 2]))

@@ -68,7 +68,7 @@ def clean_batch(raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array) -> Cle
         flag(pc.invert(pc.match_substring_regex(cand_raw, r"^\s*-?\d+\s*$")), f"bad_type:{a.candidate}")
     label = _parse_label(raw[a.label]) if a.label else pa.array(np.ones(n, dtype=np.float32))
     flag(pc.is_null(label), "bad_label")
-    ts = _parse_timestamp(raw[a.timestamp], a.timestamp_unit)
+    ts = _parse_timestamp(raw[a.timestamp], a.timestamp_unit, f"{a.source}.{a.timestamp}")
     flag(pc.or_(pc.is_null(ts), pc.less(ts, MIN_TIMESTAMP)), "bad_timestamp")
     known = pc.is_in(_normalise_ids(cand_txt, reason), value_set=pc.cast(catalogue_ids, pa.string()))
     flag(pc.invert(known), "unknown_candidate")
@@ -231,7 +231,7 @@ def _parse_label(col: pa.ChunkedArray) -> pa.Array:
     )
 
 
-def _parse_timestamp(col: pa.ChunkedArray, unit: str) -> pa.Array:
+def _parse_timestamp(col: pa.ChunkedArray, unit: str, where: str) -> pa.Array:
     """Epoch seconds (int64) from seconds, milliseconds or ISO-8601 text; unparseable is null."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if unit == "iso":
@@ -239,9 +239,12 @@ def _parse_timestamp(col: pa.ChunkedArray, unit: str) -> pa.Array:
         parsed = pc.strptime(txt, format="%Y-%m-%dT%H:%M:%SZ", unit="s", error_is_null=True)
         return pc.cast(parsed, pa.int64())
     if unit not in ("s", "ms"):
-        raise ValueError(f"adapter.timestamp_unit must be s, ms or iso, got {unit!r}")
+        raise ValueError(f"adapter.timestamp_unit of {where} must be s, ms or iso, got {unit!r}")
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-        raise TypeError(f"timestamp column of unit {unit!r} must be numeric, got {col.type}")
+        raise TypeError(
+            f"raw column {where} holds {col.type}, but adapter.timestamp_unit={unit!r} needs numbers; "
+            "use timestamp_unit=iso for ISO-8601 text"
+        )
     secs = pc.cast(col, pa.float64())
     if unit == "ms":
         secs = pc.divide(secs, 1000.0)
