@@ -46,8 +46,8 @@ def model_scorer(
     def score(batch: Batch) -> torch.Tensor:
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
-            # Post-sigmoid scores: torchmetrics' ranking metrics mis-rank negative scores (they pad groups
-            # with zeros), and the sigmoid keeps every request's order.
+            # Post-sigmoid scores: torchmetrics' ranking metrics treat a score <= 0 as "not retrieved",
+            # which would zero out negative logits; the sigmoid keeps every request's order.
             return torch.sigmoid(model(batch.to(device)).double()).cpu()
 
     return score
