@@ -42,8 +42,10 @@ def save(
     state: Dict[str, Any],
     trainer: Dict[str, Any],
     keep: int = 2,
+    best: bool = False,
 ) -> Path:
-    """Write ``directory/step-<step>`` atomically, point ``latest`` at it, keep the newest ``keep`` and best."""
+    """Write ``directory/step-<step>`` atomically, point ``latest`` (and ``best`` if it is the best so far)
+    at it, then prune to the newest ``keep`` plus the best."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -59,20 +61,17 @@ def save(
     time.sleep(delay)
     (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step}))
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync(f)
+    fsync(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(directory)
+    fsync(directory)
     _point(directory, LATEST, final.name)
+    if best:
+        _point(directory, BEST, final.name)
     _prune(directory, keep)
     return final
-
-
-def mark_best(directory: Path, step: int) -> None:
-    """Record ``step-<step>`` as the best checkpoint so far; pruning keeps it."""
-    _point(Path(directory), BEST, f"step-{step:08d}")
 
 
 def latest(directory: Path) -> Optional[Path]:
@@ -109,9 +108,9 @@ def clean_partial(directory: Path) -> int:
 def _point(directory: Path, name: str, target: str) -> None:
     tmp = directory / f".{name}.tmp"
     tmp.write_text(target)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, directory / name)
-    _fsync(directory)
+    fsync(directory)
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -122,7 +121,8 @@ def _prune(directory: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk (a rename is durable only once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -194,9 +194,8 @@ def save_checkpoint(tr: Training, run_dir: Path, progress: Progress, loader_stat
     if tr.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(tr.device)
     trainer = {"loader": states, "progress": asdict(progress)}
-    checkpoint.save(run_dir / "checkpoints", progress.step, tr.module, state, trainer, keep)
-    if progress.best_step == progress.step:
-        checkpoint.mark_best(run_dir / "checkpoints", progress.step)
+    best = progress.best_step == progress.step
+    checkpoint.save(run_dir / "checkpoints", progress.step, tr.module, state, trainer, keep, best)
 
 
 def validate(tr: Training, features: Path, batch_size: int) -> Scores:

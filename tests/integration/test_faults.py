@@ -154,3 +154,16 @@ def test_non_finite_weights_are_never_written(tmp_path, toy_features):
     with pytest.raises(checkpoint.CheckpointError, match="non-finite"):
         checkpoint.save(tmp_path, 1, tr.module, {}, {"loader": []})
     assert checkpoint.latest(tmp_path) is None and not list(tmp_path.glob("step-*"))
+
+
+def test_retention_keeps_the_newest_and_the_best(tmp_path, toy_features):
+    cfg = compose(["debug=toy", "trainer.max_steps=20", "trainer.eval_every=5", "trainer.checkpoint_every=5",
+                   "trainer.keep_checkpoints=1", "trainer.best_metric=home/auc"])  # fmt: skip
+    metrics = run(cfg, tmp_path, toy_features)
+    ckpts = tmp_path / "checkpoints"
+    best = metrics["best"]
+    assert best["metric"] == "home/auc" and best["step"] in (5, 10, 15, 20)
+    assert (ckpts / "best").read_text() == f"step-{best['step']:08d}"
+    kept = sorted(p.name for p in ckpts.glob("step-*"))
+    assert kept == sorted({f"step-{best['step']:08d}", "step-00000020"})
+    assert checkpoint.latest(ckpts).name == "step-00000020"

@@ -1,0 +1,180 @@
+"""Serving latency: the real HTTP server on loopback against the bare in-process forward, same inputs.
+
+Prints p50/p99 of ``POST /v1/rank`` at 100 and 1000 candidates beside the bare model forward
+(``encode_context`` + ``score_candidates`` on already featurized tensors) and the in-process Scorer, then
+throughput at concurrency 16 and the latency of a score-cache hit. Timing assertions live nowhere else.
+
+    python scripts/bench_serve.py                        # trains a toy model with 2000 items first (~40 s)
+    python scripts/bench_serve.py --registry models/     # an existing registry
+
+The server runs as ``python -m unirec.serve serve=[home,genre]`` in a subprocess (torch_threads=1, the
+home score cache off so every timed request is scored, genre's cache on for the hit measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def toy_registry(tmp: Path) -> Path:
+    """Train a toy model with a 2000-item catalogue (1000 real candidates per request) and export it."""
+    args = [
+        "debug=toy",
+        "data.synthetic.n_items=2000",
+        f"data.cache_dir={tmp}/cache",
+        f"hydra.run.dir={tmp}/run",
+    ]
+    subprocess.run([sys.executable, "-m", "unirec.train", *args], env=ENV, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "unirec.export", f"{tmp}/run", "--registry", f"{tmp}/registry"],
+        env=ENV,
+        check=True,
+    )
+    return tmp / "registry"
+
+
+def start_server(registry: Path, port: int) -> subprocess.Popen:
+    args = ["serve=[home,genre]", f"server.registry={registry}", f"server.port={port}", "server.freshness_s=0",
+            "serve.home.cache.size=0", "serve.home.timeout_ms=5000", "serve.genre.timeout_ms=5000"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "unirec.serve", *args], env=ENV, cwd=tempfile.gettempdir())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/readyz")
+            if c.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def http_latencies(port: int, bodies: list, repeat: int) -> np.ndarray:
+    """Seconds per request over one keep-alive connection (bodies pre-encoded: client JSON work not timed)."""
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    out = []
+    for i in range(repeat):
+        body = bodies[i % len(bodies)]
+        t = time.perf_counter()
+        c.request("POST", "/v1/rank", body, {"content-type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        out.append(time.perf_counter() - t)
+        assert r.status == 200 and b'"degraded":false' in data, data[:300]
+    return np.array(out)
+
+
+def bare_latencies(scorer, contexts: list, ids: list, repeat: int, full: bool) -> np.ndarray:
+    """The model alone on featurized tensors (full=True), or the in-process Scorer (featurize + score)."""
+    import pyarrow as pa
+
+    feats = [scorer.context_tensors("home", c) for c in contexts]
+    cand = scorer._candidate_tensors("item", pa.array(ids))
+    out = []
+    with torch.inference_mode():
+        for i in range(repeat):
+            t = time.perf_counter()
+            if full:
+                ctx, present, tt = feats[i % len(feats)]
+                torch.sigmoid(
+                    scorer.model.score_candidates(scorer.model.encode_context(ctx, present, tt), cand, tt)
+                )
+            else:
+                scorer.score("home", contexts[i % len(contexts)], ids)
+            out.append(time.perf_counter() - t)
+    return np.array(out)
+
+
+def throughput(port: int, bodies: list, concurrency: int, per_client: int) -> float:
+    def client():
+        http_latencies(port, bodies, per_client)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return concurrency * per_client / (time.perf_counter() - t)
+
+
+def ms(x: np.ndarray) -> str:
+    return f"p50 {np.percentile(x, 50) * 1e3:7.2f} ms   p99 {np.percentile(x, 99) * 1e3:7.2f} ms"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--registry", type=Path, help="model registry (default: train and export a toy model)")
+    p.add_argument("--repeat", type=int, default=500)
+    args = p.parse_args()
+    print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  torch threads: 1")
+    torch.set_num_threads(1)
+    registry = args.registry or toy_registry(Path(tempfile.mkdtemp(prefix="bench-serve-")))
+    from unirec.export import versions
+    from unirec.serve.scorer import Scorer
+
+    scorer = Scorer.load(registry / versions(registry)[-1])
+    catalogue = scorer.artifact.catalogues["item"].to_pylist()
+    contexts = [{"user": str(u), "country": "us", "language": "en"} for u in range(1, 51)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_server(registry, port)
+    try:
+        for n in (100, 1000):
+            ids = catalogue[:n]
+            assert len(ids) == n, f"the catalogue has {len(catalogue)} items, fewer than {n}"
+            bodies = [
+                json.dumps({"environment": "home", "context": c, "candidates": {"ids": ids}, "top_k": n})
+                for c in contexts
+            ]
+            http_latencies(port, bodies, 50)  # warm-up: every context featurized once (the scorer's memo)
+            bare_latencies(scorer, contexts, ids, 50, full=True)
+            bare_latencies(scorer, contexts, ids, 50, full=False)
+            print(f"N={n:5d}  HTTP /v1/rank   {ms(http_latencies(port, bodies, args.repeat))}")
+            print(
+                f"N={n:5d}  bare forward    {ms(bare_latencies(scorer, contexts, ids, args.repeat, full=True))}"
+            )
+            print(
+                f"N={n:5d}  in-process Scorer {ms(bare_latencies(scorer, contexts, ids, args.repeat, full=False))}"
+            )
+        bodies = [
+            json.dumps({"environment": "home", "context": c, "candidates": {"ids": catalogue[:100]}})
+            for c in contexts
+        ]
+        print(f"throughput at concurrency 16, N=100: {throughput(port, bodies, 16, 60):.0f} requests/s")
+        hit = [
+            json.dumps(
+                {
+                    "environment": "genre",
+                    "context": {"genre": "comedy"},
+                    "candidates": {"ids": catalogue[:100]},
+                }
+            )
+        ]
+        http_latencies(port, hit, 10)
+        print(f"cache hit, N=100  HTTP /v1/rank   {ms(http_latencies(port, hit, args.repeat))}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()

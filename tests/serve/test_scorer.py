@@ -1,0 +1,81 @@
+"""The scorer: the training-time forward's scores, from raw request fields, through the same Featurizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from unirec.data.loader import table_to_arrays, to_batch
+from unirec.serve.scorer import RequestError, Scorer
+
+
+@pytest.fixture(scope="module")
+def scorer(artifact: Path) -> Scorer:
+    return Scorer.load(artifact)
+
+
+@pytest.mark.parametrize("task", ["home", "related", "search", "genre"])
+def test_scores_equal_the_training_forward_on_the_same_rows(scorer: Scorer, toy_run: Path, task: str):
+    """Raw valid rows, one request at a time through the scorer == MultiTaskRanker.forward on their shard."""
+    features = Path(json.loads((toy_run / "metrics.json").read_text())["features"])
+    shard = pq.read_table(features / "valid" / task / "part-00000.parquet")
+    raw = pq.read_table(features.parent / "labeled" / "split=valid" / f"task={task}" / "part-00000.parquet")
+    assert shard["request_id"].equals(raw["request_id"])  # the shard rows are the raw rows, in order
+    with torch.inference_mode():
+        expected = torch.sigmoid(
+            scorer.model(to_batch(table_to_arrays(shard), scorer.spec).to("cpu")).double()
+        )
+    request = raw["request_id"].to_numpy()
+    checked = 0
+    for rid in np.unique(request)[:40]:
+        rows = np.nonzero(request == rid)[0]
+        context = {f: raw[f][int(rows[0])].as_py() for f in scorer.spec.context}
+        got = scorer.score(task, context, raw["candidate"].take(pa.array(rows)).to_pylist())
+        np.testing.assert_allclose(got, expected.numpy()[rows], rtol=0, atol=1e-5)
+        checked += len(rows)
+    assert checked > 100
+
+
+def test_ids_outside_the_catalogue_score_as_the_full_forward_does(scorer: Scorer):
+    ids = ["1", "2", "not-an-item", "3", "424242"]
+    ctx, present, task_type = scorer.context_tensors("home", {"user": "7", "country": "us"})
+    cand = scorer._candidate_tensors("item", pa.array(ids))
+    with torch.inference_mode():
+        c = scorer.model.encode_context(ctx, present, task_type)
+        expected = torch.sigmoid(scorer.model.score_candidates(c, cand, task_type).double()).numpy()
+    got = scorer.score("home", {"user": "7", "country": "us"}, ids)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_an_unknown_field_is_named(scorer: Scorer):
+    with pytest.raises(RequestError, match="context.colour: not a field") as e:
+        scorer.score("home", {"colour": "red"}, ["1"])
+    assert e.value.field == "context.colour"
+    with pytest.raises(RequestError, match="unknown task 'notify'"):
+        scorer.score("notify", {}, ["1"])
+
+
+def test_fields_the_task_does_not_use_stay_at_their_sentinel(scorer: Scorer):
+    """related never saw a user in training: a caller's user is ignored, not fed in as present."""
+    base = scorer.score("related", {"source_item": "5"}, ["1", "2"])
+    assert scorer.check_context("related", {"source_item": "5", "user": "3"})[1] == ["user"]
+    np.testing.assert_array_equal(
+        scorer.score("related", {"source_item": "5", "user": "3"}, ["1", "2"]), base
+    )
+    assert np.abs(scorer.score("related", {}, ["1", "2"]) - base).max() > 1e-7  # a used field does count
+
+
+def test_popular_follows_the_popularity_table(scorer: Scorer, artifact: Path):
+    pop = pq.read_table(artifact / "popularity.parquet").to_pylist()
+    vocab = json.loads((artifact / "vocab" / "item.json").read_text())
+    home = sorted((r for r in pop if r["task"] == "home"), key=lambda r: -r["count"])
+    top = scorer.popular("home", 3)
+    assert [vocab[r["index"] - 2] for r in home[:1]] == top[:1]
+    share = scorer.popularity("home", top)
+    assert list(share) == sorted(share, reverse=True) and 0 < share.sum() <= 1

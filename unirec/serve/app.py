@@ -1,0 +1,254 @@
+"""The HTTP layer: a thin FastAPI app over the environments and the model holder.
+
+Endpoints::
+
+    POST /v1/rank       rank candidates for a task or environment (see unirec.serve.api)
+    GET  /v1/metadata   model version, source run, tasks, context schema, environments and their knobs
+    GET  /healthz       the process answers (liveness)
+    GET  /readyz        a model is loaded and warmed up (readiness): 200, else 503
+    GET  /metrics       Prometheus text format
+    GET  /openapi.json  the schema (FastAPI)
+
+Every rank answer is counted by environment and status, every fallback by reason. Bad input is a 4xx whose
+``field`` names the input; nothing the scorer does becomes a 500.
+"""
+
+import dataclasses
+import time
+from contextlib import asynccontextmanager
+from typing import Dict, Optional
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from unirec.serve.api import ErrorResponse, RankResponse, rank_request_model
+from unirec.serve.config import ServeConfig, check
+from unirec.serve.environments import Answer, Environment
+from unirec.serve.limits import BodyLimit
+from unirec.serve.metrics import ServeMetrics
+from unirec.serve.registry import ModelHolder
+from unirec.serve.scorer import RequestError, Scorer
+
+UNKNOWN_ENV = "-"
+
+
+def create_app(cfg: ServeConfig, holder: Optional[ModelHolder] = None) -> FastAPI:
+    """Load the model (the request schema is built from its feature spec), then wire the routes."""
+    check(cfg)
+    metrics = ServeMetrics()
+    holder = holder or ModelHolder(
+        cfg.server.registry, cfg.server.version, metrics.serving, _refused(metrics)
+    )
+    scorer = holder.scorer or holder.load_initial()
+    holder.compatible = _same_schema(scorer)
+    envs = {name: Environment(name, env) for name, env in cfg.serve.items()}
+    for name, env in cfg.serve.items():
+        if env.task not in scorer.spec.tasks:
+            raise ValueError(
+                f"serve.{name}.task={env.task!r} is not a task of the model; known: {list(scorer.spec.tasks)}"
+            )
+    max_candidates = max(e.max_candidates for e in cfg.serve.values())
+    RankRequest = rank_request_model(scorer.spec, list(envs), max_candidates)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for env in envs.values():
+            env.warm_up(holder.scorer)
+        holder.start(cfg.server.freshness_s)
+        yield
+        holder.stop()
+        for env in envs.values():
+            env.close()
+
+    app = FastAPI(title="unirec ranking service", version="1", lifespan=lifespan)
+    app.state.holder, app.state.metrics, app.state.environments = holder, metrics, envs
+    app.add_middleware(BodyLimit, max_bytes=cfg.server.max_body_bytes, on_reject=_rejected(metrics))
+    app.add_exception_handler(RequestValidationError, _invalid(metrics))
+    errors = {c: {"model": ErrorResponse} for c in (413, 422, 503, 504)}
+
+    @app.post("/v1/rank", response_model=RankResponse, responses=errors)
+    async def rank(body: RankRequest) -> Response:  # type: ignore[valid-type]
+        return await _rank(body, holder, envs, metrics)
+
+    _add_status_routes(app, cfg, holder, metrics)
+    return app
+
+
+async def _rank(req, holder: ModelHolder, envs: Dict[str, Environment], metrics: ServeMetrics) -> Response:
+    start = time.perf_counter()
+    try:
+        env, task = _resolve(req, envs)
+    except RequestError as e:
+        metrics.requests.labels(UNKNOWN_ENV, "422").inc()
+        return _error(422, str(e), e.field)
+    status = 200
+    try:
+        env.admit()
+    except Exception as e:  # Overloaded: 503 at once, no queueing
+        metrics.rejected.labels(env.name, "overloaded").inc()
+        metrics.requests.labels(env.name, "503").inc()
+        return _error(503, str(e), None, {"Retry-After": str(env.cfg.retry_after_s)})
+    try:
+        scorer = holder.scorer
+        answer = await env.rank(scorer, task, req)
+        if answer.reason:
+            metrics.degraded.labels(env.name, answer.reason).inc()
+        if answer.reason is None:
+            metrics.cache.labels(env.name, "hit" if answer.cached else "miss").inc()
+        response = _answer(env, task, scorer, answer)
+        status = response.status_code
+        return response
+    except RequestError as e:
+        status = 422
+        return _error(422, str(e), e.field)
+    finally:
+        env.release()
+        metrics.requests.labels(env.name, str(status)).inc()
+        metrics.latency.labels(env.name).observe(time.perf_counter() - start)
+
+
+def _resolve(req, envs: Dict[str, Environment]):
+    """(environment, task) from whichever the request names; both named must agree."""
+    if req.environment is not None:
+        env = envs[req.environment]
+        if req.task is not None and req.task != env.cfg.task:
+            raise RequestError(
+                "task", f"{req.task!r} is not the task of environment {env.name!r} ({env.cfg.task})"
+            )
+        return env, env.cfg.task
+    if req.task is not None:
+        for env in envs.values():
+            if env.cfg.task == req.task:
+                return env, req.task
+        raise RequestError(
+            "task",
+            f"no environment here serves task {req.task!r}; served: {[e.cfg.task for e in envs.values()]}",
+        )
+    if len(envs) == 1:
+        env = next(iter(envs.values()))
+        return env, env.cfg.task
+    raise RequestError("environment", f"name an environment or a task; hosted here: {list(envs)}")
+
+
+def _answer(env: Environment, task: str, scorer: Scorer, a: Answer) -> Response:
+    degraded = {
+        "degraded": a.reason is not None,
+        "reason": a.reason,
+        "fallback": a.fallback,
+        "detail": a.detail,
+    }
+    if a.fallback is not None:
+        degraded["fallback"] = a.fallback.value
+    if a.reason is not None and a.fallback is not None and a.fallback.value == "error":
+        code = 504 if a.reason == "timeout" else 503
+        return _error(
+            code, f"scoring failed ({a.reason}) and environment fallback is error", None, degraded=degraded
+        )
+    body = {
+        "environment": env.name,
+        "task": task,
+        "model_version": scorer.version,
+        # Scores are finite here (environments turn non-finite ones into a fallback); orjson writes any
+        # stray NaN as null, never as the invalid JSON token NaN.
+        "candidates": [{"id": i, "type": a.ctype, "score": s} for i, s in zip(a.ids, a.scores)],
+        "degraded": degraded,
+        "cached": a.cached,
+        "ignored_context": a.ignored,
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _error(
+    code: int, message: str, field: Optional[str], headers=None, degraded=None, detail=None
+) -> Response:
+    body = {"message": message, "field": field, "detail": detail, "degraded": degraded}
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def _invalid(metrics: ServeMetrics):
+    async def handler(request: Request, exc: RequestValidationError) -> Response:
+        errs = exc.errors()
+        detail = [{"field": _field(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errs[:20]]
+        first = detail[0] if detail else {"field": None, "msg": "invalid request"}
+        metrics.requests.labels(UNKNOWN_ENV, "422").inc()
+        return _error(422, f"{first['field']}: {first['msg']}", first["field"], detail=detail)
+
+    return handler
+
+
+def _field(loc) -> str:
+    """pydantic's error location without the 'body' prefix and union branch names: context.colour."""
+    parts = [str(p) for p in loc if p != "body" and not str(p).endswith("Candidates")]
+    return ".".join(parts) or "body"
+
+
+def _rejected(metrics: ServeMetrics):
+    def count(reason: str) -> None:
+        metrics.rejected.labels(UNKNOWN_ENV, reason).inc()
+        metrics.requests.labels(UNKNOWN_ENV, "413").inc()
+
+    return count
+
+
+def _refused(metrics: ServeMetrics):
+    return lambda version, reason: metrics.refused.labels(version).inc()
+
+
+def _same_schema(first: Scorer):
+    """The request model is built from the first artifact's schema: a new version must keep it."""
+    fields = {k: f.kind for k, f in first.spec.context.items()}
+    tasks = {k: t.candidate for k, t in first.spec.tasks.items()}
+
+    def check_(new: Scorer) -> Optional[str]:
+        if {k: f.kind for k, f in new.spec.context.items()} != fields or {
+            k: t.candidate for k, t in new.spec.tasks.items()
+        } != tasks:
+            return "its context fields or tasks differ from the API in service; restart the service to adopt them"
+        return None
+
+    return check_
+
+
+def _add_status_routes(app: FastAPI, cfg: ServeConfig, holder: ModelHolder, metrics: ServeMetrics) -> None:
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz() -> Response:
+        if holder.scorer is None:
+            return _error(503, "no model loaded", None)
+        return JSONResponse({"status": "ready", "model_version": holder.version})
+
+    @app.get("/v1/metadata")
+    async def metadata() -> dict:
+        s = holder.scorer
+        m = s.artifact.manifest if s else {}
+        return {
+            "model_version": holder.version,
+            "source": m.get("source"),
+            "created_unix": m.get("created_unix"),
+            "tasks": {
+                k: {"id": t.id, "candidate": t.candidate, "context": list(t.fields)}
+                for k, t in s.spec.tasks.items()
+            },
+            "context": {k: f.kind for k, f in s.spec.context.items()},
+            "environments": {k: _plain(dataclasses.asdict(v)) for k, v in cfg.serve.items()},
+            "refused_versions": dict(holder.refused),
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return getattr(obj, "value", obj)

@@ -1,0 +1,121 @@
+"""Typed schema of ``python -m unirec.serve``: the server and one block of knobs per environment.
+
+Defaults and their documentation live here only; ``conf/serve.yaml`` and ``conf/serve/<environment>.yaml``
+override them. ``serve=home`` hosts one environment, ``serve=[home,search]`` several in one process (the
+combined mode), mirroring ``task=[...]`` in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Optional, Sequence
+
+
+class Fallback(str, Enum):
+    """What a degraded request (timeout, scorer error, non-finite scores) answers."""
+
+    popularity = "popularity"
+    """Candidates ranked by their train engagements in the task (scores: engagement share)."""
+    given_order = "given_order"
+    """Candidates in the order the caller gave them (scores: null)."""
+    error = "error"
+    """No ranking: 503 (or 504 on timeout) with the degraded block, for callers with their own fallback."""
+
+
+@dataclass
+class CacheConfig:
+    """Score cache keyed by (model version, task, context, candidates)."""
+
+    size: int = 10_000
+    """Entries kept (least recently used go first); 0 disables the cache."""
+    ttl_s: float = 60.0
+    """Seconds an entry stays valid."""
+
+
+@dataclass
+class EnvironmentConfig:
+    """One deployment of the artifact for one use case."""
+
+    task: str = "???"
+    """The task (head) this environment ranks for."""
+    timeout_ms: float = 100.0
+    """Default time budget of scoring; past it the fallback answers (requests may ask for less or more)."""
+    fallback: Fallback = Fallback.popularity
+    """Default fallback (requests may override it)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    threads: int = 2
+    """Scoring worker threads (each request's scoring runs on one; torch intra-op threads: server.torch_threads)."""
+    max_concurrent: int = 32
+    """Requests in flight beyond which a new one gets 503 with Retry-After at once."""
+    retry_after_s: int = 1
+    """Retry-After header of the 503 answered beyond max_concurrent."""
+    max_candidates: int = 1000
+    """Most candidates a request may send or ask a source for (more: 422 naming the field)."""
+    default_top_k: int = 100
+    """Candidates returned when the request gives no top_k."""
+    exclude_seen: bool = True
+    """Drop candidates listed in the request's ``seen`` (items the user has already seen)."""
+    candidate_types: List[str] = field(default_factory=list)
+    """Candidate types this environment accepts; empty: the task's own type only."""
+
+
+@dataclass
+class ServerConfig:
+    """The process: where it listens, where models come from, and request limits."""
+
+    registry: str = "???"
+    """Model registry directory (``python -m unirec.export ... --registry``)."""
+    version: Optional[str] = None
+    """Pin one version (e.g. v000003); null serves the newest and follows new ones."""
+    freshness_s: float = 30.0
+    """Seconds between registry polls for a newer version; 0 disables polling."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1_048_576
+    """Largest request body; a larger one gets 413 before it is read."""
+    torch_threads: int = 1
+    """torch intra-op threads (requests are parallel across scoring threads instead)."""
+    log_level: str = "warning"
+
+
+@dataclass
+class ServeConfig:
+    """Root of ``python -m unirec.serve``'s composed configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    serve: Dict[str, EnvironmentConfig] = field(default_factory=dict)
+    """Environment name -> its knobs (the ``serve`` config group; one file per environment)."""
+
+
+def register_serve_configs() -> None:
+    """Register the schema so ``conf/serve.yaml`` (``defaults: [serve_schema, ...]``) is validated."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+
+
+def compose_serve(overrides: Sequence[str] = ()) -> ServeConfig:
+    """The typed config exactly as ``python -m unirec.serve <overrides>`` builds it (for scripts and tests)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from unirec.config import conf_dir
+
+    register_serve_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = OmegaConf.to_object(compose("serve", overrides=list(overrides)))
+    assert isinstance(cfg, ServeConfig)
+    return cfg
+
+
+def check(cfg: ServeConfig) -> None:
+    """Fail at start, naming the key, on what the types cannot say."""
+    if not cfg.serve:
+        raise ValueError(
+            "no environment selected: choose one or more, e.g. serve=home or serve=[home,search]"
+        )
+    for name, env in cfg.serve.items():
+        for key in ("timeout_ms", "threads", "max_concurrent", "max_candidates", "default_top_k"):
+            if getattr(env, key) <= 0:
+                raise ValueError(f"serve.{name}.{key} must be > 0, got {getattr(env, key)}")
