@@ -70,7 +70,7 @@ def save(
     _point(directory, LATEST, final.name)
     if best:
         _point(directory, BEST, final.name)
-    _prune(directory, keep)
+    _prune(directory, keep, step)
     return final
 
 
@@ -113,10 +113,12 @@ def _point(directory: Path, name: str, target: str) -> None:
     fsync(directory)
 
 
-def _prune(directory: Path, keep: int) -> None:
-    best = directory / BEST
-    protected = {best.read_text().strip()} if best.exists() else set()
-    for old in sorted(directory.glob("step-*"))[:-keep]:
+def _prune(directory: Path, keep: int, step: int) -> None:
+    """Keep the newest ``keep`` up to ``step`` plus ``latest`` and ``best``; never touch later steps (left by
+    a run resumed from an older checkpoint, they are pruned as this run passes them)."""
+    protected = {(directory / p).read_text().strip() for p in (LATEST, BEST) if (directory / p).exists()}
+    upto = [p for p in sorted(directory.glob("step-*")) if int(p.name.split("-")[1]) <= step]
+    for old in upto[: max(len(upto) - max(keep, 1), 0)]:
         if old.name not in protected:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -33,8 +33,12 @@ def init(device_type: str) -> Dist:
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        # Before any collective: object collectives run on the *current* device, which is cuda:0 otherwise.
+        torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # gloo beside NCCL: metric states and object collectives live on the CPU.
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
     return Dist(rank, world, local)
 
 

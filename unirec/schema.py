@@ -23,6 +23,8 @@ SENTINEL = 0
 OOV = 1
 FIRST_ID = 2
 SPEC_VERSION = 1
+# Columns every labeled example carries; a context field may not take one of these names.
+RESERVED = frozenset({"request_id", "timestamp", "candidate", "label", "weight", "task_type"})
 
 
 class SchemaError(ValueError):
@@ -131,8 +133,11 @@ def unified_context(tasks: Mapping[str, TaskConfig]) -> Dict[str, FieldConfig]:
     owner: Dict[str, str] = {}
     for name in sorted(tasks):
         for fname, fcfg in tasks[name].context.items():
-            if fname == "task_type":
-                raise SchemaError(f"task.{name}.context.task_type: the name task_type is reserved")
+            if fname in RESERVED:
+                raise SchemaError(
+                    f"task.{name}.context.{fname}: {sorted(RESERVED)} are column names of the labeled data; "
+                    "rename the field"
+                )
             if fname in merged and _field_key(merged[fname]) != _field_key(fcfg):
                 raise SchemaError(
                     f"task.{name}.context.{fname} is declared as {_field_key(fcfg)} but task "
@@ -168,6 +173,12 @@ def validate_tasks(tasks: Mapping[str, TaskConfig], candidates: Mapping[str, Can
                 raise SchemaError(
                     f"task.{name}.adapter.context.{fname} maps a field not in task.{name}.context"
                 )
+    ctypes = {t.candidate for t in tasks.values()}
+    if len(ctypes) > 1:
+        names = {n: t.candidate for n, t in tasks.items()}
+        raise SchemaError(
+            f"tasks rank more than one candidate type {names}; one type per run is supported so far"
+        )
     ctx = unified_context(tasks)
     for cname, c in candidates.items():
         for fname in c.fields:

@@ -52,6 +52,8 @@ def setup_device(cfg: TrainerConfig, local_rank: int = 0) -> Tuple[torch.device,
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)  # one GPU per torchrun process
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 "trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu"
@@ -202,7 +204,8 @@ def validate(tr: Training, features: Path, batch_size: int) -> Scores:
     """Per-task metrics of the model on the valid split (eval mode, then back to train mode)."""
     tr.model.eval()
     try:
-        scorer = model_scorer(tr.module, tr.device, tr.bf16)
+        # fp32, not bf16: bf16 logits tie often within a slate, and ties would fall back to logged order.
+        scorer = model_scorer(tr.module, tr.device, autocast=False)
         return evaluate(scorer, features, tr.spec, "valid", batch_size, tr.dist.rank, tr.dist.world)
     finally:
         tr.model.train()
@@ -231,8 +234,39 @@ class _StepLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def check(cfg: Config) -> None:
+    """Fail at start, naming the key, on settings that would otherwise fail mid-run."""
+    tc, sp = cfg.trainer, cfg.data.split
+    for key in (
+        "max_steps",
+        "eval_every",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite",
+    ):
+        if getattr(tc, key) < 1:
+            raise ValueError(f"trainer.{key} must be >= 1, got {getattr(tc, key)}")
+    if not (0 < sp.valid and 0 < sp.test and sp.valid + sp.test < 1):
+        raise ValueError(
+            f"data.split.valid and data.split.test must be > 0 with a sum < 1, got {sp.valid}, {sp.test}"
+        )
+    task, _, metric = tc.best_metric.partition("/")
+    if task != "mean" and task not in cfg.task:
+        raise ValueError(
+            f"trainer.best_metric={tc.best_metric!r}: {task!r} is neither 'mean' nor a selected task"
+        )
+    if task != "mean" and metric not in cfg.task[task].metrics:
+        raise ValueError(f"trainer.best_metric={tc.best_metric!r}: task.{task}.metrics has no {metric!r}")
+    if task == "mean" and not all(metric in t.metrics for t in cfg.task.values()):
+        raise ValueError(
+            f"trainer.best_metric={tc.best_metric!r}: not every selected task computes {metric!r}"
+        )
+
+
 def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
     """Train and evaluate; returns (and, on rank 0, writes to ``run_dir/metrics.json``) the per-task results."""
+    check(cfg)
     d = dst.init("cuda" if setup_device(cfg.trainer)[0].type == "cuda" else "cpu")
     try:
         run_dir = Path(dst.broadcast(d, str(run_dir)))
@@ -249,7 +283,12 @@ def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
     tc, main = cfg.trainer, tr.dist.main
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = resume(tr, run_dir, tc)
-    writer = SummaryWriter(str(run_dir / "tb")) if main else None
+    # purge_step drops the events an interrupted run logged past its last checkpoint.
+    writer = (
+        SummaryWriter(str(run_dir / "tb"), purge_step=progress.step + 1 if progress.step else None)
+        if main
+        else None
+    )
     steplog = _StepLog(run_dir / "train_log.jsonl", progress.step, main)
     n_params = sum(p.numel() for p in tr.module.parameters())
     log.info("model %.2fM parameters on %s (bf16=%s, ranks=%d); train rows %s; task mix %s", n_params / 1e6,

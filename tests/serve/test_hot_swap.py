@@ -66,7 +66,9 @@ def test_a_new_version_under_load_is_picked_up_with_zero_failed_requests(registr
         _wait_for(lambda: len(load.results) > n + 20)
     statuses = {s for s, _, _ in load.results}
     assert statuses == {200}
-    assert all(d["degraded"] is False for _, _, d in load.results), [d for _, _, d in load.results if d["degraded"]][:3]
+    assert all(d["degraded"] is False for _, _, d in load.results), [
+        d for _, _, d in load.results if d["degraded"]
+    ][:3]
     seen = [v for _, v, _ in load.results]
     assert seen[0] == "v000001" and seen[-1] == "v000002"
 

@@ -85,3 +85,10 @@ def test_min_count_sends_rare_values_to_oov(tmp_path):
     fz = Featurizer.load(prepare(cfg.data, cfg.task, cfg.seed))
     assert fz.spec.context["user"].size == FIRST_ID
     assert set(fz.context(pa.table({"user": ["1", "2"]}))["ctx.user"].to_pylist()) == {OOV}
+
+
+def test_candidate_ids_match_in_any_spelling(toy_features):
+    fz = Featurizer.load(toy_features)
+    a = fz.candidates("item", pa.array(["7", "007", " 7 "]))
+    assert len(set(map(tuple, [a["cand.item_title"].to_pylist()[i] for i in range(3)]))) == 1
+    assert len(set(a["cand.item"].to_pylist())) == 1 and a["cand.item"].to_pylist()[0] != OOV

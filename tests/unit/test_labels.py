@@ -117,3 +117,20 @@ def test_wrong_timestamp_unit_names_the_column():
 
     with pytest.raises(TypeError, match=r"related\.ts_utc holds string.*timestamp_unit=iso"):
         clean_batch(raw, task, pa.array([1, 2]))
+
+
+def test_malformed_dense_context_values_are_rejects_not_crashes():
+    from unirec.config import FieldConfig, FieldKind
+    from unirec.data.labels import clean_batch, count_reasons
+
+    task = compose(["debug=toy"]).task["home"]
+    task.context["watch_hours"] = FieldConfig(kind=FieldKind.dense)
+    task.adapter.context["watch_hours"] = "hours"
+    raw = pa.table({
+        "member_id": [1, 2, 3, 4], "country_code": ["us"] * 4, "ui_lang": ["en"] * 4, "video_id": [1, 2, 3, 4],
+        "play_start": pa.array([0, 1, 0, 1], pa.int8()), "event_ts": [1_700_000_000_000] * 4,
+        "session_id": ["a", "a", "b", "b"], "row_pos": [0, 1, 0, 1], "hours": ["1.5", "abc", None, "2e3"],
+    })  # fmt: skip
+    cleaned = clean_batch(raw, task, pa.array([1, 2, 3, 4]))
+    assert count_reasons(cleaned.rejects) == {"bad_type:hours": 1}
+    assert cleaned.good["hours"].to_pylist() == ["1.5", None, "2e3"]

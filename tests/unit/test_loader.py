@@ -147,3 +147,14 @@ def test_resident_batches_equal_their_rows(toy_features):
     batch = MixedLoader(toy_features, spec, LoaderConfig(batch_size=64, resident=True), {}, 1).next_batch()
     assert batch.present.dtype == torch.float32 and batch.present.shape == (64, len(spec.context))
     assert batch.context["query"].shape == (64, spec.context["query"].max_len)
+
+
+def test_resident_resume_before_a_task_was_ever_drawn(toy_features):
+    from unirec.data.resident import ResidentStream
+
+    files = shard_files(toy_features, "train", "genre")
+    ref = ResidentStream(files, 9, torch.device("cpu"))
+    saved = json.loads(json.dumps(ref.state()))  # nothing drawn yet
+    again = ResidentStream(files, 9, torch.device("cpu"))
+    again.load_state(saved)
+    assert torch.equal(ref.take(50)["request_id"], again.take(50)["request_id"])

@@ -80,3 +80,25 @@ def test_context_encoded_once_matches_row_by_row_forward(toy_features):
         batch.request_id[:n],
     )
     assert torch.allclose(once, model(rows), atol=1e-6)
+
+
+def test_ddp_normalisation_gives_the_global_mean_gradient():
+    """Two ranks' losses (global weight sums, scaled by world), averaged as DDP averages gradients, equal
+    the single-process gradient of the whole batch, even with a task absent from one rank."""
+    torch.manual_seed(1)
+    x = torch.randn(40, requires_grad=True)
+    y = torch.randint(0, 2, (40,)).float()
+    w = torch.rand(40) + 0.5
+    h = torch.cat([torch.randint(0, 2, (20,)), torch.randint(0, 3, (20,))])  # task 2 only on rank 1
+    lw = torch.tensor([1.0, 0.5, 2.0])
+    ref = torch.autograd.grad(total_loss(task_losses(x, y, w, h, 3)[0], lw), x)[0]
+    halves = [slice(0, 20), slice(20, 40)]
+
+    def global_wsum(_):
+        return sum(torch.zeros(3).index_add(0, h[s], w[s]) for s in halves)
+
+    grads = [
+        torch.autograd.grad(total_loss(task_losses(x[s], y[s], w[s], h[s], 3, global_wsum, 2)[0], lw), x)[0]
+        for s in halves
+    ]
+    assert torch.allclose(sum(grads) / 2, ref, atol=1e-7)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from unirec.config import AdapterConfig, CandidateConfig, FieldConfig, FieldKind, TaskConfig
@@ -57,3 +59,27 @@ def test_feature_spec_round_trip(toy_features):
     assert FeatureSpec.load(path) == spec
     assert set(spec.tasks) == {"home", "related", "search", "genre"}
     assert list(spec.context) == sorted(spec.context)
+
+
+@pytest.mark.parametrize("name", ["timestamp", "label", "candidate", "request_id", "weight", "task_type"])
+def test_reserved_column_names_are_refused(name):
+    with pytest.raises(SchemaError, match=rf"task\.a\.context\.{name}: .* rename the field"):
+        unified_context({"a": _task(0, **{name: FieldKind.categorical})})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.eval_every=0", "trainer.eval_every"),
+        ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints"),
+        ("data.split.valid=0", "data.split.valid"),
+        ("trainer.best_metric=home/ndcg@5", "task.home.metrics has no 'ndcg@5'"),
+        ("trainer.best_metric=shop/auc", "'shop' is neither"),
+    ],
+)
+def test_bad_run_settings_fail_at_start_naming_the_key(override, key):
+    from unirec.config import compose
+    from unirec.train import check
+
+    with pytest.raises(ValueError, match=re.escape(key)):
+        check(compose(["debug=toy", override]))

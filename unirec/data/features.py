@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unirec.config import CandidateConfig, FieldConfig, FieldKind, TaskConfig
+from unirec.data.ids import normalise_ids
 from unirec.data.labels import CANDIDATE, LABEL, REQUEST, TASK_TYPE, WEIGHT
 from unirec.schema import FIRST_ID, OOV, SENTINEL, CandidateSpec, FeatureSpec, FieldSpec, TaskSpec
 
@@ -80,7 +81,7 @@ def fit(
     for ctype, ccfg in candidates.items():
         seen = _concat([t[CANDIDATE] for name, t in train.items() if tasks[name].candidate == ctype])
         cat = catalogues[ctype]
-        in_train = cat.filter(pc.is_in(pc.cast(cat[ccfg.key], pa.string()), value_set=pc.unique(seen)))
+        in_train = cat.filter(pc.is_in(normalise_ids(cat[ccfg.key]), value_set=pc.unique(seen)))
         id_field = None
         for fname, fcfg in ccfg.fields.items():
             is_id = fcfg.column == ccfg.key
@@ -134,7 +135,7 @@ class Featurizer:
         self._cand_cols: Dict[str, Dict[str, np.ndarray]] = {}
         for ctype, cspec in spec.candidates.items():
             cat = catalogues[ctype]
-            self._cand_rows[ctype] = pc.cast(cat[cspec.key], pa.string()).combine_chunks()
+            self._cand_rows[ctype] = normalise_ids(cat[cspec.key])
             # Row 0 is the all-sentinel row for ids missing from the catalogue.
             self._cand_cols[ctype] = {
                 f: _prepend_sentinel(
@@ -161,6 +162,10 @@ class Featurizer:
         cats = {c: pq.read_table(directory / "candidates" / f"{c}.parquet") for c in spec.candidates}
         return cls(spec, vocabs, cats)
 
+    def catalogue_ids(self, ctype: str) -> pa.Array:
+        """The catalogue's candidate ids (canonical text, see :func:`unirec.data.ids.normalise_ids`), in table order."""
+        return self._cand_rows[ctype]
+
     def context(self, table: pa.Table) -> Dict[str, pa.Array]:
         """``ctx.<field>`` and ``has.<field>`` for every unified context field (absent columns are missing)."""
         out: Dict[str, pa.Array] = {}
@@ -174,7 +179,7 @@ class Featurizer:
     def candidates(self, ctype: str, ids: pa.Array) -> Dict[str, pa.Array]:
         """``cand.<field>`` for candidates of one type, joined from the catalogue by id (text)."""
         cspec = self.spec.candidates[ctype]
-        ids = pc.cast(_as_array(ids), pa.string())
+        ids = normalise_ids(_as_array(ids))
         row = pc.fill_null(pc.add(pc.index_in(ids, value_set=self._cand_rows[ctype]), 1), 0)
         out = {f"cand.{cspec.id_field}": self._encode(self.spec.candidate_fields[cspec.id_field], ids)}
         for f, col in self._cand_cols[ctype].items():

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from unirec.config import FieldKind, LabelSource, SplitConfig, TaskConfig
+from unirec.data.ids import normalise_ids
 
 # The unified labeled columns (context fields follow, one per unified context field).
 REQUEST, TIMESTAMP, CANDIDATE, LABEL, WEIGHT, TASK_TYPE = (
@@ -33,6 +34,7 @@ SPLITS = ("train", "valid", "test")
 _TASK_SHIFT = 40
 # Earliest plausible event time (2000-01-01); earlier values are clock or parsing errors.
 MIN_TIMESTAMP = 946_684_800
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _TRUE = ("1", "true", "t", "yes", "y")
 _FALSE = ("0", "false", "f", "no", "n")
 
@@ -66,17 +68,23 @@ def clean_batch(raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array) -> Cle
     cand_txt = pc.cast(cand_raw, pa.string())
     if pa.types.is_string(cand_raw.type) and pa.types.is_integer(catalogue_ids.type):
         flag(pc.invert(pc.match_substring_regex(cand_raw, r"^\s*-?\d+\s*$")), f"bad_type:{a.candidate}")
+    for fname, column in a.context.items():
+        col = raw[column]
+        if FieldKind(task.context[fname].kind) == FieldKind.dense and not _is_number_type(col.type):
+            # A dense field logged as text: anything that does not parse as a number is a bad row.
+            parses = pc.match_substring_regex(pc.cast(col, pa.string()), _NUMBER)
+            flag(pc.and_(pc.is_valid(col), pc.invert(pc.fill_null(parses, False))), f"bad_type:{column}")
     label = _parse_label(raw[a.label]) if a.label else pa.array(np.ones(n, dtype=np.float32))
     flag(pc.is_null(label), "bad_label")
     ts = _parse_timestamp(raw[a.timestamp], a.timestamp_unit, f"{a.source}.{a.timestamp}")
     flag(pc.or_(pc.is_null(ts), pc.less(ts, MIN_TIMESTAMP)), "bad_timestamp")
-    known = pc.is_in(_normalise_ids(cand_txt, reason), value_set=pc.cast(catalogue_ids, pa.string()))
+    known = pc.is_in(normalise_ids(cand_txt), value_set=normalise_ids(catalogue_ids))
     flag(pc.invert(known), "unknown_candidate")
 
     ok = reason == None  # noqa: E711
     good = raw.filter(pa.array(ok))
     good = good.append_column("__request", pc.cast(raw[a.request], pa.string()).filter(pa.array(ok)))
-    good = good.append_column("__candidate", _normalise_ids(cand_txt, reason).filter(pa.array(ok)))
+    good = good.append_column("__candidate", normalise_ids(cand_txt).filter(pa.array(ok)))
     good = good.append_column("__label", pc.cast(label, pa.float32()).filter(pa.array(ok)))
     good = good.append_column("__ts", ts.filter(pa.array(ok)))
     return Cleaned(good, _rejects(raw, ~ok, reason))
@@ -127,7 +135,7 @@ def sample_negatives(examples: pa.Table, task: TaskConfig, catalogue_ids: pa.Arr
         return examples
     k = task.labels.negatives
     rng = np.random.default_rng([seed, task.id, 17])
-    ids = pc.cast(catalogue_ids, pa.string())
+    ids = normalise_ids(catalogue_ids)
     n_ids = len(ids)
     req = examples[REQUEST].to_numpy()
     pos_idx = pc.index_in(examples[CANDIDATE], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -203,12 +211,8 @@ def _require_columns(raw: pa.Table, task: TaskConfig) -> None:
         )
 
 
-def _normalise_ids(ids: pa.Array, reason: np.ndarray) -> pa.Array:
-    """Ids as canonical text: strip spaces and leading zeros of integers ("042" and 42 are the same item)."""
-    txt = pc.utf8_trim_whitespace(ids)
-    numeric = pc.fill_null(pc.match_substring_regex(txt, r"^-?\d+$"), False)
-    as_int = pc.cast(pc.if_else(numeric, txt, pa.scalar("0")), pa.int64())
-    return pc.if_else(numeric, pc.cast(as_int, pa.string()), txt)
+def _is_number_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 def _parse_label(col: pa.ChunkedArray) -> pa.Array:

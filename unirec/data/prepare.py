@@ -73,9 +73,12 @@ def prepare(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int, force:
         raw_dir = _raw_dir(data, tmp, seed)
         build(raw_dir, tmp, data, tasks, seed)
         (tmp / SUCCESS).write_text(key)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if (final / SUCCESS).exists() and not force:
+            log.info("another process prepared %s meanwhile; using it", final)
+        else:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

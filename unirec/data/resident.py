@@ -65,7 +65,8 @@ class ResidentStream:
         self.epoch, self._cursor = state["epoch"], state["cursor"]
         self._perm_gen_state = torch.tensor(state["perm_gen"], dtype=torch.uint8)
         self.gen.set_state(self._perm_gen_state)
-        self._perm = torch.randperm(self.n, generator=self.gen).to(self.device)
+        if self.epoch > 0:  # rebuild the current epoch's permutation; before the first, draw nothing
+            self._perm = torch.randperm(self.n, generator=self.gen).to(self.device)
 
     def _new_epoch(self) -> None:
         self._perm_gen_state = self.gen.get_state()

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from unirec.data.features import Featurizer
+from unirec.data.ids import normalise_ids
 from unirec.export import (
     MODEL_CONFIG,
     POPULARITY,
@@ -78,12 +79,7 @@ def load_artifact(path: Path) -> Artifact:
     model.eval()
     featurizer = Featurizer.load(path)
     popularity = pq.read_table(path / POPULARITY)
-    catalogues = {
-        c: pc.cast(
-            pq.read_table(path / "candidates" / f"{c}.parquet", columns=[s.key])[s.key], pa.string()
-        ).combine_chunks()
-        for c, s in spec.candidates.items()
-    }
+    catalogues = {c: featurizer.catalogue_ids(c) for c in spec.candidates}
     return Artifact(path, manifest["version"], manifest, spec, featurizer, model, popularity, catalogues)
 
 
@@ -209,7 +205,7 @@ class Scorer:
     def _candidate_vectors(self, ctype: str, ids: pa.Array) -> torch.Tensor:
         if ctype not in self._vectors:
             return self.model.encode_candidates(self._candidate_tensors(ctype, ids))
-        row = pc.index_in(ids, value_set=self._catalogue[ctype])
+        row = pc.index_in(normalise_ids(ids), value_set=self._catalogue[ctype])
         if row.null_count == 0:
             return self._vectors[ctype][torch.from_numpy(row.to_numpy().astype(np.int64))]
         known = np.asarray(pc.is_valid(row))
