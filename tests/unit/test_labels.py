@@ -76,11 +76,16 @@ def test_every_good_row_arrives(dirty):
 
 def test_time_split_has_no_leakage(dirty):
     _, out, _, _ = dirty
-    for task in ("home", "related", "search", "genre"):
-        t = {s: pq.read_table(out / "labeled" / f"split={s}" / f"task={task}") for s in SPLITS}
-        assert t["train"][TIMESTAMP].to_numpy().max() <= t["valid"][TIMESTAMP].to_numpy().min()
-        assert t["valid"][TIMESTAMP].to_numpy().max() <= t["test"][TIMESTAMP].to_numpy().min()
-        ids = [set(t[s][REQUEST].to_pylist()) for s in SPLITS]
+    tasks = ("home", "related", "search", "genre")
+    t = {(s, k): pq.read_table(out / "labeled" / f"split={s}" / f"task={k}") for s in SPLITS for k in tasks}
+    # One pair of cut-offs for every task: no task trains on another task's validation or test period.
+    last_train = max(t["train", k][TIMESTAMP].to_numpy().max() for k in tasks)
+    first_valid = min(t["valid", k][TIMESTAMP].to_numpy().min() for k in tasks)
+    last_valid = max(t["valid", k][TIMESTAMP].to_numpy().max() for k in tasks)
+    first_test = min(t["test", k][TIMESTAMP].to_numpy().min() for k in tasks)
+    assert last_train < first_valid and last_valid < first_test
+    for k in tasks:
+        ids = [set(t[s, k][REQUEST].to_pylist()) for s in SPLITS]
         assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
 
 

@@ -11,7 +11,7 @@ Every rejected row keeps its raw values (as text) and gets a ``reason``; nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -157,16 +157,29 @@ def sample_negatives(examples: pa.Table, task: TaskConfig, catalogue_ids: pa.Arr
     return pa.concat_tables([examples, neg]).sort_by([(REQUEST, "ascending")])
 
 
-def split_by_time(examples: pa.Table, split: SplitConfig) -> Dict[str, pa.Table]:
-    """Time-based split by request time: the latest ``test`` share of requests is test, the ``valid`` before it."""
+def time_cutoffs(examples: Sequence[pa.Table], split: SplitConfig) -> Tuple[int, int]:
+    """Valid and test start times: quantiles of every task's request times together.
+
+    One pair of cut-offs for all tasks, not one per task: with a shared trunk, one task's training rows
+    must not come from another task's validation period.
+    """
+    times = [_request_times(t)[1] for t in examples if t.num_rows]
+    if not times:
+        raise ValueError("no labeled examples in any task: check the adapters and the raw logs")
+    ts = np.concatenate(times)
+    t_valid = int(np.quantile(ts, 1.0 - split.valid - split.test, method="lower"))
+    t_test = int(np.quantile(ts, 1.0 - split.test, method="lower"))
+    return t_valid, t_test
+
+
+def split_by_time(examples: pa.Table, cutoffs: Tuple[int, int]) -> Dict[str, pa.Table]:
+    """Train before ``cutoffs[0]``, valid until ``cutoffs[1]``, test after, by each request's first event
+    (so no request straddles two splits)."""
     if examples.num_rows == 0:
         return {s: examples for s in SPLITS}
-    req_ts = examples.group_by(REQUEST, use_threads=False).aggregate([(TIMESTAMP, "min")])
-    ts = req_ts[f"{TIMESTAMP}_min"].to_numpy()
-    t_valid = np.quantile(ts, 1.0 - split.valid - split.test, method="lower")
-    t_test = np.quantile(ts, 1.0 - split.test, method="lower")
-    # A request's split follows its first event, so no request straddles two splits.
-    row_ts = _request_time(examples, req_ts)
+    req_ids, req_ts = _request_times(examples)
+    row_ts = req_ts[pc.index_in(examples[REQUEST], value_set=req_ids).to_numpy()]
+    t_valid, t_test = cutoffs
     masks = {
         "train": row_ts < t_valid,
         "valid": (row_ts >= t_valid) & (row_ts < t_test),
@@ -196,9 +209,10 @@ def count_reasons(rejects: pa.Table) -> Dict[str, int]:
     return dict(sorted(zip(counts["reason"].to_pylist(), counts["reason_count"].to_pylist())))
 
 
-def _request_time(examples: pa.Table, req_ts: pa.Table):
-    idx = pc.index_in(examples[REQUEST], value_set=req_ts[REQUEST]).to_numpy()
-    return req_ts[f"{TIMESTAMP}_min"].to_numpy()[idx]
+def _request_times(examples: pa.Table) -> Tuple[pa.Array, np.ndarray]:
+    """Each request id and the time of its first event."""
+    req = examples.group_by(REQUEST, use_threads=False).aggregate([(TIMESTAMP, "min")])
+    return req[REQUEST], req[f"{TIMESTAMP}_min"].to_numpy()
 
 
 def _require_columns(raw: pa.Table, task: TaskConfig) -> None:
@@ -272,20 +286,13 @@ def _rejects(raw: pa.Table, bad: np.ndarray, reason: np.ndarray) -> pa.Table:
     return pa.table({"reason": pa.array(reason[bad], pa.string()), "row": row})
 
 
-def labeled_tables(
-    raw: pa.Table,
-    task: TaskConfig,
-    catalogue_ids: pa.Array,
-    ctx_kinds: Mapping[str, FieldKind],
-    split: SplitConfig,
-    seed: int,
-) -> Tuple[Dict[str, pa.Table], pa.Table]:
-    """All of a canvas's label preparation: clean, dedupe, map, sample negatives, split, downsample train."""
-    raw_columns = list(raw.column_names)
+def labeled_examples(
+    raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, ctx_kinds: Mapping[str, FieldKind], seed: int
+) -> Tuple[pa.Table, pa.Table]:
+    """A canvas's label preparation up to the split: clean, dedupe, map, sample negatives -> (examples, rejects)."""
     cleaned = clean_batch(raw, task, catalogue_ids)
     if task.adapter.drop_duplicates:
-        cleaned = drop_duplicates(cleaned, raw_columns)
-    examples = sample_negatives(to_examples(cleaned.good, task, ctx_kinds), task, catalogue_ids, seed)
-    splits = split_by_time(examples, split)
-    splits["train"] = downsample(splits["train"], task, seed)
-    return splits, cleaned.rejects
+        cleaned = drop_duplicates(cleaned, list(raw.column_names))
+    return sample_negatives(
+        to_examples(cleaned.good, task, ctx_kinds), task, catalogue_ids, seed
+    ), cleaned.rejects

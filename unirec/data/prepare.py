@@ -38,7 +38,7 @@ from unirec.schema import unified_context, validate_tasks
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 # Part of the cache key: bump when label or feature preparation changes what it writes.
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 
 
 def cache_root(data: DataConfig) -> Path:
@@ -90,22 +90,27 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
     ctx_fields = unified_context(tasks)
     kinds = {k: FieldKind(v.kind) for k, v in ctx_fields.items()}
     catalogues = {c: read_raw(_resolve(raw_dir, cfg.table)) for c, cfg in data.candidates.items()}
-    splits: Dict[str, Dict[str, pa.Table]] = {s: {} for s in labels.SPLITS}
+    examples: Dict[str, pa.Table] = {}
     reject_counts: Dict[str, Dict[str, int]] = {}
     for name, task in sorted(tasks.items()):
-        ccfg = data.candidates[task.candidate]
-        cat_ids = catalogues[task.candidate][ccfg.key].combine_chunks()
+        cat_ids = catalogues[task.candidate][data.candidates[task.candidate].key].combine_chunks()
         raw = read_raw(_resolve(raw_dir, task.adapter.source))
-        by_split, rejects = labels.labeled_tables(raw, task, cat_ids, kinds, data.split, seed)
+        examples[name], rejects = labels.labeled_examples(raw, task, cat_ids, kinds, seed)
         reject_counts[name] = labels.count_reasons(rejects)
         _write(rejects, out / "rejects" / f"task={name}" / "part-00000.parquet")
+        print(
+            f"labels  {name:<10} raw={raw.num_rows:>11,} rejected={rejects.num_rows:>9,}  {reject_counts[name]}"
+        )
+    cutoffs = labels.time_cutoffs(list(examples.values()), data.split)
+    splits: Dict[str, Dict[str, pa.Table]] = {s: {} for s in labels.SPLITS}
+    for name, task in sorted(tasks.items()):
+        by_split = labels.split_by_time(examples.pop(name), cutoffs)
+        by_split["train"] = labels.downsample(by_split["train"], task, seed)
+        _check_split_sizes(name, by_split, cutoffs)
         for s, t in by_split.items():
             splits[s][name] = t
             _write(t, out / "labeled" / f"split={s}" / f"task={name}" / "part-00000.parquet")
-        sizes = {s: by_split[s].num_rows for s in labels.SPLITS}
-        print(
-            f"labels  {name:<10} raw={raw.num_rows:>9,} rejected={rejects.num_rows:>7,} {sizes}  {reject_counts[name]}"
-        )
+        print(f"split   {name:<10} " + " ".join(f"{s}={t.num_rows:,}" for s, t in by_split.items()))
     (out / "rejects.json").write_text(json.dumps(reject_counts, indent=2, sort_keys=True))
 
     spec, vocabs = fit(splits["train"], tasks, ctx_fields, data.candidates, catalogues)
@@ -121,6 +126,15 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
             _write_shards(t, feat / s / name, data.rows_per_file, featurizer.examples)
     _write(popularity(splits["train"], featurizer), feat / "popularity.parquet")
     return reject_counts
+
+
+def _check_split_sizes(name: str, by_split: Mapping[str, pa.Table], cutoffs) -> None:
+    empty = [s for s, t in by_split.items() if t.num_rows == 0]
+    if empty:
+        raise ValueError(
+            f"task {name} has no {'/'.join(empty)} examples with the shared time cut-offs {cutoffs} (epoch s): "
+            f"its logs do not span the data set's period; adjust data.split or the task's logs"
+        )
 
 
 def popularity(train: Mapping[str, pa.Table], featurizer: Featurizer) -> pa.Table:
