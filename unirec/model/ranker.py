@@ -101,6 +101,10 @@ class MultiTaskRanker(nn.Module):
 
     def score_candidates(self, c: torch.Tensor, candidate: Dict[str, torch.Tensor], task_type: torch.Tensor):
         """One request's context vector [1, H] against N candidates -> [N] logits of that request's task."""
-        v = self.encode_candidates(candidate)
+        return self.score_vectors(c, self.encode_candidates(candidate), task_type)
+
+    def score_vectors(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
+        """One request's context vector [1, H] against N encoded candidates [N, H] (e.g. a catalogue
+        encoded once) -> [N] logits of that request's task."""
         logits = self.interact(c.expand(v.shape[0], -1), v)
         return logits[:, self.head_index(task_type)[0]]
