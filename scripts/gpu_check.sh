@@ -38,4 +38,8 @@ m = json.load(open(sys.argv[1]))
 print(f"training: {m['samples_per_s']:,.0f} samples/s over {m['steps']} steps, peak RSS {m['peak_rss_mb']} MB")
 PY
 python scripts/bench_train.py "${bench_args[@]}" trainer.device="$device" data.cache_dir="$cache"
+# The device-resident data path (and torch.compile on the GPU): the end-to-end figure to set beside the above.
+extra=(); [[ "$device" == cuda ]] && extra=(trainer.compile=true)
+python scripts/bench_train.py "${bench_args[@]}" trainer.device="$device" data.cache_dir="$cache" \
+  loader.resident=true "${extra[@]}"
 echo "gpu_check done: outputs in $out"
