@@ -9,6 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from unirec.data.movielens import MovieLensConfig
 from unirec.data.synthetic_config import SyntheticConfig
 
 
@@ -141,6 +142,8 @@ class DataConfig:
     raw_dir: Optional[str] = None
     """Raw logs for name=raw; ignored for synthetic (generated into the cache)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
+    """How the MovieLens-100K canvases are derived (data=movielens)."""
     split: SplitConfig = field(default_factory=SplitConfig)
     candidates: Dict[str, CandidateConfig] = field(default_factory=dict)
     rows_per_file: int = 262_144

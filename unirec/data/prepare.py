@@ -2,7 +2,7 @@
 
 Layout of a prepared data set (one directory, keyed by a hash of everything that shapes it)::
 
-    raw/                 generated logs (synthetic data only)
+    raw/                 generated or derived logs (synthetic and movielens data only)
     labeled/split=<s>/task=<t>/part-00000.parquet
     rejects/task=<t>/part-00000.parquet  +  rejects.json  (counts per task and reason)
     features/feature_spec.json, vocab/, candidates/<type>.parquet, popularity.parquet,
@@ -170,6 +170,21 @@ def _raw_dir(data: DataConfig, tmp: Path, seed: int) -> Path:
         summary = generate(data.synthetic, tmp / "raw")
         print(
             f"synthetic canvases: {summary['items']} items, {summary['users']} users, "
+            + ", ".join(f"{k}={v['rows']:,} rows" for k, v in summary["canvases"].items())
+        )
+        return tmp / "raw"
+    if data.name == "movielens":
+        # data.raw_dir holds MovieLens-100K (either layout); the canvas logs are derived into the cache.
+        from unirec.data.movielens import derive, load
+
+        if not data.raw_dir:
+            raise ValueError(
+                "data=movielens needs data.raw_dir: a MovieLens-100K directory (GroupLens or RecBole "
+                "layout), e.g. from `python scripts/fetch_movielens.py DIR`"
+            )
+        summary = derive(load(data.raw_dir), tmp / "raw", seed, data.movielens)
+        print(
+            f"movielens canvases: {summary['items']} items, {summary['users']} users, "
             + ", ".join(f"{k}={v['rows']:,} rows" for k, v in summary["canvases"].items())
         )
         return tmp / "raw"
