@@ -30,8 +30,28 @@ def serve(cfg: ServeConfig) -> None:
     torch.set_num_threads(cfg.server.torch_threads)
     app = create_app(cfg)
     uvicorn.run(
-        app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level, access_log=False
+        app,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        log_level=cfg.server.log_level,
+        access_log=False,
+        **fast_protocols(),
     )
+
+
+def fast_protocols() -> dict:
+    """uvicorn's C HTTP parser and event loop (the ``serve`` extra) where installed, else its pure-Python ones.
+
+    Named here rather than left to uvicorn's "auto". Measured on the 2-core box at 1000 candidates (~7 kB in,
+    ~55 kB out), they save about 0.1 ms a request over h11 + asyncio: the HTTP layer is not the big cost.
+    """
+    import importlib.util
+
+    has = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    return {
+        "http": "httptools" if has("httptools") else "h11",
+        "loop": "uvloop" if has("uvloop") else "asyncio",
+    }
 
 
 @hydra.main(config_path=conf_dir(), config_name="serve", version_base=None)

@@ -6,15 +6,18 @@ context field with its kind and an unknown field is a 422 that names it (``extra
 
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional, Type, Union
+from typing import Annotated, Dict, List, Literal, Optional, Type, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 
 from unirec.schema import FeatureSpec
 from unirec.serve.config import Fallback
 
+# An integer every JSON client reads exactly (I-JSON, RFC 7493: |n| < 2**53); larger ids go as strings.
+# Unbounded, a huge id would pass validation and then fail to be written back (orjson: 64 bits at most).
+JsonInt = Annotated[StrictInt, Field(ge=-(2**53 - 1), le=2**53 - 1)]
 # An id as callers send it; answered back exactly as given.
-CandidateId = Union[StrictStr, StrictInt]
+CandidateId = Union[StrictStr, JsonInt]
 MAX_TEXT = 1000
 MAX_TIMEOUT_MS = 60_000.0
 
@@ -84,7 +87,7 @@ def context_model(spec: FeatureSpec) -> Type[BaseModel]:
         elif f.kind == "tokens":
             fields[name] = (Optional[StrictStr], Field(None, max_length=MAX_TEXT))
         else:
-            fields[name] = (Optional[Union[StrictStr, StrictInt]], Field(None))
+            fields[name] = (Optional[Union[StrictStr, JsonInt]], Field(None))
     return create_model("Context", __config__=ConfigDict(extra="forbid"), **fields)
 
 

@@ -21,7 +21,8 @@ from typing import Dict, Optional
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
 
 from unirec.serve.api import ErrorResponse, RankResponse, rank_request_model
 from unirec.serve.config import ServeConfig, check
@@ -66,7 +67,8 @@ def create_app(cfg: ServeConfig, holder: Optional[ModelHolder] = None) -> FastAP
     app.state.holder, app.state.metrics, app.state.environments = holder, metrics, envs
     app.add_middleware(BodyLimit, max_bytes=cfg.server.max_body_bytes, on_reject=_rejected(metrics))
     app.add_exception_handler(RequestValidationError, _invalid(metrics))
-    errors = {c: {"model": ErrorResponse} for c in (413, 422, 503, 504)}
+    app.add_exception_handler(HTTPException, _http_error(metrics))
+    errors = {c: {"model": ErrorResponse} for c in (400, 413, 422, 503, 504)}
 
     @app.post("/v1/rank", response_model=RankResponse, responses=errors)
     async def rank(body: RankRequest) -> Response:  # type: ignore[valid-type]
@@ -170,17 +172,51 @@ def _error(
 def _invalid(metrics: ServeMetrics):
     async def handler(request: Request, exc: RequestValidationError) -> Response:
         errs = exc.errors()
-        detail = [{"field": _field(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errs[:20]]
-        first = detail[0] if detail else {"field": None, "msg": "invalid request"}
+        body = getattr(exc, "body", None)
+        detail = [{"field": _field(e, body), "msg": e["msg"], "type": e["type"]} for e in errs[:20]]
+        first = detail[0] if detail else {"field": "body", "msg": "invalid request"}
         metrics.requests.labels(UNKNOWN_ENV, "422").inc()
         return _error(422, f"{first['field']}: {first['msg']}", first["field"], detail=detail)
 
     return handler
 
 
-def _field(loc) -> str:
-    """pydantic's error location without the 'body' prefix and union branch names: context.colour."""
-    parts = [str(p) for p in loc if p != "body" and not str(p).endswith("Candidates")]
+def _http_error(metrics: ServeMetrics):
+    """Errors raised by the framework itself, in the same body as ours: a body that is not UTF-8 JSON is
+    FastAPI's 400 (``field="body"``), an unknown path 404 (``field="path"``), a wrong method 405."""
+    fields = {400: "body", 404: "path", 405: "method"}
+
+    async def handler(request: Request, exc: HTTPException) -> Response:
+        if request.url.path == "/v1/rank":
+            metrics.requests.labels(UNKNOWN_ENV, str(exc.status_code)).inc()
+        field = fields.get(exc.status_code)
+        message = f"{field}: {exc.detail}" if field else str(exc.detail)
+        return _error(exc.status_code, message, field, headers=getattr(exc, "headers", None))
+
+    return handler
+
+
+def _field(error, body) -> str:
+    """The input an error is about, as a dotted path into the body: ``context.colour``, ``candidates.ids.3``.
+
+    pydantic's location also names union branches (``ExplicitCandidates``, and ``str``/``int`` after a
+    scalar that is neither); following the location through the body as sent leaves them out.
+    """
+    if error.get("type") == "json_invalid":
+        return "body"
+    parts, node = [], body
+    for p in error["loc"]:
+        if p == "body" or (isinstance(p, str) and p.endswith("Candidates")):
+            continue
+        if parts and not isinstance(node, (dict, list)):
+            break  # past a scalar (or a missing field): the rest names union branches, not input
+        parts.append(str(p))
+        if isinstance(node, dict):
+            node = node.get(p)
+        elif isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node):
+            node = node[p]
+        else:
+            node = None
     return ".".join(parts) or "body"
 
 
@@ -239,7 +275,7 @@ def _add_status_routes(app: FastAPI, cfg: ServeConfig, holder: ModelHolder, metr
             "refused_versions": dict(holder.refused),
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

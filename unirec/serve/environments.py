@@ -108,22 +108,25 @@ class Environment:
         top_k = req.top_k or self.cfg.default_top_k
         if not ids:
             return Answer([], ctype, [], ignored=ignored)
-        key = (
-            scorer.version,
-            task,
-            tuple(sorted((k, str(v)) for k, v in context.items())),
-            tuple(map(str, ids)),
-        )
-        scores = self.cache.get(key)
+        key = None
+        if self.cache.size > 0:  # the key costs a pass over the ids: only where there is a cache
+            key = (
+                scorer.version,
+                task,
+                tuple(sorted((k, str(v)) for k, v in context.items())),
+                tuple(map(str, ids)),
+            )
+        scores = None if key is None else self.cache.get(key)
         cached = scores is not None
         reason, detail = None, None
         if not cached:
             scores, reason, detail = await self._score(scorer, task, context, ids, req.timeout_ms)
-            if reason is None:
+            if reason is None and key is not None:
                 self.cache.put(key, scores)
         if reason is None:
             order = np.argsort(-scores, kind="stable")[:top_k]
-            return Answer([ids[i] for i in order], ctype, scores[order].tolist(), cached, ignored)
+            # Python ints index the list several times faster than numpy scalars do
+            return Answer([ids[i] for i in order.tolist()], ctype, scores[order].tolist(), cached, ignored)
         fallback = req.fallback or self.cfg.fallback
         answer = self.fallback(scorer, task, ids, ctype, fallback, top_k)
         answer.ignored, answer.reason, answer.fallback, answer.detail = ignored, reason, fallback, detail
@@ -158,7 +161,7 @@ class Environment:
         if how == Fallback.popularity:
             share = scorer.popularity(task, ids)
             order = np.argsort(-share, kind="stable")[:top_k]
-            return Answer([ids[i] for i in order], ctype, share[order].tolist())
+            return Answer([ids[i] for i in order.tolist()], ctype, share[order].tolist())
         if how == Fallback.given_order:
             return Answer(list(ids[:top_k]), ctype, [None] * min(top_k, len(ids)))
         return Answer([], ctype, [])
