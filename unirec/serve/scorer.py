@@ -189,7 +189,7 @@ class Scorer:
         with torch.inference_mode():
             c = self.model.encode_context(ctx, present, task_type)
             v = self._candidate_vectors(ctype, pa.array([str(i) for i in ids], pa.string()))
-            logits = self.model.interact(c.expand(v.shape[0], -1), v)[:, self.model.head_index(task_type)[0]]
+            logits = self.model.score_vectors(c, v, task_type)
         return torch.sigmoid(logits.double()).numpy()
 
     def popular(self, task: str, limit: int) -> list:
