@@ -6,7 +6,7 @@ from typing import Dict, List
 
 import torch
 
-Scores = Dict[str, Dict[str, float]]
+from unirec.evaluate import Scores
 
 
 class TaskLossLog:
