@@ -56,24 +56,24 @@ def model_scorer(
 def popularity_scorer(features: Path, spec: FeatureSpec, seed: int = 0) -> Callable[[Batch], torch.Tensor]:
     """Batch -> train engagement count of each candidate within its task (a tiny seeded jitter breaks ties,
     so shard order can never leak into the ranking)."""
-    pop = pq.read_table(Path(features) / "popularity.parquet").to_pydict()
-    tables: Dict[int, np.ndarray] = {}
+    pop = pq.read_table(Path(features) / "popularity.parquet")
+    names = pop["task"].to_numpy(zero_copy_only=False)
+    index, count = pop["index"].to_numpy().astype(np.int64), pop["count"].to_numpy().astype(np.float64)
+    # task_type id -> (candidate id field, engagement count per id index), built once
+    tables: Dict[int, tuple] = {}
     for task, t in spec.tasks.items():
         id_field = spec.candidates[t.candidate].id_field
         counts = np.zeros(spec.candidate_fields[id_field].size, dtype=np.float64)
-        rows = [i for i, name in enumerate(pop["task"]) if name == task]
-        counts[np.asarray(pop["index"], dtype=np.int64)[rows]] = np.asarray(pop["count"], dtype=np.float64)[
-            rows
-        ]
-        tables[t.id] = counts
+        mine = names == task
+        counts[index[mine]] = count[mine]
+        tables[t.id] = (id_field, counts)
     rng = np.random.default_rng(seed)
 
     def score(batch: Batch) -> torch.Tensor:
         tt = batch.task_type.numpy()
         out = np.empty(len(tt), dtype=np.float64)
-        for type_id, counts in tables.items():
+        for type_id, (id_field, counts) in tables.items():
             rows = tt == type_id
-            id_field = spec.candidates[spec.tasks[spec.task_names_by_id()[type_id]].candidate].id_field
             out[rows] = counts[batch.candidate[id_field].numpy()[rows]]
         return torch.from_numpy(out + rng.uniform(0, 1e-3, size=len(out)))
 
