@@ -168,10 +168,7 @@ def _raw_dir(data: DataConfig, tmp: Path, seed: int) -> Path:
         from unirec.data.synthetic import generate
 
         summary = generate(data.synthetic, tmp / "raw")
-        print(
-            f"synthetic canvases: {summary['items']} items, {summary['users']} users, "
-            + ", ".join(f"{k}={v['rows']:,} rows" for k, v in summary["canvases"].items())
-        )
+        _print_summary("synthetic", summary)
         return tmp / "raw"
     if data.name == "movielens":
         # data.raw_dir holds MovieLens-100K (either layout); the canvas logs are derived into the cache.
@@ -183,14 +180,16 @@ def _raw_dir(data: DataConfig, tmp: Path, seed: int) -> Path:
                 "layout), e.g. from `python scripts/fetch_movielens.py DIR`"
             )
         summary = derive(load(data.raw_dir), tmp / "raw", seed, data.movielens)
-        print(
-            f"movielens canvases: {summary['items']} items, {summary['users']} users, "
-            + ", ".join(f"{k}={v['rows']:,} rows" for k, v in summary["canvases"].items())
-        )
+        _print_summary("movielens", summary)
         return tmp / "raw"
     if not data.raw_dir:
         raise ValueError(f"data.name={data.name!r} needs data.raw_dir: the directory of the raw canvas logs")
     return Path(data.raw_dir).expanduser()
+
+
+def _print_summary(name: str, summary: Dict) -> None:
+    rows = ", ".join(f"{k}={v['rows']:,} rows" for k, v in summary["canvases"].items())
+    print(f"{name} canvases: {summary['items']} items, {summary['users']} users, {rows}")
 
 
 def _resolve(raw_dir: Path, source: str) -> Path:
