@@ -62,7 +62,7 @@ def export(run_dir: Path, registry: Path, which: str = "latest") -> Path:
     The weights are loaded into a freshly built model before publishing, so a published version always loads.
     """
     run_dir = Path(run_dir)
-    ckpt = _checkpoint_dir(run_dir, which)
+    ckpt = checkpoint_dir(run_dir, which)
     metrics = _read_json(run_dir / METRICS)
     if "features" not in metrics:
         raise ArtifactError(f"{run_dir / METRICS} has no 'features' key naming the features directory")
@@ -196,7 +196,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _checkpoint_dir(run_dir: Path, which: str) -> Path:
+def checkpoint_dir(run_dir: Path, which: str) -> Path:
     ckpts = run_dir / "checkpoints"
     if which == "latest":
         path = checkpoint.latest(ckpts)

@@ -60,11 +60,11 @@ def write_hparams(writer, hparams_: Dict[str, object], valid: Scores, step: int)
         writer.add_scalar(name, value, step)
 
 
-def format_table(model: Scores, baseline: Scores) -> str:
-    """Per-task valid metrics, the model beside the popularity baseline."""
-    names = sorted({m for ms in model.values() for m in ms})
+def format_table(model: Scores, baseline: Scores, title: str = "valid metrics") -> str:
+    """Per-task metrics, the model beside the popularity baseline."""
+    names = sorted({m for ms in model.values() for m, v in ms.items() if isinstance(v, float)})
     head = f"{'task':<10}" + "".join(f"{n:>22}" for n in names)
-    lines = ["valid metrics: model (popularity)", head, "-" * len(head)]
+    lines = [f"{title}: model (popularity)", head, "-" * len(head)]
     for task in model:
         cells = "".join(f"{model[task][n]:>13.4f} ({baseline[task][n]:.4f})" for n in names)
         lines.append(f"{task:<10}{cells}")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_train
+from tests.conftest import ROOT, run_train
 from tests.unit.test_movielens import write_grouplens
 from unirec.config import compose
 from unirec.data import labels
@@ -108,6 +111,42 @@ def test_train_on_movielens_end_to_end(source, tmp_path):
     for task in TASKS:
         assert 0.0 <= metrics["valid"][task]["auc"] <= 1.0
     assert "movielens canvases:" in proc.stdout
+
+    # python -m unirec.evaluate on the run, then on its exported artifact: the same figures
+    out = tmp_path / "eval.json"
+    ev = _module(["unirec.evaluate", str(tmp_path / "run"), "--split", "test", "--out", str(out)], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["protocols"]) == {"full", "sampled"}
+    for who in ("model", "popularity"):
+        for task in TASKS:
+            full = res["protocols"]["full"][who][task]
+            assert full["requests"] > 0 and 0.0 <= full["ndcg@10"] <= full["recall@10"] <= 1.0
+            assert 0.0 < full["mrr"] <= 1.0
+            assert 0.0 <= res["protocols"]["sampled"][who][task]["ndcg@10"] <= 1.0
+    # the held-out event of every user is one request per task, full ranking included
+    assert res["protocols"]["full"]["model"]["home"]["requests"] == 60
+    art = _module(
+        ["unirec.export", str(tmp_path / "run"), "--registry", str(tmp_path / "reg"), "--checkpoint", "best"],
+        tmp_path,
+    )
+    assert art.returncode == 0, art.stderr[-3000:]
+    out2 = tmp_path / "eval-artifact.json"
+    ev2 = _module(
+        ["unirec.evaluate", str(tmp_path / "reg" / "v000001"), "--protocol", "full", "--out", str(out2)],
+        tmp_path,
+    )
+    assert ev2.returncode == 0, ev2.stderr[-3000:]
+    assert json.loads(out2.read_text())["protocols"]["full"] == res["protocols"]["full"]
+    bad = _module(["unirec.evaluate", str(tmp_path / "nowhere")], tmp_path)
+    assert bad.returncode == 2 and "nowhere" in bad.stderr
+
+
+def _module(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_movielens_needs_raw_dir(tmp_path):

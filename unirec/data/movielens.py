@@ -35,8 +35,10 @@ The canvas derivation (:func:`derive`), fixed and seeded; ``seed`` is the run's 
    training are its HR@10 / NDCG@10 when ``eval_negatives`` is 100.
 
 Output directory: ``items.parquet`` (``item_id, title, genres, year``), ``users.parquet``,
-``<canvas>/part-00000.parquet`` per canvas with its own columns (see :data:`CANVAS_COLUMNS`), and
-``derivation.json`` (the settings and counts). ``python -m unirec.data.movielens SRC OUT`` writes it.
+``<canvas>/part-00000.parquet`` per canvas with its own columns (see :data:`CANVAS_COLUMNS`),
+``interactions.parquet`` (``user_id, item_id, timestamp, split`` of every event: the interaction history
+that full-ranking evaluation removes from a user's ranking) and ``derivation.json`` (the settings and
+counts). ``python -m unirec.data.movielens SRC OUT`` writes it.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ CANVAS_COLUMNS = {
     "genre": ("request_id", "user_id", "genre"),
 }
 """Each canvas log's context columns; every log also has ``item_id, label, timestamp, split``."""
+INTERACTIONS = "interactions.parquet"
+"""Every event of the derivation with its split; see :func:`unirec.evaluate.seen_items`."""
 AGE_BUCKETS = ((18, "under18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
 """(upper bound exclusive, name); 56 and older is ``56+`` (the MovieLens-1M buckets)."""
 _NO_TITLE = ("unknown", "unkonwn")  # item 267 in GroupLens / RecBole
@@ -362,6 +366,10 @@ def derive(ml: MovieLens, out, seed: int, cfg: Optional[MovieLensConfig] = None)
         out / "items.parquet",
     )
     _write(ml.users, out / "users.parquet")
+    # Every event with its split: the full-ranking protocol removes a user's train items from the ranking,
+    # including those of the related canvas, whose requests carry no user.
+    history = {"user_id": ev["user"], "item_id": ev["item"], "timestamp": ev["ts"]}
+    _write(pa.table({**history, "split": pa.array(ev["split"], pa.string())}), out / INTERACTIONS)
     summary.update(users=int(len(users_sorted)), items=int(n_items), events=int(n_ev))
     (out / "derivation.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary

@@ -38,7 +38,7 @@ from unirec.schema import unified_context, validate_tasks
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 # Part of the cache key: bump when label or feature preparation changes what it writes.
-PREPARE_VERSION = 3
+PREPARE_VERSION = 4
 
 
 def cache_root(data: DataConfig) -> Path:

@@ -106,5 +106,15 @@ class MultiTaskRanker(nn.Module):
     def score_vectors(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
         """One request's context vector [1, H] against N encoded candidates [N, H] (e.g. a catalogue
         encoded once) -> [N] logits of that request's task."""
-        logits = self.interact(c.expand(v.shape[0], -1), v)
-        return logits[:, self.head_index(task_type)[0]]
+        return self.score_matrix(c, v, task_type)[0]
+
+    def score_matrix(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
+        """R requests' context vectors [R, H] against the same N encoded candidates [N, H] -> [R, N] logits,
+        each row from its own request's task head (task_type [R]); full-catalogue ranking uses this."""
+        r, n = c.shape[0], v.shape[0]
+        if r == 1:  # the serving path: a broadcast view, no copies
+            logits = self.interact(c.expand(n, -1), v).view(1, n, -1)
+        else:
+            logits = self.interact(c.repeat_interleave(n, dim=0), v.repeat(r, 1)).view(r, n, -1)
+        head = self.head_index(task_type).view(r, 1, 1).expand(r, n, 1)
+        return logits.gather(2, head).squeeze(2)

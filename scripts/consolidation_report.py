@@ -1,0 +1,566 @@
+"""The consolidation report: one unified model against four bespoke models, task by task, and their footprint.
+
+For each suite (MovieLens-100K, and the synthetic canvases at relatedness 1.0 and 0.0):
+
+1. **Equal tuning.** Every grid point (learning rate x model size) trains the unified model (all tasks) and
+   one bespoke model per task (``task=[<that task>]``: the same code, one task's data, its own vocabulary)
+   with seed 0. Each run trains the same number of epochs over its own data and keeps the checkpoint with
+   the best validation NDCG@10 (sampled protocol, checked every epoch), so training length is tuned alike.
+   The unified model picks the grid point with the best mean validation score over tasks; each bespoke
+   model picks its own best grid point for its task. The validation score is the suite's headline
+   protocol: full ranking for MovieLens, the logged impressions for the synthetic canvases.
+2. **Seeds.** The chosen configurations train again with the other seeds: the seed draws the weights and
+   the batch order, and for MovieLens also the canvas assignment, contexts and negatives of the derivation
+   (the synthetic data stay those of ``data.synthetic.seed``). Unified and bespoke runs of one seed always
+   share their data.
+3. **Test.** Every chosen run is evaluated on the test split, both protocols for MovieLens (full ranking,
+   and the positive plus 100 sampled negatives), the logged impressions for the synthetic canvases, with
+   the popularity baseline of the same data.
+4. **Footprint.** Parameters, training wall time, artifact bytes (``python -m unirec.export`` of the
+   chosen checkpoint) and serving memory (peak RSS of a process that loads and warms the artifact, as
+   ``unirec.serve`` does): one unified model against the sum of the bespoke ones.
+
+Writes ``<out>/<suite>/consolidation.md``, ``consolidation.json`` and ``consolidation.png``.
+
+Usage::
+
+    python scripts/fetch_movielens.py data/ml-100k
+    python scripts/consolidation_report.py --raw-dir data/ml-100k          # every suite, ~30 min on 2 cores
+    python scripts/consolidation_report.py --suites ml100k --raw-dir data/ml-100k
+
+Finished runs are reused (``--work``, default ``runs/consolidation``), so an interrupted report resumes;
+``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+SIZES = {"S": {"embedding_dim": 16, "hidden_dim": 32}, "M": {"embedding_dim": 32, "hidden_dim": 64}}
+"""Model sizes of the sweep (the core default is embedding 16, hidden 64)."""
+ML_TASKS = ("home", "related", "search", "genre")
+
+
+@dataclass
+class Suite:
+    name: str
+    title: str
+    overrides: List[str]
+    tasks: Dict[str, str]
+    """Task name -> its config entry for ``task=[...]``."""
+    headline: str
+    """Protocol that selects and that the acceptance reads: ``full`` or ``sampled``."""
+    protocols: Tuple[str, ...]
+    epochs: int
+    notes: List[str] = field(default_factory=list)
+
+
+def suites(args) -> Dict[str, Suite]:
+    raw = str(Path(args.raw_dir).resolve()) if args.raw_dir else None
+    syn = [f"data.synthetic.{k}={v}" for k, v in SYNTHETIC_SIZE[args.quick].items()]
+    cache = [f"data.cache_dir={Path(args.cache_dir).resolve()}"] if args.cache_dir else []
+    common = [f"loader.batch_size={args.batch_size}", *cache]
+    ml_notes = [
+        "Data: MovieLens-100K, the documented canvas derivation (README, `unirec/data/movielens.py`): "
+        "leave-last-out per user; every valid/test event is one request on each of the four canvases.",
+        "Full ranking: the positive against all 1,682 items, minus the user's train items when the "
+        "request has a user (home, search, genre; `related` requests carry no user). "
+        "Sampled: the positive plus 100 items the user never interacted with (NCF protocol; "
+        "HR@10 = recall@10 with one positive).",
+    ]
+    return {
+        "ml100k": Suite(
+            "ml100k",
+            "MovieLens-100K",
+            ["data=movielens", f"data.raw_dir={raw}", *common],
+            {t: f"movielens/{t}" for t in ML_TASKS},
+            "full",
+            ("full", "sampled"),
+            args.epochs or (1 if args.quick else 5),
+            ml_notes,
+        ),
+        **{
+            f"synthetic-{r}": Suite(
+                f"synthetic-{r}",
+                f"synthetic canvases, relatedness {r}",
+                [f"data.synthetic.relatedness={r}", *syn, *common],
+                {t: t for t in ML_TASKS},
+                "sampled",
+                ("sampled",),
+                args.epochs or (1 if args.quick else 3),
+                [
+                    f"Data: the generated canvases (`unirec/data/synthetic.py`) with relatedness {r} "
+                    + (
+                        "(one latent taste shared by every canvas)."
+                        if r == "1.0"
+                        else "(the canvases share nothing)."
+                    )
+                    + " Sizes: "
+                    + ", ".join(syn)
+                    + ".",
+                    "Protocol: the logged impressions of each test request (clicks among the shown slate).",
+                ],
+            )
+            for r in ("1.0", "0.0")
+        },
+    }
+
+
+SYNTHETIC_SIZE = {
+    False: {"n_users": 2000, "n_items": 1000, "requests_per_task": 8000},
+    True: {"n_users": 300, "n_items": 200, "requests_per_task": 600, "slate_min": 5, "slate_max": 8},
+}
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def compose(suite: Suite, tasks: Sequence[str], lr: float, size: str, seed: int, extra: Sequence[str] = ()):
+    from unirec.config import compose as compose_cfg
+
+    model = [f"model.{k}={v}" for k, v in SIZES[size].items()]
+    task_list = ",".join(suite.tasks[t] for t in tasks)
+    return compose_cfg(
+        [*suite.overrides, f"task=[{task_list}]", f"optim.lr={lr}", *model, f"seed={seed}", *extra]
+    )
+
+
+def train(suite: Suite, tasks: Sequence[str], lr: float, size: str, seed: int, run_dir: Path, args) -> Dict:
+    """Train (or reuse) one run; returns its metrics.json plus the wall time."""
+    from omegaconf import OmegaConf
+
+    from unirec.data.loader import count_rows, shard_files
+    from unirec.data.prepare import prepare
+    from unirec.train import run
+
+    done = run_dir / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run: start it over (its data set is cached)
+    cfg = compose(suite, tasks, lr, size, seed)
+    features = prepare(cfg.data, cfg.task, cfg.seed)
+    rows = sum(count_rows(shard_files(features, "train", t)) for t in cfg.task)
+    epoch = max(1, math.ceil(rows / cfg.loader.batch_size))
+    trainer = [f"trainer.max_steps={epoch * suite.epochs}", f"trainer.eval_every={epoch}",
+               f"trainer.checkpoint_every={epoch}", "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=1",
+               "trainer.progress=false", f"trainer.log_every={max(1, epoch // 2)}"]  # fmt: skip
+    cfg = compose(suite, tasks, lr, size, seed, trainer)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    t0 = time.perf_counter()
+    run(cfg, run_dir, features)
+    wall = time.perf_counter() - t0
+    metrics = json.loads(done.read_text())
+    metrics["wall_seconds"] = round(wall, 2)
+    done.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def evaluate(run_dir: Path, split: str, protocols: Sequence[str]) -> Dict:
+    """Per protocol -> {model, popularity} -> task -> metrics, cached beside the run."""
+    from unirec.evaluate import run as eval_run
+
+    cache = run_dir / f"eval-{split}-{'-'.join(protocols)}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    res = eval_run(run_dir, split, protocols, checkpoint="best")
+    cache.write_text(json.dumps(res, indent=2, sort_keys=True))
+    return res
+
+
+def headline(res: Dict, suite: Suite, task: str, who: str = "model") -> float:
+    return res["protocols"][suite.headline][who][task]["ndcg@10"]
+
+
+# ---------------------------------------------------------------------------------------------- footprint
+
+
+# The process's own peak RSS in MB: VmHWM, not getrusage's ru_maxrss, which Linux carries over from the
+# parent across fork and exec (the child would report this script's peak).
+_PEAK_RSS = (
+    "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
+)
+
+
+def footprint(run_dir: Path, registry: Path) -> Dict:
+    """Artifact bytes and the serving process's peak RSS for the run's chosen checkpoint."""
+    from unirec.export import export
+
+    marker = run_dir / "artifact.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    art = export(run_dir, registry, "best")
+    size = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
+    code = f"import sys\nfrom unirec.serve.scorer import Scorer\ns = Scorer.load(sys.argv[1])\n{_PEAK_RSS}"
+    out = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, check=True)
+    info = {"artifact": str(art), "artifact_bytes": size, "serving_rss_mb": float(out.stdout.strip())}
+    marker.write_text(json.dumps(info))
+    return info
+
+
+def bare_rss_mb() -> float:
+    """Peak RSS of a process that imports the serving code and loads nothing: the per-process floor."""
+    code = f"import unirec.serve.scorer\n{_PEAK_RSS}"
+    return float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def mean_std(xs: Sequence[float]) -> Tuple[float, float]:
+    a = np.asarray(xs, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def fmt(xs: Sequence[float]) -> str:
+    m, s = mean_std(xs)
+    return f"{m:.4f} ± {s:.4f}"
+
+
+def run_suite(suite: Suite, args) -> Dict:
+    work = Path(args.work) / suite.name
+    grid = [(lr, size) for lr in args.lrs for size in args.sizes]
+    tasks = list(suite.tasks)
+    started = time.perf_counter()
+    log = lambda msg: print(f"[{suite.name} {time.perf_counter() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
+
+    def run_dir(kind: str, lr: float, size: str, seed: int) -> Path:
+        return work / f"{kind}-lr{lr:g}-{size}-s{seed}"
+
+    def kinds():
+        return [("unified", tasks)] + [(f"bespoke-{t}", [t]) for t in tasks]
+
+    # 1. sweep with seed 0, selected on valid
+    sweep: Dict[str, Dict[str, float]] = {}
+    for lr, size in grid:
+        for kind, ts in kinds():
+            d = run_dir(kind, lr, size, 0)
+            train(suite, ts, lr, size, 0, d, args)
+            valid = evaluate(d, "valid", (suite.headline,))
+            sweep.setdefault(kind, {})[f"lr={lr:g} size={size}"] = float(
+                np.mean([headline(valid, suite, t) for t in ts])
+            )
+            log(
+                f"sweep {kind} lr={lr:g} size={size}: valid ndcg@10 {sweep[kind][f'lr={lr:g} size={size}']:.4f}"
+            )
+    chosen = {}
+    for kind, _ in kinds():
+        best = max(grid, key=lambda g: sweep[kind][f"lr={g[0]:g} size={g[1]}"])
+        chosen[kind] = best
+    # 2. seeds, 3. test
+    test: Dict[str, List[Dict]] = {}
+    meta: Dict[str, List[Dict]] = {}
+    for seed in range(args.seeds):
+        for kind, ts in kinds():
+            lr, size = chosen[kind]
+            d = run_dir(kind, lr, size, seed)
+            m = train(suite, ts, lr, size, seed, d, args)
+            test.setdefault(kind, []).append(evaluate(d, "test", suite.protocols))
+            meta.setdefault(kind, []).append(
+                {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
+            )
+            log(f"seed {seed} {kind}: test {suite.headline} ndcg@10 "
+                + " ".join(f"{t}={headline(test[kind][-1], suite, t):.4f}" for t in ts))  # fmt: skip
+    # 4. footprint of seed 0's chosen runs
+    registry = work / "registry"
+    foot = {kind: footprint(Path(meta[kind][0]["run"]), registry / kind) for kind, _ in kinds()}
+    floor = bare_rss_mb()
+    log("footprint measured")
+    return summarise(suite, args, sweep, chosen, test, meta, foot, floor, time.perf_counter() - started)
+
+
+def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
+    tasks = list(suite.tasks)
+    metrics = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "recall@10", "auc")}
+    table = {}
+    for protocol in suite.protocols:
+        for t in tasks:
+            for metric in metrics[protocol]:
+                if metric not in test["unified"][0]["protocols"][protocol]["model"][t]:
+                    continue
+                u = [r["protocols"][protocol]["model"][t][metric] for r in test["unified"]]
+                b = [r["protocols"][protocol]["model"][t][metric] for r in test[f"bespoke-{t}"]]
+                p = [r["protocols"][protocol]["popularity"][t][metric] for r in test["unified"]]
+                table[(protocol, t, metric)] = {"unified": u, "bespoke": b, "popularity": p}
+    bespoke_kinds = [f"bespoke-{t}" for t in tasks]
+    fp = {
+        "parameters": (
+            meta["unified"][0]["parameters"],
+            sum(meta[k][0]["parameters"] for k in bespoke_kinds),
+        ),
+        "train_seconds": (
+            float(np.mean([m["wall_seconds"] for m in meta["unified"]])),
+            sum(float(np.mean([m["wall_seconds"] for m in meta[k]])) for k in bespoke_kinds),
+        ),
+        "artifact_bytes": (
+            foot["unified"]["artifact_bytes"],
+            sum(foot[k]["artifact_bytes"] for k in bespoke_kinds),
+        ),
+        "serving_rss_mb": (
+            foot["unified"]["serving_rss_mb"],
+            sum(foot[k]["serving_rss_mb"] for k in bespoke_kinds),
+        ),
+        "serving_rss_over_floor_mb": (
+            foot["unified"]["serving_rss_mb"] - floor,
+            sum(foot[k]["serving_rss_mb"] - floor for k in bespoke_kinds),
+        ),
+    }
+    out = {
+        "suite": suite.name,
+        "title": suite.title,
+        "seeds": args.seeds,
+        "epochs": suite.epochs,
+        "grid": {"lr": args.lrs, "size": {s: SIZES[s] for s in args.sizes}},
+        "sweep_valid_ndcg@10": sweep,
+        "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
+        "test": {"|".join(k): v for k, v in table.items()},
+        "footprint": fp,
+        "serving_floor_rss_mb": floor,
+        "runs": meta,
+        "seconds": round(seconds, 1),
+        "command": " ".join(["python", "scripts/consolidation_report.py", *sys.argv[1:]]),
+    }
+    return out
+
+
+def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
+    tasks = list(suite.tasks)
+    lines = [f"# Consolidation report: {res['title']}", ""]
+    lines += [f"Generated by `{res['command']}` in {res['seconds'] / 60:.1f} min "
+              f"({res['seeds']} seeds; mean ± std over seeds; test split).", ""]  # fmt: skip
+    lines += [f"- {n}" for n in suite.notes]
+    lines += [
+        f"- Training: every run trains {res['epochs']} epochs over its own data and keeps the checkpoint with the "
+        "best validation NDCG@10 (checked every epoch). Bespoke = the same code trained on one task's data only.",
+        "",
+        "## Verdict on the headline metric",
+        "",
+        f"Headline: {'full-ranking' if suite.headline == 'full' else 'logged-impression'} NDCG@10, test.",
+        "",
+        "| task | unified | bespoke | popularity | lift vs bespoke | unified ≥ bespoke | paired wins |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in tasks:
+        c = res["test"][f"{suite.headline}|{t}|ndcg@10"]
+        mu, mb = np.mean(c["unified"]), np.mean(c["bespoke"])
+        wins = sum(u >= b for u, b in zip(c["unified"], c["bespoke"]))
+        lines.append(
+            f"| {t} | {fmt(c['unified'])} | {fmt(c['bespoke'])} | {fmt(c['popularity'])} | "
+            f"{(mu - mb) / mb * 100:+.1f}% | {'yes' if mu >= mb else '**no**'} | {wins}/{len(c['unified'])} |"
+        )
+    lines += ["", "## Observations (computed from the figures above)", ""]
+    lines += [f"- {o}" for o in observations(res, suite)]
+    for protocol in suite.protocols:
+        name = {
+            "full": "Full ranking (all items minus the user's train items)",
+            "sampled": "Sampled / logged candidates",
+        }
+        lines += [
+            "",
+            f"## {name[protocol]}",
+            "",
+            "| task | metric | unified | bespoke | popularity | lift |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, c in res["test"].items():
+            p, t, metric = key.split("|")
+            if p != protocol:
+                continue
+            mu, mb = np.mean(c["unified"]), np.mean(c["bespoke"])
+            label = (
+                "HR@10" if (p == "sampled" and metric == "recall@10" and suite.name == "ml100k") else metric
+            )
+            lines.append(f"| {t} | {label} | {fmt(c['unified'])} | {fmt(c['bespoke'])} | {fmt(c['popularity'])} | "
+                         f"{(mu - mb) / mb * 100:+.1f}% |")  # fmt: skip
+    fp = res["footprint"]
+    lines += ["", "## Footprint: one unified model against the sum of the bespoke ones", "",
+              "| | unified | sum of bespoke | ratio |", "|---|---|---|---|"]  # fmt: skip
+    labels = {
+        "parameters": "parameters",
+        "train_seconds": "training wall time, s (mean over seeds; includes per-epoch validation)",
+        "artifact_bytes": "artifact bytes (exported)",
+        "serving_rss_mb": "serving memory, MB (peak RSS of a process that loads and warms it; one per model)",
+        "serving_rss_over_floor_mb": f"serving memory above a bare process ({res['serving_floor_rss_mb']:.0f} MB), MB",
+    }
+    for k in labels:
+        u, b = fp[k]
+        lines.append(f"| {labels[k]} | {u:,.1f} | {b:,.1f} | {_ratio(u, b)} |" if isinstance(u, float) else
+                     f"| {labels[k]} | {u:,} | {b:,} | {_ratio(u, b)} |")  # fmt: skip
+    lines += ["", "## Equal tuning: validation NDCG@10 of the sweep (seed 0)", "",
+              "Each model kind picks its best grid point; sizes: "
+              + ", ".join(f"{s} = embedding {v['embedding_dim']}, hidden {v['hidden_dim']}"
+                          for s, v in sorted(res["grid"]["size"].items(), key=lambda kv: kv[1]["hidden_dim"])) + ".",
+              "", "| model | " + " | ".join(next(iter(res["sweep_valid_ndcg@10"].values()))) + " | chosen |",
+              "|---|" + "---|" * (len(next(iter(res["sweep_valid_ndcg@10"].values()))) + 1)]  # fmt: skip
+    for kind, by in res["sweep_valid_ndcg@10"].items():
+        ch = res["chosen"][kind]
+        lines.append(
+            f"| {kind} | "
+            + " | ".join(f"{v:.4f}" for v in by.values())
+            + f" | lr={ch['lr']:g} size={ch['size']} |"
+        )
+    lines += ["", "![per-task NDCG@10](consolidation.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def observations(res: Dict, suite: Suite) -> List[str]:
+    """Plain statements read off the results, so the report says where the verdict is weak."""
+    out = []
+    cells = {t: res["test"][f"{suite.headline}|{t}|ndcg@10"] for t in suite.tasks}
+    means = {t: {k: float(np.mean(v)) for k, v in c.items()} for t, c in cells.items()}
+    losing = [t for t, m in means.items() if m["unified"] < m["bespoke"]]
+    out.append(
+        "Unified ≥ bespoke on the mean over seeds for every task."
+        if not losing
+        else f"Unified is below bespoke on the mean over seeds for: {', '.join(losing)}."
+    )
+    for t, c in cells.items():
+        wins = sum(u >= b for u, b in zip(c["unified"], c["bespoke"]))
+        gap = means[t]["unified"] - means[t]["bespoke"]
+        spread = (
+            max(np.std(c["unified"], ddof=1), np.std(c["bespoke"], ddof=1)) if len(c["unified"]) > 1 else 0.0
+        )
+        n = len(c["unified"])
+        if abs(gap) < spread:
+            out.append(
+                f"{t}: the difference ({gap:+.4f}) is within the seed spread (std up to {spread:.4f}; unified "
+                f"ahead in {wins}/{n} paired seeds), so it is not a reliable win either way."
+            )
+        elif 0 < wins < n:
+            out.append(f"{t}: the mean difference ({gap:+.4f}) exceeds the spread, but the seeds disagree "
+                       f"(unified ahead in {wins}/{n}).")  # fmt: skip
+        elif gap < 0:
+            out.append(f"{t}: bespoke wins in every seed ({gap:+.4f}): consolidation costs this task here.")
+    below = [t for t, m in means.items() if max(m["unified"], m["bespoke"]) < m["popularity"]]
+    if below:
+        why = (
+            " A likely cause, not yet tested at this recipe: both train on uniform sampled negatives, which "
+            "teach a model to tell a positive from a random item rather than from a popular one "
+            "(`data.movielens.negative_sampling=popularity` is the knob to try)."
+            if suite.name == "ml100k"
+            else ""
+        )
+        out.append(f"Neither model beats popularity on {', '.join(below)}.{why}")
+    for kind, ch in res["chosen"].items():
+        lrs = sorted(res["grid"]["lr"])
+        sizes = sorted(
+            res["grid"]["size"],
+            key=lambda k: (res["grid"]["size"][k]["hidden_dim"], res["grid"]["size"][k]["embedding_dim"]),
+        )
+        edge = [
+            n
+            for n, v, axis in (("lr", ch["lr"], lrs), ("size", ch["size"], sizes))
+            if len(axis) > 1 and v == axis[-1]
+        ]
+        if edge:
+            out.append(
+                f"{kind} chose the largest {' and '.join(edge)} of the grid: a wider sweep could still move it."
+            )
+    fp = res["footprint"]
+    out.append(
+        f"Footprint: the unified model has {fp['parameters'][0] / fp['parameters'][1]:.2f}x the parameters, "
+        f"{fp['artifact_bytes'][0] / fp['artifact_bytes'][1]:.2f}x the artifact bytes and "
+        f"{fp['serving_rss_mb'][0] / fp['serving_rss_mb'][1]:.2f}x the serving memory of the four bespoke models "
+        f"together, and trains in {fp['train_seconds'][0] / fp['train_seconds'][1]:.2f}x their summed time."
+    )
+    return out
+
+
+def _ratio(u: float, b: float) -> str:
+    return f"{u / b:.2f}" if b else "n/a"
+
+
+def write_chart(res: Dict, suite: Suite, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(suite.tasks)
+    fig, axes = plt.subplots(
+        1, len(suite.protocols), figsize=(5.5 * len(suite.protocols), 3.6), squeeze=False
+    )
+    for ax, protocol in zip(axes[0], suite.protocols):
+        x = np.arange(len(tasks))
+        for i, (who, colour) in enumerate(
+            (("unified", "#1f77b4"), ("bespoke", "#ff7f0e"), ("popularity", "#999999"))
+        ):
+            vals = [res["test"][f"{protocol}|{t}|ndcg@10"][who] for t in tasks]
+            ax.bar(x + (i - 1) * 0.27, [np.mean(v) for v in vals], 0.27, yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                   label=who, color=colour, capsize=2)  # fmt: skip
+        ax.set_xticks(x, tasks)
+        ax.set_title(f"{res['title']}: {protocol} NDCG@10 (test)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suites", nargs="+", default=["ml100k", "synthetic-1.0", "synthetic-0.0"])
+    ap.add_argument(
+        "--raw-dir", help="MovieLens-100K directory (scripts/fetch_movielens.py); needed for ml100k"
+    )
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2])
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=1024,
+        help="of every run (the core default 4096 gives a bespoke MovieLens model only ~25 steps per epoch)",
+    )
+    ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=sorted(SIZES))
+    ap.add_argument("--epochs", type=int, help="epochs per run (default: 5 for MovieLens, 3 for synthetic)")
+    ap.add_argument("--work", default="runs/consolidation", help="run directories (reused when finished)")
+    ap.add_argument("--out", default="reports", help="reports go to <out>/<suite-dir>/")
+    ap.add_argument("--cache-dir", help="prepared-data cache (default: data.cache_dir / $UNIREC_CACHE)")
+    ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    ap.add_argument(
+        "--render", action="store_true", help="only rewrite the .md and .png from the saved .json"
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny synthetic data and 1 epoch (the slow test)")
+    args = ap.parse_args(argv)
+    if args.seeds < 2:
+        ap.error("--seeds must be at least 2 (the report gives mean ± std)")
+    if args.fresh and Path(args.work).exists():
+        shutil.rmtree(args.work)
+    all_suites = suites(args)
+    unknown = [s for s in args.suites if s not in all_suites]
+    if unknown:
+        ap.error(f"unknown suite(s) {unknown}; known: {sorted(all_suites)}")
+    if "ml100k" in args.suites and not args.raw_dir and not args.render:
+        ap.error("suite ml100k needs --raw-dir (python scripts/fetch_movielens.py data/ml-100k)")
+    t0 = time.perf_counter()
+    for name in args.suites:
+        suite = all_suites[name]
+        out = Path(args.out) / {"ml100k": "ml100k", "synthetic-1.0": "synthetic/relatedness-1.0",
+                                "synthetic-0.0": "synthetic/relatedness-0.0"}[name]  # fmt: skip
+        if args.render:
+            res = json.loads((out / "consolidation.json").read_text())
+        else:
+            res = run_suite(suite, args)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "consolidation.json").write_text(json.dumps(res, indent=2, sort_keys=True))
+        write_markdown(res, suite, out / "consolidation.md")
+        write_chart(res, suite, out / "consolidation.png")
+        print(f"wrote {out / 'consolidation.md'}", flush=True)
+    print(f"total {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
