@@ -70,7 +70,7 @@ def suites(args) -> Dict[str, Suite]:
     raw = str(Path(args.raw_dir).resolve()) if args.raw_dir else None
     syn = [f"data.synthetic.{k}={v}" for k, v in SYNTHETIC_SIZE[args.quick].items()]
     cache = [f"data.cache_dir={Path(args.cache_dir).resolve()}"] if args.cache_dir else []
-    common = [f"loader.batch_size={args.batch_size}", *cache]
+    common = [f"loader.batch_size={args.batch_size}", *cache, *args.set]
     ml_notes = [
         "Data: MovieLens-100K, the documented canvas derivation (README, `unirec/data/movielens.py`): "
         "leave-last-out per user; every valid/test event is one request on each of the four canvases.",
@@ -530,6 +530,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="reports", help="reports go to <out>/<suite-dir>/")
     ap.add_argument("--cache-dir", help="prepared-data cache (default: data.cache_dir / $UNIREC_CACHE)")
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides for every run, e.g. data.movielens.negative_sampling=popularity",
+    )
     ap.add_argument(
         "--render", action="store_true", help="only rewrite the .md and .png from the saved .json"
     )
