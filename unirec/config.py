@@ -158,8 +158,12 @@ class ModelConfig:
     """Width D of every field embedding."""
     hidden_dim: int = 64
     """Width H of the context and candidate encoders and of the shared tower."""
+    tower: str = "cross"
+    """Tower between interaction and heads: cross, mmoe, ple or task_conditioned (unirec/model/towers.py)."""
     tower_layers: int = 2
-    """Residual cross blocks in the shared tower."""
+    """Blocks of the cross and task_conditioned towers; CGC levels of ple."""
+    experts: int = 4
+    """Experts of mmoe; ple uses experts // 4 per task and experts // 2 shared per level."""
     head_hidden: int = 32
     """Hidden width of each per-task head."""
     dropout: float = 0.0

@@ -367,8 +367,8 @@ def load(source: Path, checkpoint: str = "best", data: Optional[Path] = None) ->
         SPEC,
         WEIGHTS,
         ArtifactError,
-        checkpoint_dir,
         _read_json,
+        checkpoint_dir,
         model_config_from_run,
     )
     from unirec.model import MultiTaskRanker

@@ -401,6 +401,7 @@ def _hparams(cfg: Config) -> Dict[str, object]:
     return {
         "model.embedding_dim": cfg.model.embedding_dim,
         "model.hidden_dim": cfg.model.hidden_dim,
+        "model.tower": cfg.model.tower,
         "model.tower_layers": cfg.model.tower_layers,
         "optim.lr": cfg.optim.lr,
         "loader.batch_size": cfg.loader.batch_size,

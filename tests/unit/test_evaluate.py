@@ -13,6 +13,7 @@ import torch
 from unirec.config import ModelConfig
 from unirec.evaluate import full_ranking, rank_metrics, ranking_requests, seen_items
 from unirec.model import MultiTaskRanker
+from unirec.model.towers import TOWERS
 from unirec.schema import CandidateSpec, FeatureSpec, FieldSpec, TaskSpec
 
 CATALOGUE = pa.array(["10", "11", "12", "13", "14"])
@@ -109,7 +110,8 @@ def test_full_ranking_of_an_oracle_and_of_its_reverse(tmp_path):
     assert res["down"]["home"]["requests"] == 2
 
 
-def test_score_matrix_rows_equal_score_vectors():
+@pytest.mark.parametrize("tower", TOWERS)
+def test_score_matrix_rows_equal_score_vectors(tower):
     spec = FeatureSpec(
         context={"user": FieldSpec("user", "categorical", size=5)},
         candidates={"item": CandidateSpec("item", "items.parquet", "item_id", "item", ("item",))},
@@ -117,7 +119,7 @@ def test_score_matrix_rows_equal_score_vectors():
         tasks={"a": TaskSpec("a", 0, "item", ("user",)), "b": TaskSpec("b", 1, "item", ("user",))},
     )
     torch.manual_seed(0)
-    m = MultiTaskRanker(spec, ModelConfig(embedding_dim=4, hidden_dim=8)).eval()
+    m = MultiTaskRanker(spec, ModelConfig(embedding_dim=4, hidden_dim=8, tower=tower)).eval()
     tt = torch.tensor([0, 1, 1])
     c = m.encode_context({"user": torch.tensor([2, 3, 4])}, torch.ones(3, 1), tt)
     v = m.encode_candidates({"item": torch.arange(2, 9)})

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -5,13 +6,14 @@ from unirec.config import LoaderConfig, ModelConfig
 from unirec.data.loader import MixedLoader, to_batch
 from unirec.losses import task_losses, total_loss
 from unirec.model import MultiTaskRanker
+from unirec.model.towers import TOWERS
 from unirec.schema import FeatureSpec
 
 
-def _setup(features, batch=64):
+def _setup(features, batch=64, tower="cross"):
     spec = FeatureSpec.load(features / "feature_spec.json")
     torch.manual_seed(0)
-    model = MultiTaskRanker(spec, ModelConfig(embedding_dim=8, hidden_dim=16, head_hidden=8))
+    model = MultiTaskRanker(spec, ModelConfig(embedding_dim=8, hidden_dim=16, head_hidden=8, tower=tower))
     ld = MixedLoader(features, spec, LoaderConfig(batch_size=batch, prefetch=0, mix="uniform"), {}, 0)
     return spec, model, to_batch(ld.next_arrays(), spec).to(torch.device("cpu"))
 
@@ -29,8 +31,9 @@ def test_masked_loss_matches_reference_per_task():
     assert losses[3] == 0 and counts[3] == 0
 
 
-def test_shapes_and_every_parameter_learns(toy_features):
-    spec, model, batch = _setup(toy_features, batch=512)
+@pytest.mark.parametrize("tower", TOWERS)
+def test_shapes_and_every_parameter_learns(toy_features, tower):
+    spec, model, batch = _setup(toy_features, batch=512, tower=tower)
     logits = model(batch)
     assert logits.shape == (len(batch),)
     assert model.all_logits(batch).shape == (len(batch), len(spec.tasks))
@@ -102,3 +105,10 @@ def test_ddp_normalisation_gives_the_global_mean_gradient():
         for s in halves
     ]
     assert torch.allclose(sum(grads) / 2, ref, atol=1e-7)
+
+
+def test_unknown_tower_is_named():
+    with pytest.raises(ValueError, match="model.tower='moe'"):
+        from unirec.model.towers import build_tower
+
+        build_tower("moe", 8, 2, 2, 4, 0.0)

@@ -19,7 +19,8 @@ class TaskHeads(nn.Module):
         width: input width W.
         hidden: hidden width of each head.
 
-    Shapes: [B, W] -> [B, K]
+    Shapes: [B, W] -> [B, K]; or [B, K, W] (a representation per task, e.g. from MMoE) -> [B, K], head k
+    reading slice k.
 
     Example:
         >>> TaskHeads(["home", "search"], 8, 4)(torch.zeros(3, 8)).shape
@@ -34,4 +35,6 @@ class TaskHeads(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return torch.cat([self.heads[t](x[:, k]) for k, t in enumerate(self.names)], dim=1)
         return torch.cat([self.heads[t](x) for t in self.names], dim=1)

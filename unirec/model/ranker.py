@@ -4,7 +4,7 @@
 
     context fields + task_type --FieldEmbeddings--> [B, Fc+1, D] --MLP--> c [B, H]   (once per request)
     candidate fields           --FieldEmbeddings--> [B, Fi, D]   --MLP--> v [B, H]   (per candidate)
-    x0 = [c, v, c * v] [B, 3H] --ResidualCrossTower--> [B, 3H] --TaskHeads--> [B, K] -> own task's logit
+    x0 = [c, v, c * v] [B, 3H] --tower--> [B, 3H] or [B, K, 3H] --TaskHeads--> [B, K] -> own task's logit
 
 The context path never sees the candidate, so a service encodes a request's context once and broadcasts
 it over N candidates (:meth:`MultiTaskRanker.score_candidates`).
@@ -20,7 +20,7 @@ from torch import nn
 from unirec.config import ModelConfig
 from unirec.model.embeddings import INIT_STD, FieldEmbeddings
 from unirec.model.heads import TaskHeads
-from unirec.model.towers import ResidualCrossTower
+from unirec.model.towers import build_tower
 from unirec.schema import FeatureSpec
 
 
@@ -64,7 +64,9 @@ class MultiTaskRanker(nn.Module):
         # The presence mask goes in beside the embeddings so the encoder can tell which fields it has.
         self.context_encoder = _mlp((n_ctx + 1) * d + n_ctx, h)
         self.candidate_encoder = _mlp(self.candidate_embedding.num_fields * d, h)
-        self.tower = ResidualCrossTower(3 * h, cfg.tower_layers, cfg.dropout)
+        self.tower = build_tower(
+            cfg.tower, 3 * h, len(self.task_names), cfg.tower_layers, cfg.experts, cfg.dropout
+        )
         self.heads = TaskHeads(self.task_names, 3 * h, cfg.head_hidden)
         head_of = torch.full((spec.num_task_types,), -1, dtype=torch.long)
         for i, name in enumerate(self.task_names):
@@ -84,16 +86,16 @@ class MultiTaskRanker(nn.Module):
         """Candidate fields [N, ...] -> candidate vectors [N, H]."""
         return self.candidate_encoder(self.candidate_embedding(candidate).flatten(1))
 
-    def interact(self, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Context [B, H] and candidate [B, H] vectors -> every head's logit [B, K]."""
-        return self.heads(self.tower(torch.cat([c, v, c * v], dim=1)))
+    def interact(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
+        """Context [B, H] and candidate [B, H] vectors of rows of task_type [B] -> every head's logit [B, K]."""
+        return self.heads(self.tower(torch.cat([c, v, c * v], dim=1), self.head_index(task_type)))
 
     def head_index(self, task_type: torch.Tensor) -> torch.Tensor:
         return self.head_of_type[task_type]
 
     def all_logits(self, batch) -> torch.Tensor:
         c = self.encode_context(batch.context, batch.present, batch.task_type)
-        return self.interact(c, self.encode_candidates(batch.candidate))
+        return self.interact(c, self.encode_candidates(batch.candidate), batch.task_type)
 
     def forward(self, batch) -> torch.Tensor:
         logits = self.all_logits(batch)
@@ -113,8 +115,9 @@ class MultiTaskRanker(nn.Module):
         each row from its own request's task head (task_type [R]); full-catalogue ranking uses this."""
         r, n = c.shape[0], v.shape[0]
         if r == 1:  # the serving path: a broadcast view, no copies
-            logits = self.interact(c.expand(n, -1), v).view(1, n, -1)
+            logits = self.interact(c.expand(n, -1), v, task_type.expand(n)).view(1, n, -1)
         else:
-            logits = self.interact(c.repeat_interleave(n, dim=0), v.repeat(r, 1)).view(r, n, -1)
+            rows = task_type.repeat_interleave(n)
+            logits = self.interact(c.repeat_interleave(n, dim=0), v.repeat(r, 1), rows).view(r, n, -1)
         head = self.head_index(task_type).view(r, 1, 1).expand(r, n, 1)
         return logits.gather(2, head).squeeze(2)

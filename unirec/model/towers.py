@@ -1,9 +1,25 @@
-"""The shared tower: residual blocks with explicit feature crossing."""
+"""Towers between the interaction vector and the per-task heads, chosen with ``model.tower``.
+
+Every tower takes ``x0`` [B, W] and each row's head index [B] and returns either one shared representation
+[B, W] or one per task [B, K, W]; :class:`unirec.model.heads.TaskHeads` reads either, so heads, losses and
+serving never depend on the choice.
+
+- ``cross`` (:class:`ResidualCrossTower`): shared bottom of DCN-v2 style cross blocks (the core default).
+- ``mmoe`` (:class:`MMoETower`): shared experts mixed by one softmax gate per task (Ma et al., 2018).
+- ``ple`` (:class:`PLETower`): stacked customized gate control, task-specific plus shared experts
+  (Tang et al., 2020).
+- ``task_conditioned`` (:class:`TaskConditionedTower`): the cross blocks with every block's input scaled
+  by a learned per-task gate (in the spirit of STAR and PEPNet); one network, task-shaped.
+"""
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import nn
+
+TOWERS = ("cross", "mmoe", "ple", "task_conditioned")
 
 
 class CrossBlock(nn.Module):
@@ -48,8 +64,129 @@ class ResidualCrossTower(nn.Module):
         self.blocks = nn.ModuleList(CrossBlock(width, dropout) for _ in range(layers))
         self.out_norm = nn.LayerNorm(width)
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, head: torch.Tensor = None) -> torch.Tensor:
         x = x0
         for block in self.blocks:
             x = block(x0, x)
         return self.out_norm(x)
+
+
+def _expert(width: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.LayerNorm(width)
+    )
+
+
+class MMoETower(nn.Module):
+    """Multi-gate mixture of experts: E shared experts, one softmax gate per task over them.
+
+    Shapes: x0 [B, W] -> [B, K, W]
+
+    Example:
+        >>> MMoETower(8, tasks=3, experts=4)(torch.zeros(2, 8)).shape
+        torch.Size([2, 3, 8])
+    """
+
+    def __init__(self, width: int, tasks: int, experts: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.experts = nn.ModuleList(_expert(width, dropout) for _ in range(experts))
+        self.gates = nn.Linear(width, tasks * experts)
+        self.tasks, self.n = tasks, experts
+
+    def forward(self, x0: torch.Tensor, head: torch.Tensor = None) -> torch.Tensor:
+        e = torch.stack([f(x0) for f in self.experts], dim=1)  # [B, E, W]
+        g = self.gates(x0).view(-1, self.tasks, self.n).softmax(-1)  # [B, K, E]
+        return torch.bmm(g, e)
+
+
+class _CGC(nn.Module):
+    """One customized gate control level: per-task experts plus shared experts; each task's gate mixes its
+    own and the shared ones, and (below the top level) a shared gate mixes all of them for the next level."""
+
+    def __init__(self, width: int, tasks: int, own: int, shared: int, last: bool, dropout: float):
+        super().__init__()
+        self.own = nn.ModuleList(
+            nn.ModuleList(_expert(width, dropout) for _ in range(own)) for _ in range(tasks)
+        )
+        self.shared = nn.ModuleList(_expert(width, dropout) for _ in range(shared))
+        self.task_gates = nn.ModuleList(nn.Linear(width, own + shared) for _ in range(tasks))
+        self.shared_gate = None if last else nn.Linear(width, tasks * own + shared)
+
+    def forward(self, xs: List[torch.Tensor], xshared: torch.Tensor):
+        shared = [f(xshared) for f in self.shared]
+        own = [[f(x) for f in experts] for x, experts in zip(xs, self.own)]
+        out = []
+        for x, mine, gate in zip(xs, own, self.task_gates):
+            e = torch.stack(mine + shared, dim=1)
+            out.append(torch.bmm(gate(x).softmax(-1).unsqueeze(1), e).squeeze(1))
+        if self.shared_gate is None:
+            return out, None
+        e = torch.stack([f for mine in own for f in mine] + shared, dim=1)
+        return out, torch.bmm(self.shared_gate(xshared).softmax(-1).unsqueeze(1), e).squeeze(1)
+
+
+class PLETower(nn.Module):
+    """Progressive layered extraction: ``levels`` stacked CGC levels.
+
+    Shapes: x0 [B, W] -> [B, K, W]
+
+    Example:
+        >>> PLETower(8, tasks=3, levels=2)(torch.zeros(2, 8)).shape
+        torch.Size([2, 3, 8])
+    """
+
+    def __init__(
+        self, width: int, tasks: int, levels: int = 2, own: int = 1, shared: int = 2, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.levels = nn.ModuleList(
+            _CGC(width, tasks, own, shared, last=i == levels - 1, dropout=dropout) for i in range(levels)
+        )
+        self.tasks = tasks
+
+    def forward(self, x0: torch.Tensor, head: torch.Tensor = None) -> torch.Tensor:
+        xs, xshared = [x0] * self.tasks, x0
+        for level in self.levels:
+            xs, xshared = level(xs, xshared)
+        return torch.stack(xs, dim=1)
+
+
+class TaskConditionedTower(nn.Module):
+    """The cross tower with each block's input scaled by ``2 * sigmoid(g[task])``, a learned per-task,
+    per-block vector (zero at start, so the tower begins as the shared one).
+
+    Shapes: x0 [B, W], head [B] -> [B, W] (each row shaped by its own task)
+
+    Example:
+        >>> TaskConditionedTower(8, tasks=3, layers=2)(torch.zeros(2, 8), torch.tensor([0, 2])).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, width: int, tasks: int, layers: int, dropout: float = 0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(CrossBlock(width, dropout) for _ in range(layers))
+        self.gates = nn.ModuleList(nn.Embedding(tasks, width) for _ in range(layers))
+        for g in self.gates:
+            nn.init.zeros_(g.weight)
+        self.out_norm = nn.LayerNorm(width)
+
+    def forward(self, x0: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for block, gate in zip(self.blocks, self.gates):
+            x = block(x0, x * 2 * torch.sigmoid(gate(head)))
+        return self.out_norm(x)
+
+
+def build_tower(kind: str, width: int, tasks: int, layers: int, experts: int, dropout: float) -> nn.Module:
+    """The tower named by ``model.tower``; ``layers`` is blocks (cross, task_conditioned) or levels (ple)."""
+    if kind == "cross":
+        return ResidualCrossTower(width, layers, dropout)
+    if kind == "mmoe":
+        return MMoETower(width, tasks, experts, dropout)
+    if kind == "ple":
+        return PLETower(
+            width, tasks, layers, own=max(1, experts // 4), shared=max(1, experts // 2), dropout=dropout
+        )
+    if kind == "task_conditioned":
+        return TaskConditionedTower(width, tasks, layers, dropout)
+    raise ValueError(f"model.tower={kind!r}: choose one of {list(TOWERS)}")
