@@ -35,7 +35,8 @@ import torch
 
 from unirec.data.features import Featurizer
 from unirec.data.ids import normalise_ids
-from unirec.data.loader import Batch, eval_batches, table_to_arrays
+from unirec.data.loader import Batch, eval_batches, prefixed_tensors
+from unirec.data.prepare import popularity_counts
 from unirec.metrics import TaskMetrics
 from unirec.schema import FeatureSpec
 
@@ -81,7 +82,7 @@ def model_scorer(
 def popularity_scorer(features: Path, spec: FeatureSpec, seed: int = 0) -> Callable[[Batch], torch.Tensor]:
     """Batch -> train engagement count of each candidate within its task (a tiny seeded jitter breaks ties,
     so shard order can never leak into the ranking)."""
-    counts = popularity_counts(features, spec)
+    counts = popularity_counts(pq.read_table(Path(features) / "popularity.parquet"), spec)
     # task_type id -> (candidate id field, engagement count per id index), built once
     tables = {t.id: (spec.candidates[t.candidate].id_field, counts[task]) for task, t in spec.tasks.items()}
     rng = np.random.default_rng(seed)
@@ -95,21 +96,6 @@ def popularity_scorer(features: Path, spec: FeatureSpec, seed: int = 0) -> Calla
         return torch.from_numpy(out + rng.uniform(0, 1e-3, size=len(out)))
 
     return score
-
-
-def popularity_counts(features: Path, spec: FeatureSpec) -> Dict[str, np.ndarray]:
-    """Task -> train engagement count per candidate id index (``popularity.parquet`` of a features dir)."""
-    pop = pq.read_table(Path(features) / "popularity.parquet")
-    names = pop["task"].to_numpy(zero_copy_only=False)
-    index, count = pop["index"].to_numpy().astype(np.int64), pop["count"].to_numpy().astype(np.float64)
-    out = {}
-    for task, t in spec.tasks.items():
-        id_field = spec.candidates[t.candidate].id_field
-        counts = np.zeros(spec.candidate_fields[id_field].size, dtype=np.float64)
-        mine = names == task
-        counts[index[mine]] = count[mine]
-        out[task] = counts
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,13 +270,14 @@ def model_matrix_scorer(
     device = device or torch.device("cpu")
     spec = featurizer.spec
     with torch.inference_mode():
-        vectors = {c: model.encode_candidates(_tensors(featurizer.candidates(c, ids), "cand.", device))
+        vectors = {c: model.encode_candidates(_on(prefixed_tensors(featurizer.candidates(c, ids), "cand."), device))
                    for c, ids in catalogues.items()}  # fmt: skip
 
     def score(task: str, context: pa.Table) -> torch.Tensor:
         feats = featurizer.context(context)
-        ctx = _tensors(feats, "ctx.", device)
-        present = torch.stack([_tensors(feats, "has.", device)[f] for f in spec.context], dim=1).float()
+        ctx = _on(prefixed_tensors(feats, "ctx."), device)
+        has = prefixed_tensors(feats, "has.")
+        present = torch.stack([has[f] for f in spec.context], dim=1).float().to(device)
         task_type = torch.full((context.num_rows,), spec.tasks[task].id, dtype=torch.long, device=device)
         with torch.inference_mode():
             c = model.encode_context(ctx, present, task_type)
@@ -306,7 +293,7 @@ def popularity_matrix_scorer(
     """Every request of a task gets the task's train engagement counts over the catalogue (tiny seeded
     jitter, as in :func:`popularity_scorer`)."""
     spec = featurizer.spec
-    counts = popularity_counts(features, spec)
+    counts = popularity_counts(pq.read_table(Path(features) / "popularity.parquet"), spec)
     per_row = {}
     for task, t in spec.tasks.items():
         id_field = spec.candidates[t.candidate].id_field
@@ -321,15 +308,8 @@ def popularity_matrix_scorer(
     return score
 
 
-def _tensors(feats: Dict[str, pa.Array], prefix: str, device) -> Dict[str, torch.Tensor]:
-    arrays = table_to_arrays(pa.table({k: v for k, v in feats.items() if k.startswith(prefix)}))
-    out = {}
-    for k, v in arrays.items():
-        t = torch.from_numpy(np.array(v))  # writable copy
-        out[k[len(prefix) :]] = (t.long() if t.dtype in (torch.int32, torch.int16, torch.uint8) else t).to(
-            device
-        )
-    return out
+def _on(tensors: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _labeled(root: Path, split: str, task: Optional[str]) -> pa.Table:

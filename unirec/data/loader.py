@@ -102,6 +102,21 @@ def table_to_arrays(table: pa.Table) -> Arrays:
     return out
 
 
+def column_tensor(arr: pa.Array) -> torch.Tensor:
+    """Featurized column -> tensor with the dtypes training uses (ints as int64, token bags as [n, L])."""
+    if isinstance(arr.type, pa.FixedSizeListType):
+        x = arr.flatten().to_numpy().reshape(len(arr), arr.type.list_size)
+    else:
+        x = arr.to_numpy(zero_copy_only=False)
+    t = torch.from_numpy(np.array(x))  # a writable copy: Arrow buffers are read-only
+    return t.long() if t.dtype in (torch.int32, torch.int16, torch.uint8) else t
+
+
+def prefixed_tensors(feats: Mapping[str, pa.Array], prefix: str) -> Dict[str, torch.Tensor]:
+    """The featurizer's ``<prefix><field>`` columns (e.g. ``cand.``) as ``{field: tensor}``."""
+    return {k[len(prefix) :]: column_tensor(v) for k, v in feats.items() if k.startswith(prefix)}
+
+
 def shard_files(features: Path, split: str, task: str) -> List[Path]:
     files = sorted((Path(features) / split / task).glob("*.parquet"))
     if not files:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from unirec.config import DataConfig, FieldKind, TaskConfig
 from unirec.data import labels
 from unirec.data.features import Featurizer, fit, save_vocabs
-from unirec.schema import unified_context, validate_tasks
+from unirec.schema import FeatureSpec, unified_context, validate_tasks
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
@@ -149,6 +149,20 @@ def popularity(train: Mapping[str, pa.Table], featurizer: Featurizer) -> pa.Tabl
         nz = np.nonzero(counts)[0]
         parts.append(pa.table({"task": [name] * len(nz), "index": nz.astype(np.int32), "count": counts[nz]}))
     return pa.concat_tables(parts)
+
+
+def popularity_counts(pop: pa.Table, spec: FeatureSpec) -> Dict[str, np.ndarray]:
+    """Task -> train engagement count per candidate id index, from a :func:`popularity` table."""
+    names = pop["task"].to_numpy(zero_copy_only=False)
+    index, count = pop["index"].to_numpy().astype(np.int64), pop["count"].to_numpy().astype(np.float64)
+    out = {}
+    for task, t in spec.tasks.items():
+        id_field = spec.candidates[t.candidate].id_field
+        counts = np.zeros(spec.candidate_fields[id_field].size, dtype=np.float64)
+        mine = names == task
+        counts[index[mine]] = count[mine]
+        out[task] = counts
+    return out
 
 
 def read_raw(path: Path) -> pa.Table:

@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 from unirec.data.features import Featurizer
 from unirec.data.ids import normalise_ids
+from unirec.data.loader import column_tensor, prefixed_tensors
+from unirec.data.prepare import popularity_counts
 from unirec.export import (
     MODEL_CONFIG,
     POPULARITY,
@@ -101,8 +103,9 @@ class Scorer:
         self._vectors: Dict[str, torch.Tensor] = {}
         self._popular: Dict[str, Tuple[list, np.ndarray]] = {}
         self._memo: Dict[Tuple[str, object], Tuple[np.ndarray, float]] = {}
+        counts = popularity_counts(artifact.popularity, self.spec)
         for task, t in self.spec.tasks.items():
-            self._popular[task] = self._popularity_order(task, t.candidate)
+            self._popular[task] = self._popularity_order(counts[task], t.candidate)
 
     @classmethod
     def load(cls, path: Path, warm: bool = True) -> Scorer:
@@ -179,7 +182,7 @@ class Scorer:
         if len(self._memo) > _MEMO_SIZE:
             self._memo.clear()  # crude but bounded; the working set refills in a few requests
         for f, v in values.items():
-            row = np.array(_tensor(feats[f"ctx.{f}"])[0].numpy())
+            row = np.array(column_tensor(feats[f"ctx.{f}"])[0].numpy())
             self._memo[(f, v)] = (row, float(feats[f"has.{f}"][0].as_py()))
 
     def score(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> np.ndarray:
@@ -218,14 +221,11 @@ class Scorer:
         return out
 
     def _candidate_tensors(self, ctype: str, ids: pa.Array) -> Dict[str, torch.Tensor]:
-        feats = self.artifact.featurizer.candidates(ctype, ids)
-        return {k[len("cand.") :]: _tensor(v) for k, v in feats.items()}
+        return prefixed_tensors(self.artifact.featurizer.candidates(ctype, ids), "cand.")
 
-    def _popularity_order(self, task: str, ctype: str) -> Tuple[list, np.ndarray]:
-        pop = self.artifact.popularity.filter(pc.equal(self.artifact.popularity["task"], task))
+    def _popularity_order(self, counts: np.ndarray, ctype: str) -> Tuple[list, np.ndarray]:
+        """Candidate ids with train engagements, most first, and their shares (``counts`` per id index)."""
         id_field = self.spec.candidates[ctype].id_field
-        counts = np.zeros(self.spec.candidate_fields[id_field].size, dtype=np.float64)
-        counts[pop["index"].to_numpy().astype(np.int64)] = pop["count"].to_numpy()
         ids = self.artifact.catalogues[ctype]
         idx = self.artifact.featurizer.candidates(ctype, ids)[f"cand.{id_field}"].to_numpy()
         per_id = counts[idx]
@@ -233,16 +233,6 @@ class Scorer:
         order = order[per_id[order] > 0]
         total = per_id.sum() or 1.0
         return [ids[i].as_py() for i in order], per_id[order] / total
-
-
-def _tensor(arr: pa.Array) -> torch.Tensor:
-    """Featurized column -> tensor with the dtypes training uses (ints as int64, token bags as [n, L])."""
-    if isinstance(arr.type, pa.FixedSizeListType):
-        x = arr.flatten().to_numpy().reshape(len(arr), arr.type.list_size)
-    else:
-        x = arr.to_numpy(zero_copy_only=False)
-    t = torch.from_numpy(np.array(x))  # a writable copy: Arrow buffers are read-only
-    return t.long() if t.dtype in (torch.int32, torch.int16, torch.uint8) else t
 
 
 def _read_json(path: Path) -> Dict:
