@@ -347,16 +347,16 @@ def load(source: Path, checkpoint: str = "best", data: Optional[Path] = None) ->
         SPEC,
         WEIGHTS,
         ArtifactError,
-        _read_json,
         checkpoint_dir,
         model_config_from_run,
+        read_json,
     )
     from unirec.model import MultiTaskRanker
 
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is neither a training run directory nor an exported artifact")
-    meta = _read_json(source / METRICS) if (source / METRICS).exists() else {}
+    meta = read_json(source / METRICS) if (source / METRICS).exists() else {}
     features = Path(data) if data else Path(meta["features"]) if "features" in meta else None
     if features is None:
         raise ValueError(f"{source / METRICS} does not name the features directory; pass --data")

@@ -63,7 +63,7 @@ def export(run_dir: Path, registry: Path, which: str = "latest") -> Path:
     """
     run_dir = Path(run_dir)
     ckpt = checkpoint_dir(run_dir, which)
-    metrics = _read_json(run_dir / METRICS)
+    metrics = read_json(run_dir / METRICS)
     if "features" not in metrics:
         raise ArtifactError(f"{run_dir / METRICS} has no 'features' key naming the features directory")
     features = Path(metrics["features"])
@@ -82,7 +82,7 @@ def export(run_dir: Path, registry: Path, which: str = "latest") -> Path:
             files[f.vocab] = features / f.vocab
     for ctype in spec.candidates:
         files[f"candidates/{ctype}.parquet"] = features / "candidates" / f"{ctype}.parquet"
-    step = _read_json(ckpt / "trainer.json").get("step")
+    step = read_json(ckpt / "trainer.json").get("step")
     source = {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "step": step}
     tasks = {name: t.id for name, t in spec.tasks.items()}
     return publish(files, Path(registry), {"source": source, "tasks": tasks})
@@ -148,7 +148,7 @@ def verify(path: Path) -> Dict:
     list, a listed file that is missing or fails its sha256, a link, or a suffix outside ALLOWED_SUFFIXES.
     """
     path = Path(path)
-    manifest = _read_json(path / MANIFEST)
+    manifest = read_json(path / MANIFEST)
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT}")
     listed: Dict[str, Dict] = manifest["files"]
@@ -254,7 +254,8 @@ def _next_version(registry: Path) -> str:
     return f"v{max(existing, default=0) + 1:06d}"
 
 
-def _read_json(path: Path) -> Dict:
+def read_json(path: Path) -> Dict:
+    """A JSON object from ``path``; anything unreadable or not an object is an ArtifactError naming the file."""
     try:
         out = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:

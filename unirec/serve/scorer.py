@@ -34,6 +34,7 @@ from unirec.export import (
     WEIGHTS,
     ArtifactError,
     model_config_from_dict,
+    read_json,
     verify,
 )
 from unirec.model import MultiTaskRanker
@@ -72,7 +73,7 @@ def load_artifact(path: Path) -> Artifact:
     path = Path(path)
     manifest = verify(path)
     spec = FeatureSpec.load(path / SPEC)
-    cfg = model_config_from_dict(_read_json(path / MODEL_CONFIG), f"{path / MODEL_CONFIG}")
+    cfg = model_config_from_dict(read_json(path / MODEL_CONFIG), f"{path / MODEL_CONFIG}")
     model = MultiTaskRanker(spec, cfg)
     try:
         model.load_state_dict(load_file(str(path / WEIGHTS)))
@@ -233,12 +234,3 @@ class Scorer:
         order = order[per_id[order] > 0]
         total = per_id.sum() or 1.0
         return [ids[i].as_py() for i in order], per_id[order] / total
-
-
-def _read_json(path: Path) -> Dict:
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {path}: {e}") from e
