@@ -159,9 +159,10 @@ class ModelConfig:
     hidden_dim: int = 64
     """Width H of the context and candidate encoders and of the shared tower."""
     tower: str = "cross"
-    """Tower between interaction and heads: cross, mmoe, ple or task_conditioned (unirec/model/towers.py)."""
+    """Tower between interaction and heads: cross, mlp, dcn_v2, mmoe, ple or task_conditioned
+    (unirec/model/towers.py)."""
     tower_layers: int = 2
-    """Blocks of the cross and task_conditioned towers; CGC levels of ple."""
+    """Blocks of cross and task_conditioned, layers of mlp, cross and deep layers of dcn_v2; CGC levels of ple."""
     experts: int = 4
     """Experts of mmoe; ple uses experts // 4 per task and experts // 2 shared per level."""
     head_hidden: int = 32

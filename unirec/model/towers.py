@@ -4,7 +4,11 @@ Every tower takes ``x0`` [B, W] and each row's head index [B] and returns either
 [B, W] or one per task [B, K, W]; :class:`unirec.model.heads.TaskHeads` reads either, so heads, losses and
 serving never depend on the choice.
 
-- ``cross`` (:class:`ResidualCrossTower`): shared bottom of DCN-v2 style cross blocks (the core default).
+- ``cross`` (:class:`ResidualCrossTower`): shared bottom of residual cross blocks, each a DCN-v2 cross
+  followed by a pre-norm MLP (the core default).
+- ``mlp`` (:class:`SharedBottomTower`): the classic shared bottom, a plain ReLU MLP.
+- ``dcn_v2`` (:class:`DCNv2Tower`): DCN-v2 in its stacked form (Wang et al., 2021), a cross network of
+  ``x0 * (W x + b) + x`` layers, then a deep MLP.
 - ``mmoe`` (:class:`MMoETower`): shared experts mixed by one softmax gate per task (Ma et al., 2018).
 - ``ple`` (:class:`PLETower`): stacked customized gate control, task-specific plus shared experts
   (Tang et al., 2020).
@@ -19,7 +23,7 @@ from typing import List
 import torch
 from torch import nn
 
-TOWERS = ("cross", "mmoe", "ple", "task_conditioned")
+TOWERS = ("cross", "mlp", "dcn_v2", "mmoe", "ple", "task_conditioned")
 
 
 class CrossBlock(nn.Module):
@@ -69,6 +73,50 @@ class ResidualCrossTower(nn.Module):
         for block in self.blocks:
             x = block(x0, x)
         return self.out_norm(x)
+
+
+class SharedBottomTower(nn.Module):
+    """The classic shared bottom: ``layers`` ReLU layers of width W, shared by every task.
+
+    Shapes: [B, W] -> [B, W]
+
+    Example:
+        >>> SharedBottomTower(8, 2)(torch.zeros(3, 8)).shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(self, width: int, layers: int, dropout: float = 0.0):
+        super().__init__()
+        mods: List[nn.Module] = []
+        for _ in range(layers):
+            mods += [nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout)]
+        self.mlp = nn.Sequential(*mods)
+
+    def forward(self, x0: torch.Tensor, head: torch.Tensor = None) -> torch.Tensor:
+        return self.mlp(x0)
+
+
+class DCNv2Tower(nn.Module):
+    """DCN-v2, stacked: ``layers`` full-rank cross layers ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l``, then a
+    deep MLP of ``layers`` ReLU layers on the crossed vector.
+
+    Shapes: [B, W] -> [B, W]
+
+    Example:
+        >>> DCNv2Tower(8, 2)(torch.zeros(3, 8)).shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(self, width: int, layers: int, dropout: float = 0.0):
+        super().__init__()
+        self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.deep = SharedBottomTower(width, layers, dropout)
+
+    def forward(self, x0: torch.Tensor, head: torch.Tensor = None) -> torch.Tensor:
+        x = x0
+        for layer in self.cross:
+            x = x0 * layer(x) + x
+        return self.deep(x)
 
 
 def _expert(width: int, dropout: float) -> nn.Sequential:
@@ -178,9 +226,14 @@ class TaskConditionedTower(nn.Module):
 
 
 def build_tower(kind: str, width: int, tasks: int, layers: int, experts: int, dropout: float) -> nn.Module:
-    """The tower named by ``model.tower``; ``layers`` is blocks (cross, task_conditioned) or levels (ple)."""
+    """The tower named by ``model.tower``; ``layers`` is blocks or layers (cross, mlp, dcn_v2,
+    task_conditioned) or CGC levels (ple)."""
     if kind == "cross":
         return ResidualCrossTower(width, layers, dropout)
+    if kind == "mlp":
+        return SharedBottomTower(width, layers, dropout)
+    if kind == "dcn_v2":
+        return DCNv2Tower(width, layers, dropout)
     if kind == "mmoe":
         return MMoETower(width, tasks, experts, dropout)
     if kind == "ple":
