@@ -270,7 +270,7 @@ def model_matrix_scorer(
     device = device or torch.device("cpu")
     spec = featurizer.spec
     with torch.inference_mode():
-        vectors = {c: model.encode_candidates(_on(prefixed_tensors(featurizer.candidates(c, ids), "cand."), device))
+        vectors = {c: model.encode_candidates(_on(prefixed_tensors(featurizer.candidates(c, ids), "cand."), device), c)
                    for c, ids in catalogues.items()}  # fmt: skip
 
     def score(task: str, context: pa.Table) -> torch.Tensor:

@@ -173,19 +173,29 @@ def validate_tasks(tasks: Mapping[str, TaskConfig], candidates: Mapping[str, Can
                 raise SchemaError(
                     f"task.{name}.adapter.context.{fname} maps a field not in task.{name}.context"
                 )
-    ctypes = {t.candidate for t in tasks.values()}
-    if len(ctypes) > 1:
-        names = {n: t.candidate for n, t in tasks.items()}
-        raise SchemaError(
-            f"tasks rank more than one candidate type {names}; one type per run is supported so far"
-        )
     ctx = unified_context(tasks)
-    for cname, c in candidates.items():
+    owner: Dict[str, str] = {}
+    for cname, c in used_candidates(tasks, candidates).items():
         for fname in c.fields:
             if fname in ctx:
                 raise SchemaError(f"data.candidates.{cname}.fields.{fname} clashes with a context field")
+            if fname in owner:
+                raise SchemaError(
+                    f"data.candidates.{cname}.fields.{fname} is also a field of candidate type {owner[fname]}; "
+                    "candidate field names must be unique across types"
+                )
+            owner[fname] = cname
         if not any(f.column == c.key for f in c.fields.values()):
             raise SchemaError(f"data.candidates.{cname}: no field reads the key column {c.key!r}")
+
+
+def used_candidates(
+    tasks: Mapping[str, TaskConfig], candidates: Mapping[str, CandidateConfig]
+) -> Dict[str, CandidateConfig]:
+    """The candidate types the selected tasks rank, in ``data.candidates`` order (others are left out of
+    the prepared data and the model)."""
+    used = {t.candidate for t in tasks.values()}
+    return {c: cfg for c, cfg in candidates.items() if c in used}
 
 
 def _field_key(f: FieldConfig) -> str:

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import run_train
 
-TASKS = ("home", "related", "search", "genre")
+TASKS = ("home", "related", "search", "genre", "genre_rows")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_fifth_task_by_configuration_alone(tmp_path, cache):
     (conf / "notify.yaml").write_text(NOTIFY_YAML.format(source=logs))
     proc = run_train([
         "debug=toy", f"data.cache_dir={cache}", f"hydra.run.dir={tmp_path}/r",
-        f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]", "task=[home,related,search,genre,notify]",
+        f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]", "task=[home,related,search,genre,genre_rows,notify]",
     ], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())

@@ -24,12 +24,16 @@ def test_artifact_holds_every_part_and_the_manifest_hashes_each_file(artifact: P
         "metrics.json",
     ):
         assert part in files
-    assert "candidates/item.parquet" in files and "vocab/user.json" in files
+    assert (
+        "candidates/item.parquet" in files
+        and "candidates/genre.parquet" in files
+        and "vocab/user.json" in files
+    )
     on_disk = {p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()} - {MANIFEST}
     assert on_disk == set(files)
     assert all(files[f]["sha256"] == sha256(artifact / f) for f in files)
     assert manifest["version"] == artifact.name == "v000001"
-    assert manifest["tasks"] == {"genre": 3, "home": 0, "related": 1, "search": 2}
+    assert manifest["tasks"] == {"genre": 3, "home": 0, "related": 1, "search": 2, "genre_rows": 4}
     assert json.loads((artifact / "model_config.json").read_text())["embedding_dim"] == 16
     assert not list(p for p in artifact.iterdir() if p.suffix in (".pt", ".pkl"))
 

@@ -33,7 +33,7 @@ def test_vocabularies_fitted_on_train_only(toy_features):
     prepared = toy_features.parent
     fz = Featurizer.load(toy_features)
     train_users = set()
-    for task in ("home", "search", "genre"):
+    for task in ("home", "search", "genre", "genre_rows"):
         train_users |= set(
             pq.read_table(prepared / "labeled" / "split=train" / f"task={task}")["user"].to_pylist()
         )

@@ -57,6 +57,7 @@ def test_exact_reject_counts_per_reason(dirty):
         "related": {"bad_timestamp": 1},
         "search": {"bad_label": 1, "bad_type:result_id": 2},
         "genre": {"missing:title": 1},
+        "genre_rows": {},
     }
     assert json.loads((out / "rejects.json").read_text()) == counts
     rejects = pq.read_table(out / "rejects" / "task=home")

@@ -112,3 +112,25 @@ def test_unknown_tower_is_named():
         from unirec.model.towers import build_tower
 
         build_tower("moe", 8, 2, 2, 4, 0.0)
+
+
+def test_each_row_is_encoded_as_its_own_candidate_type(toy_features):
+    """genre_rows rows rank genres, the other rows items: a row's score moves with its own type's fields
+    and not with the other type's (which hold sentinels there), and the two types get distinct vectors."""
+    spec, model, batch = _setup(toy_features, batch=512)
+    assert sorted(model.candidate_types) == ["genre", "item"]
+    genre_rows = batch.task_type == spec.tasks["genre_rows"].id
+    assert 0 < int(genre_rows.sum()) < len(batch)
+    model.eval()
+    with torch.no_grad():
+        base = model(batch)
+        item_noise = {**batch.candidate, "item": torch.randint(2, 50, batch.candidate["item"].shape)}
+        moved = model(type(batch)(**{**vars(batch), "candidate": item_noise}))
+        assert torch.equal(moved[genre_rows], base[genre_rows])
+        assert not torch.equal(moved[~genre_rows], base[~genre_rows])
+        genre_noise = {**batch.candidate, "row_genre": (batch.candidate["row_genre"] + 1) % 14}
+        moved = model(type(batch)(**{**vars(batch), "candidate": genre_noise}))
+        assert torch.equal(moved[~genre_rows], base[~genre_rows])
+        assert not torch.equal(moved[genre_rows], base[genre_rows])
+    with pytest.raises(ValueError, match="name the candidate type"):
+        model.encode_candidates({"item": torch.tensor([2])})

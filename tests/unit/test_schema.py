@@ -57,7 +57,7 @@ def test_feature_spec_round_trip(toy_features):
     path = toy_features.parent / "spec-copy.json"
     spec.save(path)
     assert FeatureSpec.load(path) == spec
-    assert set(spec.tasks) == {"home", "related", "search", "genre"}
+    assert set(spec.tasks) == {"home", "related", "search", "genre", "genre_rows"}
     assert list(spec.context) == sorted(spec.context)
 
 

@@ -19,9 +19,16 @@ from unirec.data.synthetic_config import SyntheticConfig
 TINY = dict(
     n_users=60, n_items=80, requests_per_task=240, slate_min=3, slate_max=7, days=3, chunk_requests=100
 )
-REQUEST = {"home": "session_id", "related": "req", "search": "search_id", "genre": "page_id"}
+REQUEST = {
+    "home": "session_id",
+    "related": "req",
+    "search": "search_id",
+    "genre": "page_id",
+    "rows": "page_view",
+}
 CANDIDATE = {"home": "video_id", "related": "shown_video", "search": "result_id", "genre": "title"}
-TIMESTAMP = {"home": "event_ts", "related": "ts_utc", "search": "timestamp_s", "genre": "ts"}
+CANDIDATE["rows"] = "row_genre"
+TIMESTAMP = {"home": "event_ts", "related": "ts_utc", "search": "timestamp_s", "genre": "ts", "rows": "ts_ms"}
 EXPECTED_SCHEMAS = {
     "home": [("member_id", pa.int64()), ("country_code", pa.string()), ("ui_lang", pa.string()),
              ("video_id", pa.int64()), ("play_start", pa.int8()), ("event_ts", pa.int64()),
@@ -33,6 +40,8 @@ EXPECTED_SCHEMAS = {
                ("lang", pa.string())],
     "genre": [("genre_row", pa.string()), ("account_id", pa.int64()), ("title", pa.int64()),
               ("ts", pa.int64()), ("page_id", pa.int64())],
+    "rows": [("profile_id", pa.int64()), ("row_genre", pa.string()), ("clicked", pa.int8()),
+             ("ts_ms", pa.int64()), ("page_view", pa.string()), ("country", pa.string())],
 }  # fmt: skip
 
 
@@ -70,7 +79,7 @@ def _seconds(canvas: str, value) -> float | None:
             return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
         except ValueError:
             return None
-    return value / 1000 if canvas == "home" else value
+    return value / 1000 if canvas in ("home", "rows") else value
 
 
 def _defects(cfg: SyntheticConfig, canvas: str, row: dict) -> set[str]:
@@ -78,6 +87,9 @@ def _defects(cfg: SyntheticConfig, canvas: str, row: dict) -> set[str]:
     found, cand = set(), row[CANDIDATE[canvas]]
     if cand is None:
         found.add("null_candidate")
+    elif canvas == "rows":
+        if cand not in GENRES:
+            found.add("unknown_candidate")
     elif canvas == "search" and not cand.isdigit():
         found.add("bad_type")
     elif not 1 <= int(cand) <= cfg.n_items:
@@ -85,8 +97,9 @@ def _defects(cfg: SyntheticConfig, canvas: str, row: dict) -> set[str]:
     t = _seconds(canvas, row[TIMESTAMP[canvas]])
     if t is None or not cfg.start_time <= t < cfg.start_time + cfg.days * 86400:
         found.add("bad_timestamp")
-    label = {"home": "play_start", "related": "click", "search": "clicked"}.get(canvas)
-    if label and row[label] not in {"home": (0, 1), "related": (True, False), "search": ("0", "1")}[canvas]:
+    label = {"home": "play_start", "related": "click", "search": "clicked", "rows": "clicked"}.get(canvas)
+    valid = {"home": (0, 1), "related": (True, False), "search": ("0", "1"), "rows": (0, 1)}
+    if label and row[label] not in valid[canvas]:
         found.add("bad_label")
     return found
 
@@ -137,8 +150,10 @@ def test_clean_rows_are_valid_and_slates_within_bounds(clean):
         assert all(not _defects(cfg, canvas, row) for row in rows), canvas
         by_request = Counter(row[REQUEST[canvas]] for row in rows)
         assert summary["canvases"][canvas]["requests"] == len(by_request)
-        low = 1 if canvas == "genre" else cfg.slate_min
-        assert all(low <= n <= cfg.slate_max for n in by_request.values()), canvas
+        low, high = {"genre": (1, cfg.slate_max), "rows": synthetic._ROWS_SHOWN}.get(
+            canvas, (cfg.slate_min, cfg.slate_max)
+        )
+        assert all(low <= n <= high for n in by_request.values()), canvas
         times = {(row[REQUEST[canvas]], row[TIMESTAMP[canvas]]) for row in rows}
         assert len(times) == len(by_request), f"{canvas}: a request has several timestamps"
         assert len(set(_rows(table))) == len(rows), f"{canvas}: duplicates in clean logs"
@@ -148,6 +163,23 @@ def test_clean_rows_are_valid_and_slates_within_bounds(clean):
     for row in home:
         positions.setdefault(row["session_id"], []).append(row["row_pos"])
     assert all(p == list(range(len(p))) for p in positions.values())
+
+
+def test_genre_rows_rank_genres_and_follow_the_users_taste(clean):
+    """The rows canvas shows each genre at most once per page, from the genre catalogue, and clicks follow
+    the ground-truth relevance: clicked rows are more relevant than unclicked ones on average."""
+    cfg, out, _ = clean
+    genres = pq.read_table(out / "genres.parquet")
+    assert genres["genre"].to_pylist() == list(GENRES)
+    rows = _read(out, "rows").to_pylist()
+    pages = Counter((r["page_view"], r["row_genre"]) for r in rows)
+    assert max(pages.values()) == 1 and {r["row_genre"] for r in rows} <= set(GENRES)
+    w = synthetic._build_world(cfg)
+    g = {name: i for i, name in enumerate(GENRES)}
+    rel = np.array([w.taste["rows"][r["profile_id"] - 1] @ w.centroids[g[r["row_genre"]]] for r in rows])
+    clicked = np.array([r["clicked"] == 1 for r in rows])
+    assert 0.03 < clicked.mean() < 0.4
+    assert rel[clicked].mean() > rel[~clicked].mean() + 0.2
 
 
 def test_search_queries_mix_genre_and_title_words(clean):

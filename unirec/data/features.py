@@ -187,7 +187,11 @@ class Featurizer:
         return out
 
     def examples(self, table: pa.Table) -> pa.Table:
-        """Featurize labeled examples (all of one candidate type per task) into a shard table."""
+        """Featurize labeled examples of tasks that rank one candidate type into a shard table.
+
+        Every shard carries every candidate type's ``cand.<field>`` columns, so shards of tasks that rank
+        different types stack into one batch: the fields of the other types hold the sentinel (0).
+        """
         cols: Dict[str, pa.Array] = {
             TASK_TYPE: pc.cast(table[TASK_TYPE], pa.int32()),
             REQUEST: table[REQUEST],
@@ -195,10 +199,17 @@ class Featurizer:
             WEIGHT: table[WEIGHT],
         }
         cols.update(self.context(table))
-        ctypes = {self.spec.tasks[t].candidate for t in self.spec.tasks}
+        by_id = {t.id: t.candidate for t in self.spec.tasks.values()}
+        present = np.unique(np.asarray(table[TASK_TYPE]))
+        ctypes = {by_id[int(i)] for i in present} or {next(iter(self.spec.candidates))}
         if len(ctypes) != 1:
-            raise NotImplementedError("one candidate type per feature shard; split shards by candidate type")
-        cols.update(self.candidates(ctypes.pop(), table[CANDIDATE]))
+            raise ValueError(
+                f"examples of tasks ranking {sorted(ctypes)} together: featurize each type apart"
+            )
+        ctype = ctypes.pop()
+        cols.update(self.candidates(ctype, table[CANDIDATE]))
+        for f, fspec in self.spec.candidate_fields.items():
+            cols.setdefault(f"cand.{f}", _sentinels(fspec, table.num_rows))
         return pa.table(cols)
 
     def _encode(self, f: FieldSpec, col, with_presence: bool = False):
@@ -252,6 +263,15 @@ def _pad(ids: pa.Array, parents: np.ndarray, n: int, max_len: int) -> pa.FixedSi
     out = np.zeros((n, max_len), dtype=np.int32)
     out[parents[keep], pos[keep]] = ids_np[keep]
     return pa.FixedSizeListArray.from_arrays(pa.array(out.ravel()), max_len)
+
+
+def _sentinels(f: FieldSpec, n: int) -> pa.Array:
+    """A column of n sentinels (0) with the featurized type of field ``f``."""
+    if f.kind == FieldKind.dense.value:
+        return pa.array(np.zeros(n, np.float32))
+    if f.kind == FieldKind.tokens.value:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * f.max_len, np.int32)), f.max_len)
+    return pa.array(np.zeros(n, np.int32))
 
 
 def _prepend_sentinel(arr: pa.Array) -> pa.Array:

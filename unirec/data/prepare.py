@@ -33,12 +33,12 @@ import pyarrow.parquet as pq
 from unirec.config import DataConfig, FieldKind, TaskConfig
 from unirec.data import labels
 from unirec.data.features import Featurizer, fit, save_vocabs
-from unirec.schema import FeatureSpec, unified_context, validate_tasks
+from unirec.schema import FeatureSpec, unified_context, used_candidates, validate_tasks
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 # Part of the cache key: bump when label or feature preparation changes what it writes.
-PREPARE_VERSION = 4
+PREPARE_VERSION = 5
 
 
 def cache_root(data: DataConfig) -> Path:
@@ -89,11 +89,12 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
     """Labels then features, into ``out``; returns the reject counts per task and reason."""
     ctx_fields = unified_context(tasks)
     kinds = {k: FieldKind(v.kind) for k, v in ctx_fields.items()}
-    catalogues = {c: read_raw(_resolve(raw_dir, cfg.table)) for c, cfg in data.candidates.items()}
+    candidates = used_candidates(tasks, data.candidates)
+    catalogues = {c: read_raw(_resolve(raw_dir, cfg.table)) for c, cfg in candidates.items()}
     examples: Dict[str, pa.Table] = {}
     reject_counts: Dict[str, Dict[str, int]] = {}
     for name, task in sorted(tasks.items()):
-        cat_ids = catalogues[task.candidate][data.candidates[task.candidate].key].combine_chunks()
+        cat_ids = catalogues[task.candidate][candidates[task.candidate].key].combine_chunks()
         raw = read_raw(_resolve(raw_dir, task.adapter.source))
         examples[name], rejects = labels.labeled_examples(raw, task, cat_ids, kinds, seed)
         reject_counts[name] = labels.count_reasons(rejects)
@@ -113,7 +114,7 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
         print(f"split   {name:<10} " + " ".join(f"{s}={t.num_rows:,}" for s, t in by_split.items()))
     (out / "rejects.json").write_text(json.dumps(reject_counts, indent=2, sort_keys=True))
 
-    spec, vocabs = fit(splits["train"], tasks, ctx_fields, data.candidates, catalogues)
+    spec, vocabs = fit(splits["train"], tasks, ctx_fields, candidates, catalogues)
     feat = out / "features"
     feat.mkdir(parents=True, exist_ok=True)
     spec.save(feat / "feature_spec.json")

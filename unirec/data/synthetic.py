@@ -1,9 +1,11 @@
-"""Seeded synthetic logs of a small streaming service, for four recommendation canvases.
+"""Seeded synthetic logs of a small streaming service, for five recommendation canvases.
 
 The ranking system needs data whose ground truth is known, so that a trained model can be judged against
 the best achievable score and against a popularity baseline. This module simulates one latent world
 (users with tastes, items with genres, titles and popularity) and logs what a noisy production policy
-showed on each canvas and what users did with it. Each canvas is written with its own, deliberately
+showed on each canvas and what users did with it. Four canvases rank items (home feed, related items,
+search, a genre row's items); the fifth, ``rows``, ranks *genres*: which genre rows the home page shows a
+user, so one model learns to rank two kinds of entity. Each canvas is written with its own, deliberately
 inconsistent schema (ids as text, labels as strings, several timestamp formats) because the real logs
 that the label-preparation code must normalise look like that.
 
@@ -33,7 +35,9 @@ GENRES: tuple[str, ...] = tuple(
 )
 COUNTRIES: tuple[str, ...] = ("us", "gb", "in", "br", "mx", "es", "fr", "de")
 LANGUAGES: tuple[str, ...] = ("en", "pt", "es", "fr", "de")
-CANVASES: tuple[str, ...] = ("home", "related", "search", "genre")
+CANVASES: tuple[str, ...] = ("home", "related", "search", "genre", "rows")
+ITEM_CANVASES: tuple[str, ...] = CANVASES[:4]
+"""Canvases whose candidates are items; ``rows`` ranks genres (its candidates are GENRES)."""
 # Title vocabulary: 16 words flavoured by each genre (same order as GENRES), so titles carry genre signal.
 WORDS: tuple[str, ...] = tuple(
     """blade storm strike fury iron bullet rogue siege steel thunder hunter raid velocity agent fist recon
@@ -58,7 +62,9 @@ _BATCH = 4096  # requests simulated at once inside a chunk: bounds the (requests
 _ROW_GROUP = 1 << 17  # fixed parquet row-group size, part of the byte-for-byte reproducibility
 _POS_BIAS = 0.35  # click logit lost per log(1 + position)
 # Click model per canvas: (relevance weight, log-popularity weight, intercept), tuned to ~10-20% CTR.
-_CLICK = dict(zip(CANVASES, [(2.3, 0.35, -4.1), (1.9, 0.35, -4.5), (1.9, 0.35, -4.4), (1.7, 0.35, -4.5)]))
+_CLICK = dict(zip(CANVASES, [(2.3, 0.35, -4.1), (1.9, 0.35, -4.5), (1.9, 0.35, -4.4), (1.7, 0.35, -4.5),
+                             (1.5, 0.3, -2.8)]))  # fmt: skip
+_ROWS_SHOWN = (4, 8)  # genre rows a home page shows (of len(GENRES))
 # Logging policy: (relevance weight, log-popularity weight) of its Plackett-Luce (Gumbel top-k) scores.
 _LOGGING = (0.6, 0.5)
 
@@ -76,6 +82,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     "related": _schema(_RELATED),
     "search": _schema(_SEARCH + " lang:string"),
     "genre": _schema("genre_row:string account_id:int64 title:int64 ts:int64 page_id:int64"),
+    "rows": _schema(
+        "profile_id:int64 row_genre:string clicked:int8 ts_ms:int64 page_view:string country:string"
+    ),
 }
 
 
@@ -85,7 +94,8 @@ class _World(types.SimpleNamespace):
     Items: item_genre (primary), item_genres (N, 3; -1 padded), item_gw (N, G genre weights: 1 primary,
     0.5 secondary), item_words (N, 4 title word ids; -1 padded), item_year, logpop (standardised),
     pop_cdf, item_vec (shared space), rel_vec / rel_cluster (related canvas space), by_genre / by_cluster
-    (group samplers). Users: user_country, user_lang, user_cdf (activity), and per canvas taste (U, D;
+    (group samplers). Genres: centroids (G, D) in the item space, genre_logpop (standardised log of the
+    popularity mass of the genre's items), genre_titles (items whose primary genre it is). Users: user_country, user_lang, user_cdf (activity), and per canvas taste (U, D;
     scaled so taste . item_vec has unit std) and genre_cdf (which genre a user asks for or is shown).
     """
 
@@ -157,6 +167,10 @@ def _build_items(cfg: SyntheticConfig, rng: Rng, w: _World) -> np.ndarray:
     w.item_genre, w.item_genres, w.item_gw, w.item_vec = primary, genres, gw, vec
     w.rel_vec, w.rel_cluster = rel.astype(np.float32), cluster
     w.by_genre, w.by_cluster = _groups(primary, g), _groups(cluster, g)
+    mass = np.log(np.bincount(primary, weights=np.exp(logpop), minlength=g) + 1e-9)
+    w.genre_logpop = (mass - mass.mean()) / (mass.std() or 1.0)
+    w.genre_titles = np.bincount(primary, minlength=g)
+    w.centroids = centroids
     return centroids
 
 
@@ -253,9 +267,36 @@ def _simulate_batch(w: _World, cfg: SyntheticConfig, canvas: str, rng: Rng, n: i
     return dict(users=users, items=items, prob=prob, click=click, shown=np.arange(s) < size[:, None], **ctx)
 
 
+def _simulate_rows(w: _World, cfg: SyntheticConfig, rng: Rng, n: int) -> dict:
+    """The ``rows`` canvas: which genre rows a home page shows a user, in what order, and which get a click.
+
+    Relevance is the user's ``rows`` taste against each genre's centroid; the logging policy and the
+    click model are those of the item canvases (Gumbel top-k on relevance and popularity; logistic
+    clicks with a position bias), over the genres instead of an item pool.
+    """
+    g = len(GENRES)
+    users = _draw(w.user_cdf, rng.random(n))
+    rel = np.einsum("nd,gd->ng", w.taste["rows"][users], w.centroids)
+    rel /= np.std(rel) or 1.0
+    score = _LOGGING[0] * rel + _LOGGING[1] * w.genre_logpop + rng.gumbel(size=rel.shape)
+    order = np.argsort(-score, axis=1, kind="stable")
+    rows, rel = order, np.take_along_axis(rel, order, 1)
+    a, b, c = _CLICK["rows"]
+    logit = a * rel + b * w.genre_logpop[rows] - _POS_BIAS * np.log1p(np.arange(g)) + c
+    prob = 1.0 / (1.0 + np.exp(-logit))
+    click = rng.random(prob.shape) < prob
+    size = rng.integers(_ROWS_SHOWN[0], _ROWS_SHOWN[1] + 1, n)
+    return dict(users=users, items=rows, prob=prob, click=click, shown=np.arange(g) < size[:, None])
+
+
 def _simulate(w: _World, cfg: SyntheticConfig, canvas: str, rng: Rng, n: int) -> dict:
     """_simulate_batch over fixed-size batches, so temporaries stay small whatever the chunk size."""
-    parts = [_simulate_batch(w, cfg, canvas, rng, min(_BATCH, n - lo)) for lo in range(0, n, _BATCH)]
+    one = (
+        _simulate_rows
+        if canvas == "rows"
+        else (lambda w, cfg, rng, k: _simulate_batch(w, cfg, canvas, rng, k))
+    )
+    parts = [one(w, cfg, rng, min(_BATCH, n - lo)) for lo in range(0, n, _BATCH)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
@@ -296,6 +337,18 @@ def _table(w: _World, canvas: str, sim: dict, t_ms: np.ndarray, rid: np.ndarray)
     """Per-canvas rows of one chunk in its own schema; also returns each row's request index."""
     r, p = np.nonzero(sim["shown"] & sim["click"] if canvas == "genre" else sim["shown"])
     users, items, click = sim["users"][r], sim["items"][r, p] + 1, sim["click"][r, p]
+    if canvas == "rows":  # candidates are genres, by name
+        genre, sid = _codes(GENRES, items - 1), _prefixed("p", rid).take(r)
+        cols = [
+            users + 1,
+            genre,
+            click.astype(np.int8),
+            t_ms[r],
+            sid,
+            _codes(COUNTRIES, w.user_country[users]),
+        ]
+        arrays = [c if isinstance(c, pa.Array) else pa.array(c) for c in cols]
+        return pa.Table.from_arrays(arrays, schema=SCHEMAS[canvas]), r
     country, lang = _codes(COUNTRIES, w.user_country[users]), _codes(LANGUAGES, w.user_lang[users])
     if canvas == "home":
         sid = _prefixed("s", rid).take(r)
@@ -340,8 +393,15 @@ def _const(value: object) -> Callable:
 
 
 _CANDIDATE = {"home": "video_id", "related": "shown_video", "search": "result_id", "genre": "title"}
-_TIMESTAMP = {"home": "event_ts", "related": "ts_utc", "search": "timestamp_s", "genre": "ts"}
-_LABEL = {"home": ("play_start", _const(7)), "related": ("click", _null)}
+_CANDIDATE["rows"] = "row_genre"
+_TIMESTAMP = {
+    "home": "event_ts",
+    "related": "ts_utc",
+    "search": "timestamp_s",
+    "genre": "ts",
+    "rows": "ts_ms",
+}
+_LABEL = {"home": ("play_start", _const(7)), "related": ("click", _null), "rows": ("clicked", _const(3))}
 _LABEL["search"] = ("clicked", _const("yes?"))
 
 
@@ -411,7 +471,7 @@ def _write(table: pa.Table, path: Path) -> None:
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
-    """Write the catalogue and the four canvas logs under out_dir; return a summary dict
+    """Write the catalogues (items, genres) and the five canvas logs under out_dir; return a summary dict
     {"items": n, "users": n, "canvases": {canvas: {"rows": n, "requests": n, "dirt": {kind: n}}}}.
 
     `rows` counts every row written (dirty rows included); `requests` counts logged requests (for the
@@ -423,6 +483,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
     titles, genres = _join(WORDS, w.item_words, " "), _join(GENRES, w.item_genres, "|")
     items = [pa.array(np.arange(1, cfg.n_items + 1)), titles, genres, pa.array(w.item_year, pa.int32())]
     _write(pa.Table.from_arrays(items, ["item_id", "title", "genres", "year"]), out / "items.parquet")
+    genres = [pa.array(GENRES), pa.array(w.genre_titles), pa.array(w.genre_logpop)]
+    _write(pa.Table.from_arrays(genres, ["genre", "titles", "popularity"]), out / "genres.parquet")
     country, lang = _codes(COUNTRIES, w.user_country), _codes(LANGUAGES, w.user_lang)
     users = [pa.array(np.arange(1, cfg.n_users + 1)), country, lang]
     _write(pa.Table.from_arrays(users, ["user_id", "country", "language"]), out / "users.parquet")

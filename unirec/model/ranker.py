@@ -4,15 +4,22 @@
 
     context fields + task_type --FieldEmbeddings--> [B, Fc+1, D] --MLP--> c [B, H]   (once per request)
     candidate fields           --FieldEmbeddings--> [B, Fi, D]   --MLP--> v [B, H]   (per candidate)
+                               (one embedding group and encoder per candidate type, + a type vector)
     x0 = [c, v, c * v] [B, 3H] --tower--> [B, 3H] or [B, K, 3H] --TaskHeads--> [B, K] -> own task's logit
 
 The context path never sees the candidate, so a service encodes a request's context once and broadcasts
 it over N candidates (:meth:`MultiTaskRanker.score_candidates`).
+
+Heterogeneous candidates: each candidate type (items, genres, ...) has its own fields, embeddings and
+encoder into the same H-wide space, plus a learned candidate-type vector, so one tower and one set of task
+heads rank every type. A training batch mixes rows of several types; every type's encoder then runs on
+every row and each row keeps its own type's vector (the other encoders see sentinels and get no gradient
+from that row), so every parameter is in every step's graph, as DDP needs.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -59,11 +66,25 @@ class MultiTaskRanker(nn.Module):
         self.context_embedding = FieldEmbeddings(spec.context, d, sparse)
         self.task_embedding = nn.Embedding(spec.num_task_types, d, sparse=sparse)
         nn.init.normal_(self.task_embedding.weight, std=INIT_STD)
-        self.candidate_embedding = FieldEmbeddings(spec.candidate_fields, d, sparse, masked=False)
+        self.candidate_types = list(spec.candidates)
+        self.candidate_embedding = nn.ModuleDict(
+            {
+                c: FieldEmbeddings({f: spec.candidate_fields[f] for f in cs.fields}, d, sparse, masked=False)
+                for c, cs in spec.candidates.items()
+            }
+        )
+        self.candidate_encoder = nn.ModuleDict(
+            {c: _mlp(emb.num_fields * d, h) for c, emb in self.candidate_embedding.items()}
+        )
+        # Only with several types: a lone type's vector would be a constant the encoder already has.
+        self.candidate_type_embedding = (
+            nn.Embedding(len(self.candidate_types), h) if len(self.candidate_types) > 1 else None
+        )
+        if self.candidate_type_embedding is not None:
+            nn.init.normal_(self.candidate_type_embedding.weight, std=INIT_STD)
         n_ctx = self.context_embedding.num_fields
         # The presence mask goes in beside the embeddings so the encoder can tell which fields it has.
         self.context_encoder = _mlp((n_ctx + 1) * d + n_ctx, h)
-        self.candidate_encoder = _mlp(self.candidate_embedding.num_fields * d, h)
         self.tower = build_tower(
             cfg.tower, 3 * h, len(self.task_names), cfg.tower_layers, cfg.experts, cfg.dropout
         )
@@ -72,6 +93,10 @@ class MultiTaskRanker(nn.Module):
         for i, name in enumerate(self.task_names):
             head_of[spec.tasks[name].id] = i
         self.register_buffer("head_of_type", head_of, persistent=False)
+        ctype_of = torch.zeros(spec.num_task_types, dtype=torch.long)
+        for t in spec.tasks.values():
+            ctype_of[t.id] = self.candidate_types.index(t.candidate)
+        self.register_buffer("candidate_type_of_task", ctype_of, persistent=False)
 
     def encode_context(
         self, context: Dict[str, torch.Tensor], present: torch.Tensor, task_type: torch.Tensor
@@ -82,9 +107,32 @@ class MultiTaskRanker(nn.Module):
         x = torch.cat([emb, task], dim=1).flatten(1)
         return self.context_encoder(torch.cat([x, present.to(x.dtype)], dim=1))
 
-    def encode_candidates(self, candidate: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Candidate fields [N, ...] -> candidate vectors [N, H]."""
-        return self.candidate_encoder(self.candidate_embedding(candidate).flatten(1))
+    def encode_candidates(
+        self, candidate: Dict[str, torch.Tensor], ctype: Optional[str] = None
+    ) -> torch.Tensor:
+        """Candidate fields [N, ...] of one candidate type -> candidate vectors [N, H].
+
+        ``ctype`` may be left out when the model has one candidate type."""
+        if ctype is None:
+            if len(self.candidate_types) > 1:
+                raise ValueError(f"name the candidate type: the model ranks {self.candidate_types}")
+            ctype = self.candidate_types[0]
+        v = self.candidate_encoder[ctype](self.candidate_embedding[ctype](candidate).flatten(1))
+        if self.candidate_type_embedding is None:
+            return v
+        return v + self.candidate_type_embedding.weight[self.candidate_types.index(ctype)]
+
+    def encode_rows(self, candidate: Dict[str, torch.Tensor], task_type: torch.Tensor) -> torch.Tensor:
+        """Candidate fields [B, ...] of rows of mixed tasks (each row holds its own type's fields, sentinels
+        in the others) -> [B, H], each row encoded as its task's candidate type."""
+        if len(self.candidate_types) == 1:
+            return self.encode_candidates(candidate, self.candidate_types[0])
+        row_type = self.candidate_type_of_task[task_type].unsqueeze(1)
+        v = None
+        for i, c in enumerate(self.candidate_types):
+            vc = self.encode_candidates({f: candidate[f] for f in self.candidate_embedding[c].names}, c)
+            v = vc if v is None else torch.where(row_type == i, vc, v)
+        return v
 
     def interact(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
         """Context [B, H] and candidate [B, H] vectors of rows of task_type [B] -> every head's logit [B, K]."""
@@ -95,15 +143,16 @@ class MultiTaskRanker(nn.Module):
 
     def all_logits(self, batch) -> torch.Tensor:
         c = self.encode_context(batch.context, batch.present, batch.task_type)
-        return self.interact(c, self.encode_candidates(batch.candidate), batch.task_type)
+        return self.interact(c, self.encode_rows(batch.candidate, batch.task_type), batch.task_type)
 
     def forward(self, batch) -> torch.Tensor:
         logits = self.all_logits(batch)
         return logits.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
 
     def score_candidates(self, c: torch.Tensor, candidate: Dict[str, torch.Tensor], task_type: torch.Tensor):
-        """One request's context vector [1, H] against N candidates -> [N] logits of that request's task."""
-        return self.score_vectors(c, self.encode_candidates(candidate), task_type)
+        """One request's context vector [1, H] against N candidates (of its task's type) -> [N] logits."""
+        ctype = self.candidate_types[int(self.candidate_type_of_task[task_type.reshape(-1)[0]])]
+        return self.score_vectors(c, self.encode_candidates(candidate, ctype), task_type)
 
     def score_vectors(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
         """One request's context vector [1, H] against N encoded candidates [N, H] (e.g. a catalogue

@@ -125,7 +125,9 @@ class Scorer:
             for ctype in self.spec.candidates:
                 ids = self.artifact.catalogues[ctype]
                 self._catalogue[ctype] = ids
-                self._vectors[ctype] = self.model.encode_candidates(self._candidate_tensors(ctype, ids))
+                self._vectors[ctype] = self.model.encode_candidates(
+                    self._candidate_tensors(ctype, ids), ctype
+                )
         for task, t in self.spec.tasks.items():
             ids = self._catalogue[t.candidate].slice(0, 8).to_pylist()
             scores = self.score(task, {}, ids)
@@ -208,7 +210,7 @@ class Scorer:
 
     def _candidate_vectors(self, ctype: str, ids: pa.Array) -> torch.Tensor:
         if ctype not in self._vectors:
-            return self.model.encode_candidates(self._candidate_tensors(ctype, ids))
+            return self.model.encode_candidates(self._candidate_tensors(ctype, ids), ctype)
         row = pc.index_in(normalise_ids(ids), value_set=self._catalogue[ctype])
         if row.null_count == 0:
             return self._vectors[ctype][torch.from_numpy(row.to_numpy().astype(np.int64))]
@@ -218,7 +220,9 @@ class Scorer:
             torch.from_numpy(row.drop_null().to_numpy().astype(np.int64))
         ]
         unknown = ids.filter(pa.array(~known))
-        out[torch.from_numpy(~known)] = self.model.encode_candidates(self._candidate_tensors(ctype, unknown))
+        out[torch.from_numpy(~known)] = self.model.encode_candidates(
+            self._candidate_tensors(ctype, unknown), ctype
+        )
         return out
 
     def _candidate_tensors(self, ctype: str, ids: pa.Array) -> Dict[str, torch.Tensor]:
