@@ -109,6 +109,11 @@ class TaskConfig:
     """Cap on this task's train requests after train_rate; null keeps all."""
     metrics: List[str] = field(default_factory=lambda: ["auc", "ndcg@10", "recall@10", "mrr"])
     """Valid metrics: auc, ndcg@K, recall@K, mrr."""
+    impute: Dict[str, str] = field(default_factory=dict)
+    """Context-aware imputation: a unified context field this task lacks -> where its value comes from,
+    either another of the task's context fields (``query: genre``) or a candidate feature of the id held
+    in one (``query: source_item.item_title``: the title of the source item). Applied alike in training,
+    evaluation and serving while data.impute is true; a field with no rule keeps its sentinel."""
 
 
 @dataclass
@@ -148,6 +153,8 @@ class DataConfig:
     candidates: Dict[str, CandidateConfig] = field(default_factory=dict)
     rows_per_file: int = 262_144
     """Rows per feature shard file."""
+    impute: bool = True
+    """Apply the tasks' imputation rules (task.<name>.impute); false leaves every missing field missing."""
 
 
 @dataclass

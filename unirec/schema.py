@@ -61,6 +61,8 @@ class TaskSpec:
     fields: Tuple[str, ...]
     loss_weight: float = 1.0
     metrics: Tuple[str, ...] = ()
+    impute: Dict[str, str] = field(default_factory=dict)
+    """Imputation rules in force: missing context field -> source (see ``TaskConfig.impute``)."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,27 @@ def validate_tasks(tasks: Mapping[str, TaskConfig], candidates: Mapping[str, Can
             owner[fname] = cname
         if not any(f.column == c.key for f in c.fields.values()):
             raise SchemaError(f"data.candidates.{cname}: no field reads the key column {c.key!r}")
+    for name, t in tasks.items():
+        for target, source in t.impute.items():
+            _check_rule(f"task.{name}.impute.{target}", target, source, t, ctx, owner, candidates)
+
+
+def _check_rule(key: str, target: str, source: str, task: TaskConfig, ctx, cand_owner, candidates) -> None:
+    if target not in ctx:
+        raise SchemaError(f"{key}: {target!r} is not a field of the unified context {sorted(ctx)}")
+    if target in task.context:
+        raise SchemaError(f"{key}: the task has {target!r} itself; rules fill only fields a task lacks")
+    field_, _, cand = source.partition(".")
+    if field_ not in task.context:
+        raise SchemaError(
+            f"{key}={source!r}: {field_!r} is not one of the task's context fields {sorted(task.context)}"
+        )
+    if cand and cand not in cand_owner:
+        raise SchemaError(f"{key}={source!r}: {cand!r} is not a candidate field of the ranked types")
+    src = candidates[cand_owner[cand]].fields[cand] if cand else task.context[field_]
+    dense = [FieldKind(f.kind) == FieldKind.dense for f in (ctx[target], src)]
+    if dense[0] != dense[1]:
+        raise SchemaError(f"{key}={source!r}: a dense field and a text field cannot stand in for each other")
 
 
 def used_candidates(

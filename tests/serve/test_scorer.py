@@ -20,7 +20,7 @@ def scorer(artifact: Path) -> Scorer:
     return Scorer.load(artifact)
 
 
-@pytest.mark.parametrize("task", ["home", "related", "search", "genre"])
+@pytest.mark.parametrize("task", ["home", "related", "search", "genre", "genre_rows"])
 def test_scores_equal_the_training_forward_on_the_same_rows(scorer: Scorer, toy_run: Path, task: str):
     """Raw valid rows, one request at a time through the scorer == MultiTaskRanker.forward on their shard."""
     features = Path(json.loads((toy_run / "metrics.json").read_text())["features"])

@@ -92,3 +92,40 @@ def test_candidate_ids_match_in_any_spelling(toy_features):
     a = fz.candidates("item", pa.array(["7", "007", " 7 "]))
     assert len(set(map(tuple, [a["cand.item_title"].to_pylist()[i] for i in range(3)]))) == 1
     assert len(set(a["cand.item"].to_pylist())) == 1 and a["cand.item"].to_pylist()[0] != OOV
+
+
+def test_imputation_fills_only_the_missing_fields_of_the_tasks_with_a_rule(toy_features):
+    """related: query <- the source item's title; genre: query <- its genre; search keeps its own query
+    and has no source item; an unknown source item leaves the query missing."""
+    fz = Featurizer.load(toy_features)
+    spec = fz.spec
+    items = pq.read_table(toy_features / "candidates" / "item.parquet")
+    title = dict(zip(map(str, items["item_id"].to_pylist()), items["title"].to_pylist()))
+    rel, gen, sea = (spec.tasks[t].id for t in ("related", "genre", "search"))
+    t = pa.table({
+        "task_type": pa.array([rel, rel, gen, sea], pa.int32()),
+        "source_item": ["3", "no-such-item", None, None],
+        "genre": [None, None, "comedy", None],
+        "query": [None, None, None, "drama"],
+    })  # fmt: skip
+    out = fz.impute(t)
+    assert out["query"].to_pylist() == [title["3"], None, "comedy", "drama"]
+    assert out["source_item"].to_pylist() == t["source_item"].to_pylist()
+    feats = fz.context(t)
+    assert feats["has.query"].to_pylist() == [1, 0, 1, 1]
+    # A table of one task's requests (the service's case): the task comes from the caller.
+    one = fz.context(pa.table({"source_item": ["3"]}), task_id=rel)
+    assert one["ctx.query"].to_pylist() == feats["ctx.query"].to_pylist()[:1]
+    assert fz.context(pa.table({"source_item": ["3"]}))["has.query"].to_pylist() == [0]  # no task, no rule
+
+
+def test_imputation_switched_off_leaves_fields_missing(tmp_path):
+    from unirec.config import compose
+    from unirec.data.prepare import prepare
+
+    cfg = compose(["debug=toy", f"data.cache_dir={tmp_path}", "data.impute=false", "task=[related,search]"])
+    features = prepare(cfg.data, cfg.task, cfg.seed)
+    fz = Featurizer.load(features)
+    assert fz.spec.tasks["related"].impute == {} and not fz.impute
+    shard = pq.read_table(sorted((features / "train" / "related").glob("*.parquet"))[0])
+    assert set(shard["has.query"].to_pylist()) == {0}

@@ -14,7 +14,9 @@ from unirec.schema import FeatureSpec
 def _loader(features, seed=0, **kw):
     spec = FeatureSpec.load(features / "feature_spec.json")
     cfg = LoaderConfig(batch_size=256, shuffle_buffer=1024, prefetch=0, **kw)
-    return MixedLoader(features, spec, cfg, {"home": 1, "related": 1, "search": 2, "genre": 4, "genre_rows": 1}, seed), spec
+    return MixedLoader(
+        features, spec, cfg, {"home": 1, "related": 1, "search": 2, "genre": 4, "genre_rows": 1}, seed
+    ), spec
 
 
 def test_same_seed_same_batches_different_seed_differs(toy_features):

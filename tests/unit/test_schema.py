@@ -83,3 +83,20 @@ def test_bad_run_settings_fail_at_start_naming_the_key(override, key):
 
     with pytest.raises(ValueError, match=re.escape(key)):
         check(compose(["debug=toy", override]))
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ({"colour": "user"}, r"task.a.impute.colour: 'colour' is not a field of the unified context"),
+        ({"user": "user"}, r"task.a.impute.user: the task has 'user' itself"),
+        ({"query": "title"}, r"task.a.impute.query='title': 'title' is not one of the task's context fields"),
+        ({"query": "user.item_title"}, r"'item_title' is not a candidate field"),
+        ({"age": "user"}, r"a dense field and a text field cannot stand in"),
+    ],
+)
+def test_bad_imputation_rules_are_named(rule, message):
+    a, b = _task(0, user=FieldKind.categorical), _task(1, query=FieldKind.tokens, age=FieldKind.dense)
+    a.impute = rule
+    with pytest.raises(SchemaError, match=message):
+        validate_tasks({"a": a, "b": b}, CANDS)

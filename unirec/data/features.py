@@ -50,12 +50,84 @@ def tokenize(text: pa.Array) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)), mask=pc.is_null(parts))
 
 
+class Imputer:
+    """Context-aware imputation: fills a task's missing context fields from its other context fields or
+    from a candidate feature of an id it holds (``query <- source_item.item_title``), on raw unified rows.
+
+    Preparation applies it to the labeled rows (so vocabularies see imputed values) and the
+    :class:`Featurizer` applies it again to whatever it featurizes, so evaluation and serving impute
+    exactly as training did. Only null values are filled; applying it twice changes nothing.
+
+    Args:
+        rules: task type id -> {target field: source} (see ``TaskConfig.impute``).
+        kinds: unified context field -> kind (the target's raw type: dense is float64, else text).
+        catalogues: candidate type -> raw candidate table.
+        keys: candidate type -> key column of its table.
+        columns: candidate field -> (candidate type, table column).
+    """
+
+    def __init__(self, rules, kinds, catalogues, keys, columns):
+        self.rules = {int(k): dict(v) for k, v in rules.items() if v}
+        self.kinds, self.catalogues, self.columns = kinds, catalogues, columns
+        self._ids = {c: normalise_ids(_as_array(cat[keys[c]])) for c, cat in catalogues.items()}
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec, catalogues: Mapping[str, pa.Table]) -> Imputer:
+        return cls(
+            {t.id: t.impute for t in spec.tasks.values()},
+            {k: f.kind for k, f in spec.context.items()},
+            catalogues,
+            {c: cs.key for c, cs in spec.candidates.items()},
+            {f: (c, spec.candidate_fields[f].column) for c, cs in spec.candidates.items() for f in cs.fields},
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def __call__(self, table: pa.Table, task_id: Optional[int] = None) -> pa.Table:
+        """Rows of ``table`` with their task's rules applied; the task comes from a ``task_type`` column
+        or, for a table of one task's requests (serving), from ``task_id``."""
+        if not self.rules or table.num_rows == 0:
+            return table
+        if TASK_TYPE in table.column_names:
+            types = np.asarray(pc.fill_null(table[TASK_TYPE], -1))
+        elif task_id is not None:
+            types = np.full(table.num_rows, task_id)
+        else:
+            return table
+        for tid, rules in self.rules.items():
+            mine = types == tid
+            if not mine.any():
+                continue
+            for target, source in rules.items():
+                table = self._fill(table, target, self._source(table, source), pa.array(mine))
+        return table
+
+    def _source(self, table: pa.Table, source: str) -> pa.Array:
+        name, _, cand = source.partition(".")
+        col = _as_array(table[name]) if name in table.column_names else pa.nulls(table.num_rows, pa.string())
+        if not cand:
+            return col
+        ctype, column = self.columns[cand]
+        row = pc.index_in(normalise_ids(pc.cast(col, pa.string())), value_set=self._ids[ctype])
+        return _as_array(self.catalogues[ctype][column]).take(row)
+
+    def _fill(self, table: pa.Table, target: str, values: pa.Array, rows: pa.Array) -> pa.Table:
+        raw = pa.float64() if self.kinds[target] == FieldKind.dense.value else pa.string()
+        cur = _as_array(table[target]) if target in table.column_names else pa.nulls(table.num_rows, raw)
+        new = pc.if_else(pc.and_(rows, pc.is_null(cur)), pc.cast(values, raw), pc.cast(cur, raw))
+        if target in table.column_names:
+            return table.set_column(table.schema.get_field_index(target), target, new)
+        return table.append_column(target, new)
+
+
 def fit(
     train: Mapping[str, pa.Table],
     tasks: Mapping[str, TaskConfig],
     ctx_fields: Mapping[str, FieldConfig],
     candidates: Mapping[str, CandidateConfig],
     catalogues: Mapping[str, pa.Table],
+    impute: Optional[Mapping[str, Mapping[str, str]]] = None,
 ) -> tuple[FeatureSpec, Dict[str, list]]:
     """Fit vocabularies and dense statistics on the train split only.
 
@@ -66,13 +138,19 @@ def fit(
         candidates: candidate type -> its config.
         catalogues: candidate type -> its raw table (one row per candidate).
 
+        impute: task name -> imputation rules in force (none when left out).
+
     Returns:
         The feature spec and the vocabularies (field name -> values, in index order from FIRST_ID).
     """
+    impute = {name: dict((impute or {}).get(name, {})) for name in tasks}
     vocabs: Dict[str, list] = {}
     ctx_spec: Dict[str, FieldSpec] = {}
     for fname, fcfg in ctx_fields.items():
-        values = [t[fname] for name, t in train.items() if fname in tasks[name].context]
+        # Imputed values (train is already imputed) belong to the vocabulary like logged ones.
+        values = [
+            t[fname] for name, t in train.items() if fname in tasks[name].context or fname in impute[name]
+        ]
         ctx_spec[fname], vocab = _fit_field(fname, fcfg, _concat(values), column=None)
         if vocab is not None:
             vocabs[fname] = vocab
@@ -92,7 +170,9 @@ def fit(
             id_field = fname if is_id else id_field
         cand_spec[ctype] = CandidateSpec(ctype, ccfg.table, ccfg.key, id_field, tuple(ccfg.fields))
     task_spec = {
-        name: TaskSpec(name, t.id, t.candidate, tuple(sorted(t.context)), t.loss_weight, tuple(t.metrics))
+        name: TaskSpec(
+            name, t.id, t.candidate, tuple(sorted(t.context)), t.loss_weight, tuple(t.metrics), impute[name]
+        )
         for name, t in sorted(tasks.items(), key=lambda kv: kv[1].id)
     }
     return FeatureSpec(ctx_spec, cand_spec, cand_fields, task_spec), vocabs
@@ -130,6 +210,7 @@ class Featurizer:
 
     def __init__(self, spec: FeatureSpec, vocabs: Mapping[str, list], catalogues: Mapping[str, pa.Table]):
         self.spec = spec
+        self.impute = Imputer.from_spec(spec, catalogues)
         self._vocab = {k: pa.array(v, pa.string()) for k, v in vocabs.items()}
         self._cand_rows: Dict[str, pa.Array] = {}
         self._cand_cols: Dict[str, Dict[str, np.ndarray]] = {}
@@ -166,8 +247,10 @@ class Featurizer:
         """The catalogue's candidate ids (canonical text, see :func:`unirec.data.ids.normalise_ids`), in table order."""
         return self._cand_rows[ctype]
 
-    def context(self, table: pa.Table) -> Dict[str, pa.Array]:
-        """``ctx.<field>`` and ``has.<field>`` for every unified context field (absent columns are missing)."""
+    def context(self, table: pa.Table, task_id: Optional[int] = None) -> Dict[str, pa.Array]:
+        """``ctx.<field>`` and ``has.<field>`` for every unified context field (absent columns are missing),
+        after the imputation rules of each row's task (``task_type`` column, else ``task_id``)."""
+        table = self.impute(table, task_id)
         out: Dict[str, pa.Array] = {}
         n = table.num_rows
         for name, f in self.spec.context.items():

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from unirec.config import DataConfig, FieldKind, TaskConfig
 from unirec.data import labels
-from unirec.data.features import Featurizer, fit, save_vocabs
+from unirec.data.features import Featurizer, Imputer, fit, save_vocabs
 from unirec.schema import FeatureSpec, unified_context, used_candidates, validate_tasks
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,15 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
         print(
             f"labels  {name:<10} raw={raw.num_rows:>11,} rejected={rejects.num_rows:>9,}  {reject_counts[name]}"
         )
+    impute = {name: dict(t.impute) if data.impute else {} for name, t in tasks.items()}
+    imputer = Imputer(
+        {t.id: impute[name] for name, t in tasks.items()},
+        {k: FieldKind(v.kind).value for k, v in ctx_fields.items()},
+        catalogues,
+        {c: cfg.key for c, cfg in candidates.items()},
+        {f: (c, fc.column) for c, cfg in candidates.items() for f, fc in cfg.fields.items()},
+    )
+    examples = {name: imputer(t) for name, t in examples.items()}
     cutoffs = labels.time_cutoffs(list(examples.values()), data.split)
     splits: Dict[str, Dict[str, pa.Table]] = {s: {} for s in labels.SPLITS}
     for name, task in sorted(tasks.items()):
@@ -114,7 +123,7 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
         print(f"split   {name:<10} " + " ".join(f"{s}={t.num_rows:,}" for s, t in by_split.items()))
     (out / "rejects.json").write_text(json.dumps(reject_counts, indent=2, sort_keys=True))
 
-    spec, vocabs = fit(splits["train"], tasks, ctx_fields, candidates, catalogues)
+    spec, vocabs = fit(splits["train"], tasks, ctx_fields, candidates, catalogues, impute)
     feat = out / "features"
     feat.mkdir(parents=True, exist_ok=True)
     spec.save(feat / "feature_spec.json")

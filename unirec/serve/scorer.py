@@ -159,6 +159,8 @@ class Scorer:
         a field's encoding depends on nothing but its own value.
         """
         used, _ = self.check_context(task, context)
+        if self.artifact.featurizer.impute:
+            used = self._imputed(task, used)
         values = {f: self._normalise(f, used.get(f)) for f in self._fields}
         missing = {f: v for f, v in values.items() if (f, v) not in self._memo}
         if missing:
@@ -167,6 +169,18 @@ class Scorer:
         ctx = {f: torch.from_numpy(r[0])[None] for f, r in zip(self._fields, rows)}
         present = torch.tensor([[r[1] for r in rows]], dtype=torch.float32)
         return ctx, present, torch.tensor([self.spec.tasks[task].id])
+
+    def _imputed(self, task: str, used: Dict[str, ContextValue]) -> Dict[str, ContextValue]:
+        """The task's imputation rules applied to one request, as the Featurizer applies them in training."""
+        rules = self.spec.tasks[task].impute
+        if not rules:
+            return used
+        cols = {f: pa.array([None if v is None else str(v)], pa.string()) for f, v in used.items()}
+        table = self.artifact.featurizer.impute(
+            pa.table(cols) if cols else pa.table({"_": [0]}), self.spec.tasks[task].id
+        )
+        filled = {t: table[t][0].as_py() for t in rules if t in table.column_names}
+        return {**used, **{t: v for t, v in filled.items() if v is not None}}
 
     def _normalise(self, field: str, value: ContextValue):
         if value is None:
