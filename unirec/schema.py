@@ -196,7 +196,7 @@ def validate_tasks(tasks: Mapping[str, TaskConfig], candidates: Mapping[str, Can
 
 def _check_rule(key: str, target: str, source: str, task: TaskConfig, ctx, cand_owner, candidates) -> None:
     if target not in ctx:
-        raise SchemaError(f"{key}: {target!r} is not a field of the unified context {sorted(ctx)}")
+        return  # no selected task has the field: the rule is inactive (see active_rules)
     if target in task.context:
         raise SchemaError(f"{key}: the task has {target!r} itself; rules fill only fields a task lacks")
     field_, _, cand = source.partition(".")
@@ -210,6 +210,12 @@ def _check_rule(key: str, target: str, source: str, task: TaskConfig, ctx, cand_
     dense = [FieldKind(f.kind) == FieldKind.dense for f in (ctx[target], src)]
     if dense[0] != dense[1]:
         raise SchemaError(f"{key}={source!r}: a dense field and a text field cannot stand in for each other")
+
+
+def active_rules(task: TaskConfig, ctx: Mapping[str, FieldConfig]) -> Dict[str, str]:
+    """A task's imputation rules whose target is in the unified context; a rule for a field that no
+    selected task has (``query`` when search is left out) fills nothing and is dropped."""
+    return {k: v for k, v in task.impute.items() if k in ctx}
 
 
 def used_candidates(

@@ -88,7 +88,6 @@ def test_bad_run_settings_fail_at_start_naming_the_key(override, key):
 @pytest.mark.parametrize(
     "rule, message",
     [
-        ({"colour": "user"}, r"task.a.impute.colour: 'colour' is not a field of the unified context"),
         ({"user": "user"}, r"task.a.impute.user: the task has 'user' itself"),
         ({"query": "title"}, r"task.a.impute.query='title': 'title' is not one of the task's context fields"),
         ({"query": "user.item_title"}, r"'item_title' is not a candidate field"),
@@ -100,3 +99,14 @@ def test_bad_imputation_rules_are_named(rule, message):
     a.impute = rule
     with pytest.raises(SchemaError, match=message):
         validate_tasks({"a": a, "b": b}, CANDS)
+
+
+def test_a_rule_for_a_field_no_selected_task_has_is_inactive():
+    from unirec.schema import active_rules
+
+    a = _task(0, user=FieldKind.categorical)
+    a.impute = {"query": "user"}
+    validate_tasks({"a": a}, CANDS)  # query is not in the unified context: nothing to fill, no error
+    assert active_rules(a, unified_context({"a": a})) == {}
+    b = _task(1, query=FieldKind.tokens)
+    assert active_rules(a, unified_context({"a": a, "b": b})) == {"query": "user"}

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from unirec.config import DataConfig, FieldKind, TaskConfig
 from unirec.data import labels
 from unirec.data.features import Featurizer, Imputer, fit, save_vocabs
-from unirec.schema import FeatureSpec, unified_context, used_candidates, validate_tasks
+from unirec.schema import FeatureSpec, active_rules, unified_context, used_candidates, validate_tasks
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
@@ -102,7 +102,7 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
         print(
             f"labels  {name:<10} raw={raw.num_rows:>11,} rejected={rejects.num_rows:>9,}  {reject_counts[name]}"
         )
-    impute = {name: dict(t.impute) if data.impute else {} for name, t in tasks.items()}
+    impute = {name: active_rules(t, ctx_fields) if data.impute else {} for name, t in tasks.items()}
     imputer = Imputer(
         {t.id: impute[name] for name, t in tasks.items()},
         {k: FieldKind(v.kind).value for k, v in ctx_fields.items()},
