@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -126,18 +126,29 @@ SYNTHETIC_SIZE = {
 # ----------------------------------------------------------------------------------------------- training
 
 
-def compose(suite: Suite, tasks: Sequence[str], lr: float, size: str, seed: int, extra: Sequence[str] = ()):
+def compose(
+    suite: Suite, tasks: Optional[Sequence[str]], lr: float, size: str, seed: int, extra: Sequence[str] = ()
+):
+    """The run's config; ``tasks=None`` keeps the task list of ``suite.overrides`` (or conf/train.yaml)."""
     from unirec.config import compose as compose_cfg
 
     model = [f"model.{k}={v}" for k, v in SIZES[size].items()]
-    task_list = ",".join(suite.tasks[t] for t in tasks)
-    return compose_cfg(
-        [*suite.overrides, f"task=[{task_list}]", f"optim.lr={lr}", *model, f"seed={seed}", *extra]
-    )
+    task = [] if tasks is None else [f"task=[{','.join(suite.tasks[t] for t in tasks)}]"]
+    return compose_cfg([*suite.overrides, *task, f"optim.lr={lr}", *model, f"seed={seed}", *extra])
 
 
-def train(suite: Suite, tasks: Sequence[str], lr: float, size: str, seed: int, run_dir: Path, args) -> Dict:
-    """Train (or reuse) one run; returns its metrics.json plus the wall time."""
+def train(
+    suite: Suite,
+    tasks: Optional[Sequence[str]],
+    lr: float,
+    size: str,
+    seed: int,
+    run_dir: Path,
+    args,
+    extra: Sequence[str] = (),
+) -> Dict:
+    """Train (or reuse) one run; returns its metrics.json plus the wall time. ``extra``: further overrides
+    (after the suite's, the learning rate, the size and the seed)."""
     from omegaconf import OmegaConf
 
     from unirec.data.loader import count_rows, shard_files
@@ -149,14 +160,14 @@ def train(suite: Suite, tasks: Sequence[str], lr: float, size: str, seed: int, r
         return json.loads(done.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted run: start it over (its data set is cached)
-    cfg = compose(suite, tasks, lr, size, seed)
+    cfg = compose(suite, tasks, lr, size, seed, extra)
     features = prepare(cfg.data, cfg.task, cfg.seed)
     rows = sum(count_rows(shard_files(features, "train", t)) for t in cfg.task)
     epoch = max(1, math.ceil(rows / cfg.loader.batch_size))
     trainer = [f"trainer.max_steps={epoch * suite.epochs}", f"trainer.eval_every={epoch}",
                f"trainer.checkpoint_every={epoch}", "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=1",
                "trainer.progress=false", f"trainer.log_every={max(1, epoch // 2)}"]  # fmt: skip
-    cfg = compose(suite, tasks, lr, size, seed, trainer)
+    cfg = compose(suite, tasks, lr, size, seed, [*extra, *trainer])
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     t0 = time.perf_counter()
