@@ -192,6 +192,23 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the per-task losses combine into the one loss the model trains on (unirec/balancing.py)."""
+
+    balancing: str = "static"
+    """static: sum_k loss_weight_k * L_k. uncertainty (Kendall et al. 2018): learned log-variances s_k,
+    sum_k loss_weight_k * (exp(-s_k) * L_k + s_k) over the tasks present in the batch. gradnorm (Chen et
+    al. 2018): learned weights w_k (sum K), sum_k w_k * L_k, w moved to equalise the tasks' gradient norms
+    at the last layer of the shared context encoder (K extra partial backward passes a step)."""
+    uncertainty_lr: float = 1e-2
+    """Adam learning rate of the log-variances s_k (balancing=uncertainty; constant, no warm-up)."""
+    gradnorm_lr: float = 0.025
+    """Adam learning rate of the GradNorm weights w_k (balancing=gradnorm)."""
+    gradnorm_alpha: float = 1.5
+    """GradNorm asymmetry: how strongly a task that trains slower than the others is pulled up (0: equal norms)."""
+
+
+@dataclass
 class LoaderConfig:
     """Training batches: size, shuffle and task mixing."""
 
@@ -244,6 +261,8 @@ class Config:
     task: Dict[str, TaskConfig] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Multi-task loss balancing."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0

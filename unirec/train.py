@@ -21,7 +21,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import hydra
 import torch
@@ -29,11 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from unirec import checkpoint
 from unirec import distributed as dst
+from unirec.balancing import LossBalancer, build_balancer, check_loss_config, task_grad_norms
 from unirec.config import Config, TrainerConfig, conf_dir, register_configs, to_object
 from unirec.data.loader import Batch, MixedLoader
 from unirec.data.prepare import prepare
 from unirec.evaluate import evaluate, model_scorer, popularity_scorer
-from unirec.losses import task_losses, total_loss
+from unirec.losses import task_losses
 from unirec.model import MultiTaskRanker
 from unirec.optim import build_optimizers, build_schedulers
 from unirec.report import Scores, TaskLossLog, format_table, log_scalars, metric_value, write_hparams
@@ -76,6 +77,8 @@ class Training:
     scheds: list
     loader: MixedLoader
     loss_weights: torch.Tensor
+    balancer: LossBalancer
+    """Combines the task losses (``loss.balancing``); trained beside the model, never exported with it."""
     device: torch.device
     bf16: bool
     dist: dst.Dist
@@ -101,47 +104,86 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
     weights = {t: c.sampling_weight for t, c in cfg.task.items()}
     loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed, d.rank, d.world, str(device))
     loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in module.task_names], device=device)
-    return Training(spec, module, model, opts, scheds, loader, loss_weights, device, bf16, d)
+    balancer = build_balancer(cfg.loss, loss_weights, module.task_names)
+    return Training(spec, module, model, opts, scheds, loader, loss_weights, balancer, device, bf16, d)
+
+
+def shared_weight(module: MultiTaskRanker) -> torch.Tensor:
+    """The last Linear weight of the context encoder: every task's loss flows through it (gradient norms)."""
+    return module.context_encoder[-1].weight
 
 
 def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def train_step(tr: Training, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """One optimisation step on a batch on the device; returns (total loss, task losses, counts, stepped),
-    the losses and counts being those of the global batch (all ranks).
+class StepResult(NamedTuple):
+    """What one step reports, for the global batch (all ranks)."""
 
-    A step whose loss or gradient is not finite on any rank is skipped on every rank: weights, optimizer
-    moments and the schedule stay as they were.
+    loss: torch.Tensor
+    """The balanced total (scalar)."""
+    losses: torch.Tensor
+    """[K] per-task losses."""
+    counts: torch.Tensor
+    """[K] rows of each task."""
+    stepped: bool
+    """False when the step was skipped (a non-finite loss or gradient on some rank)."""
+    grad_norms: Optional[torch.Tensor]
+    """[K] ||dL_k/dW|| at :func:`shared_weight`, when computed (asked for, or the balancer needs it)."""
+
+
+def train_step(tr: Training, batch: Batch, grad_norms: bool = False) -> StepResult:
+    """One optimisation step of the model and the loss balancer on a batch on the device.
+
+    ``grad_norms`` asks for the tasks' gradient norms (K extra partial backward passes; gradnorm computes
+    them on every step anyway). A step whose loss or gradient (the balancer's included) is not finite on any
+    rank is skipped on every rank: weights, balancer, optimizer moments and the schedule stay as they were.
     """
     with _autocast(tr.device, tr.bf16):
         logits = tr.model(batch)
     head = tr.module.head_index(batch.task_type)
-    all_sum = (lambda x: dst.all_sum(tr.dist, x)) if tr.dist.world > 1 else None
+    d, world = tr.dist, tr.dist.world
+    all_sum = (lambda x: dst.all_sum(d, x)) if world > 1 else None
     losses, counts = task_losses(
-        logits, batch.label, batch.weight, head, len(tr.module.task_names), all_sum, tr.dist.world
+        logits, batch.label, batch.weight, head, len(tr.module.task_names), all_sum, world
     )
-    loss = total_loss(losses, tr.loss_weights)
+    counts = dst.all_sum(d, counts)  # presence in the global batch, which the balancer needs
+    norms = None
+    if grad_norms or tr.balancer.needs_grad_norms:
+        all_mean = (lambda x: dst.all_sum(d, x) / world) if world > 1 else None
+        norms = task_grad_norms(losses, shared_weight(tr.module), all_mean)
+    loss = tr.balancer.total(losses, counts)
     for o in tr.opts:
         o.zero_grad(set_to_none=True)
+    tr.balancer.zero_grad()
     loss.backward()
-    grads = [p.grad for p in tr.module.parameters() if p.grad is not None]
-    finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()
-                                                   for g in grads]).all()  # fmt: skip
-    stepped = dst.all_true(tr.dist, finite)
+    if world > 1:
+        for p in tr.balancer.parameters():
+            if p.grad is not None:  # each rank's loss is its share of the global loss: average
+                p.grad = dst.all_sum(d, p.grad) / world
+    checked = [loss, *(p.grad for p in tr.module.parameters() if p.grad is not None), *tr.balancer.grads()]
+    finite = _all_finite(checked + ([norms] if tr.balancer.needs_grad_norms else []))
+    stepped = dst.all_true(d, finite)
+    # Report the loss of the global batch: each rank's term is its share, scaled by world.
+    losses = dst.all_sum(d, losses.detach()) / world if world > 1 else losses.detach()
+    reported = tr.balancer.total(losses, counts).detach()
     if stepped:
         for o, s in zip(tr.opts, tr.scheds):
             o.step()
             s.step()
+        tr.balancer.update(losses, counts, norms)
     else:
         for o in tr.opts:
             o.zero_grad(set_to_none=True)
-    losses, counts = losses.detach(), counts
-    if tr.dist.world > 1:
-        # Report the loss of the global batch: each rank's term is its share, scaled by world.
-        losses, counts = dst.all_sum(tr.dist, losses) / tr.dist.world, dst.all_sum(tr.dist, counts)
-    return total_loss(losses, tr.loss_weights), losses, counts, stepped
+        tr.balancer.zero_grad()
+    return StepResult(reported, losses, counts, stepped, norms)
+
+
+def _all_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """One bool tensor: every value of every (dense or sparse) tensor is finite; no sync with the host."""
+    return torch.stack(
+        [torch.isfinite(t.coalesce()._values() if t.is_sparse else t).all() for t in tensors]
+    ).all()
 
 
 @dataclass
@@ -179,19 +221,46 @@ def resume(tr: Training, run_dir: Path, cfg: TrainerConfig) -> Progress:
             f"{path} was written by {len(trainer['loader'])} rank(s); resume it with the same number of processes"
         )
     tr.loader.load_state(trainer["loader"][tr.dist.rank])
+    _resume_balancer(tr.balancer, state, path)
     log.info("resumed from %s (step %d)", path, trainer["step"])
     return Progress(**trainer["progress"])
 
 
+def _resume_balancer(balancer: LossBalancer, state: dict, path: Path) -> None:
+    """Restore the balancer; a checkpoint written before loss.balancing existed holds none (static then)."""
+    if "balancer" in state:
+        try:
+            balancer.load_state_dict(state["balancer"])
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"cannot resume {path}: {e}") from e
+    elif balancer.name != "static":
+        log.warning("%s holds no loss balancer state (static); loss.balancing=%s starts from its initial "
+                    "weights", path, balancer.name)  # fmt: skip
+
+
+def _check_same_balancer(per_rank: List[List[float]], step: int) -> None:
+    """Every rank must hold the same balancer weights (they are updated from all-reduced values)."""
+    first = torch.tensor(per_rank[0])
+    for rank, weights in enumerate(per_rank[1:], start=1):
+        if not torch.allclose(torch.tensor(weights), first, rtol=1e-5, atol=1e-7):
+            raise RuntimeError(
+                f"step {step}: loss balancer weights differ between rank 0 {per_rank[0]} and rank {rank} "
+                f"{weights} (loss.balancing); every rank must step it from the same all-reduced values"
+            )
+
+
 def save_checkpoint(tr: Training, run_dir: Path, progress: Progress, loader_state: dict, keep: int) -> None:
     """Every rank's loader position, gathered; rank 0 writes."""
-    states = dst.gather(tr.dist, loader_state)
+    gathered = dst.gather(tr.dist, (loader_state, tr.balancer.weights().tolist()))
+    states = [loader for loader, _ in gathered]
+    _check_same_balancer([weights for _, weights in gathered], progress.step)
     if not tr.dist.main:
         return
     state = {
         "optimizers": [o.state_dict() for o in tr.opts],
         "schedulers": [s.state_dict() for s in tr.scheds],
         "torch_rng": torch.get_rng_state(),
+        "balancer": tr.balancer.state_dict(),
     }
     if tr.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(tr.device)
@@ -236,6 +305,7 @@ class _StepLog:
 
 def check(cfg: Config) -> None:
     """Fail at start, naming the key, on settings that would otherwise fail mid-run."""
+    check_loss_config(cfg.loss)
     tc, sp = cfg.trainer, cfg.data.split
     for key in (
         "max_steps",
@@ -348,21 +418,15 @@ def _steps(
     start, samples, valid = time.perf_counter(), 0, {}
     for step in range(progress.step + 1, tc.max_steps + 1):
         batch, loader_state = next(batches)
-        loss, losses, counts, stepped = train_step(tr, batch.to(tr.device, non_blocking=True))
-        progress.step, samples = step, samples + len(batch) * tr.dist.world
-        _count_nonfinite(progress, stepped, step, tc, writer)
-        if stepped:
-            losses_log.add(losses, counts)
         last = step == tc.max_steps
-        if main and (step % tc.log_every == 0 or last):
-            per_task = losses_log.flush()
-            for name, value in per_task.items():
-                writer.add_scalar(f"train/{name}/loss", value, step)
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/lr", tr.scheds[0].get_last_lr()[0], step)
-            writer.add_scalar("train/samples_per_s", samples / (time.perf_counter() - start), step)
-            out.steplog.write({"step": step, "loss": loss.item(), "tasks": per_task, "stepped": stepped})
-            out.bar.set_postfix(loss=f"{loss.item():.4f}")
+        log_step = step % tc.log_every == 0 or last
+        res = train_step(tr, batch.to(tr.device, non_blocking=True), grad_norms=log_step)
+        progress.step, samples = step, samples + len(batch) * tr.dist.world
+        _count_nonfinite(progress, res.stepped, step, tc, writer)
+        if res.stepped:
+            losses_log.add(res.losses, res.counts)
+        if main and log_step:
+            _log_step(out, tr, step, res, losses_log.flush(), samples / (time.perf_counter() - start))
         if step % tc.eval_every == 0 or last:
             valid = validate(tr, features, tc.eval_batch_size)
             _track_best(progress, valid, tc.best_metric, step)
@@ -372,6 +436,26 @@ def _steps(
             save_checkpoint(tr, run_dir, progress, loader_state, tc.keep_checkpoints)
         out.bar.update(1)
     return valid, samples
+
+
+def _log_step(
+    out: _Outputs, tr: Training, step: int, res: StepResult, per_task: Dict[str, float], samples_per_s: float
+) -> None:
+    """TensorBoard scalars and a train_log.jsonl line: per-task loss, balancer weight and gradient norm
+    (a task absent from this step's batch has no gradient norm), the total, lr and throughput."""
+    names, writer = tr.module.task_names, out.writer
+    weights = dict(zip(names, tr.balancer.weights().tolist()))
+    norms = {n: g for n, g, c in zip(names, res.grad_norms.tolist(), res.counts.tolist()) if c > 0}
+    for prefix, values in (("loss", per_task), ("weight", weights), ("grad_norm", norms)):
+        for name, value in values.items():
+            writer.add_scalar(f"train/{name}/{prefix}", value, step)
+    loss = res.loss.item()
+    writer.add_scalar("train/loss", loss, step)
+    writer.add_scalar("train/lr", tr.scheds[0].get_last_lr()[0], step)
+    writer.add_scalar("train/samples_per_s", samples_per_s, step)
+    out.steplog.write({"step": step, "loss": loss, "tasks": per_task, "stepped": res.stepped,
+                       "weights": weights, "grad_norms": norms})  # fmt: skip
+    out.bar.set_postfix(loss=f"{loss:.4f}")
 
 
 def _count_nonfinite(progress: Progress, stepped: bool, step: int, tc: TrainerConfig, writer) -> None:
@@ -404,6 +488,7 @@ def _hparams(cfg: Config) -> Dict[str, object]:
         "model.tower": cfg.model.tower,
         "model.tower_layers": cfg.model.tower_layers,
         "optim.lr": cfg.optim.lr,
+        "loss.balancing": cfg.loss.balancing,
         "loader.batch_size": cfg.loader.batch_size,
         "loader.mix": getattr(cfg.loader.mix, "value", cfg.loader.mix),
         "trainer.max_steps": cfg.trainer.max_steps,

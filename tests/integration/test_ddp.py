@@ -71,7 +71,7 @@ def test_ddp_matches_single_process(runs):
     ddp = json.loads((ddp_dir / "metrics.json").read_text())
     single = json.loads((single_dir / "metrics.json").read_text())
     assert ddp["ranks"] == 2 and single["ranks"] == 1
-    assert set(ddp["valid"]) == set(single["valid"]) == {"home", "related", "search", "genre"}
+    assert set(ddp["valid"]) == set(single["valid"]) == {"home", "related", "search", "genre", "genre_rows"}
     auc = [(ddp["valid"][t]["auc"], single["valid"][t]["auc"]) for t in ddp["valid"]]
     mean_gap = abs(np.mean([a for a, _ in auc]) - np.mean([b for _, b in auc]))
     assert mean_gap < AUC_TOLERANCE, auc
@@ -85,3 +85,17 @@ def test_ddp_matches_single_process(runs):
     assert abs(a - b) / b < LOSS_TOLERANCE, (a, b)
     # Only rank 0 wrote: one TensorBoard event file, one metrics file.
     assert len(list((ddp_dir / "tb").glob("events.*"))) == 1
+
+
+@pytest.mark.parametrize("balancing", ["uncertainty", "gradnorm"])
+def test_learned_balancer_is_identical_on_every_rank(balancing, tmp_path):
+    """Each checkpoint gathers every rank's balancer weights and stops the run if they differ, so a missing
+    all-reduce (per-rank s_k gradients, per-rank gradient norms) fails this run."""
+    args = ["debug=toy", "loader.mix=weights", "task.genre.sampling_weight=0.02", f"loss.balancing={balancing}",
+            "trainer.max_steps=10", "trainer.checkpoint_every=2", "trainer.eval_every=10", "trainer.log_every=1",
+            "loader.batch_size=256", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = _torchrun(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 11))
+    assert lines[-1]["weights"] != lines[0]["weights"]

@@ -124,7 +124,7 @@ def test_nan_step_is_skipped_and_leaves_everything_unchanged(monkeypatch, toy_fe
     moments = {k: v.clone() for k, v in tr.opts[0].state_dict()["state"][0].items()}
     epoch = tr.scheds[0].last_epoch
     _nan_after(monkeypatch, 0)
-    loss, _, _, stepped = train_step(tr, tr.loader.next_batch())
+    loss, _, _, stepped, _ = train_step(tr, tr.loader.next_batch())
     assert not stepped and not torch.isfinite(loss)
     assert all(torch.equal(before[k], v) for k, v in tr.module.state_dict().items())
     assert all(torch.equal(moments[k], v) for k, v in tr.opts[0].state_dict()["state"][0].items())
