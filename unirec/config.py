@@ -153,8 +153,10 @@ class DataConfig:
     candidates: Dict[str, CandidateConfig] = field(default_factory=dict)
     rows_per_file: int = 262_144
     """Rows per feature shard file."""
-    impute: bool = True
-    """Apply the tasks' imputation rules (task.<name>.impute); false leaves every missing field missing."""
+    impute: bool = False
+    """Apply the tasks' imputation rules (task.<name>.impute); false leaves every missing field missing.
+    The synthetic data set turns it on (conf/data/synthetic.yaml); MovieLens leaves it off: the ablation
+    reports (reports/*/ablations.md) show it helping every synthetic task and hurting three MovieLens ones."""
 
 
 @dataclass
