@@ -36,6 +36,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -107,6 +108,20 @@ class Variant:
     def slug(self) -> str:
         """Run directory name: the same changes always reuse the same runs."""
         return "+".join(f"{k}={v}" for k, v in sorted(self.changes)).replace("/", "_") or "baseline"
+
+
+def _portable(overrides: Sequence[str]) -> List[str]:
+    """The suite's data overrides as a report may show them: no cache directory, and the raw directory
+    relative to the working directory (no machine paths in a committed report)."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "data.cache_dir":
+            continue
+        if key == "data.raw_dir" and value and Path(value).is_absolute():
+            value = os.path.relpath(value)
+        out.append(f"{key}={value}")
+    return out
 
 
 def all_variants() -> List[Variant]:
@@ -343,7 +358,7 @@ def run_suite(suite, variants: List[Variant], pinned: Dict[str, str], unpinned: 
             "lr": LR,
             **cr.SIZES[SIZE],
             "batch_size": BATCH_SIZE,
-            "data": [o for o in suite.overrides if not o.startswith("data.cache_dir=")],
+            "data": _portable(suite.overrides),
             "quick": bool(args.quick),
         },
         "baseline": pinned,
