@@ -104,6 +104,8 @@ class Scorer:
         self._vectors: Dict[str, torch.Tensor] = {}
         self._popular: Dict[str, Tuple[list, np.ndarray]] = {}
         self._memo: Dict[Tuple[str, object], Tuple[np.ndarray, float]] = {}
+        # (task, values of the rules' source fields) -> imputed values: Arrow once per distinct source.
+        self._impute_memo: Dict[Tuple, Dict[str, object]] = {}
         counts = popularity_counts(artifact.popularity, self.spec)
         for task, t in self.spec.tasks.items():
             self._popular[task] = self._popularity_order(counts[task], t.candidate)
@@ -175,11 +177,16 @@ class Scorer:
         rules = self.spec.tasks[task].impute
         if not rules:
             return used
-        cols = {f: pa.array([None if v is None else str(v)], pa.string()) for f, v in used.items()}
-        table = self.artifact.featurizer.impute(
-            pa.table(cols) if cols else pa.table({"_": [0]}), self.spec.tasks[task].id
-        )
-        filled = {t: table[t][0].as_py() for t in rules if t in table.column_names}
+        sources = sorted({r.partition(".")[0] for r in rules.values()})
+        key = (task, tuple(None if used.get(f) is None else str(used[f]) for f in sources))
+        filled = self._impute_memo.get(key)
+        if filled is None:
+            cols = {f: pa.array([v], pa.string()) for f, v in zip(sources, key[1])}
+            table = self.artifact.featurizer.impute(pa.table(cols), self.spec.tasks[task].id)
+            filled = {t: table[t][0].as_py() for t in rules if t in table.column_names}
+            if len(self._impute_memo) > _MEMO_SIZE:
+                self._impute_memo.clear()  # bounded, like the featurization memo
+            self._impute_memo[key] = filled
         return {**used, **{t: v for t, v in filled.items() if v is not None}}
 
     def _normalise(self, field: str, value: ContextValue):
