@@ -127,7 +127,14 @@ def test_requests_contexts_and_negatives(tmp_path):
     assert sum(v["requests"]["train"] for v in summary["canvases"].values()) == n_train
     eval_negs = {}
     for name, t in logs.items():
-        assert t.column_names == [*ml.CANVAS_COLUMNS[name], "item_id", "label", "timestamp", "split"]
+        assert t.column_names == [
+            *ml.CANVAS_COLUMNS[name],
+            "item_id",
+            "label",
+            "timestamp",
+            "split",
+            "event_order",
+        ]
         pos = t.filter(pc.equal(t["label"], 1)).to_pylist()
         for s in ("valid", "test"):  # one request per valid/test event on every canvas
             assert sum(r["split"] == s for r in pos) == n_users
@@ -172,6 +179,29 @@ def test_requests_contexts_and_negatives(tmp_path):
 
 def _user_of(row, ev):
     return ev["user"][row["request_id"] // 4]
+
+
+def test_event_order_is_the_position_within_the_user(tmp_path):
+    data, out, _ = _derived(tmp_path)
+    ev = ml.split_events(data.ratings)
+    inter = pq.read_table(out / ml.INTERACTIONS)
+    assert inter.column_names == ["user_id", "item_id", "timestamp", "split", "event_order"]
+    assert inter.schema.field("event_order").type == pa.int64()
+    order = {}
+    for r in inter.to_pylist():  # 0, 1, 2, ... per user, in (timestamp, item id) order
+        order.setdefault(r["user_id"], []).append((r["timestamp"], r["item_id"], r["event_order"]))
+    for rows in order.values():
+        assert [o for _, _, o in rows] == list(range(len(rows))) and rows == sorted(rows)
+    position = dict(zip(zip(ev["user"].tolist(), ev["item"].tolist()), ev["pos"].tolist()))
+    for t in _logs(out).values():  # every row, negatives included, carries its request's event order
+        assert t.schema.field("event_order").type == pa.int64()
+        rows = t.to_pylist()
+        pos = {r["request_id"]: r for r in rows if r["label"] == 1}
+        for r in rows:
+            p = pos[r["request_id"]]
+            event = r["request_id"] // 4
+            assert r["event_order"] == p["event_order"] == ev["pos"][event]
+            assert position[(int(ev["user"][event]), p["item_id"])] == p["event_order"]
 
 
 def test_popularity_negatives_and_knobs(tmp_path):

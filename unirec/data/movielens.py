@@ -18,7 +18,10 @@ The canvas derivation (:func:`derive`), fixed and seeded; ``seed`` is the run's 
 1. Every rating is a positive engagement (implicit feedback; the rating value is not used). Each user's
    events are sorted by (timestamp, item id): the last is ``test``, the second-to-last ``valid``, the rest
    ``train`` (leave-last-out; the split is written into every row's ``split`` column and honoured by the
-   label pipeline instead of its time cut-offs).
+   label pipeline instead of its time cut-offs). An event's position in that order within its user
+   (0, 1, 2, ...) is its ``event_order``, written into every row (negatives carry their request's): it
+   breaks ties of equal timestamps the same way in the point-in-time history join
+   (:mod:`unirec.data.history`), so a request's history holds exactly the user's earlier events.
 2. Each train event goes to one canvas by a seeded hash of (user, item): ``home`` 40 %, ``related`` 25 %,
    ``search`` 20 %, ``genre`` 15 %; a user's first event (no previous event) always goes to ``home``.
    Each valid and test event yields one request on *every* canvas, so every task is evaluated on every user.
@@ -36,9 +39,10 @@ The canvas derivation (:func:`derive`), fixed and seeded; ``seed`` is the run's 
 
 Output directory: ``items.parquet`` (``item_id, title, genres, year``), ``users.parquet``,
 ``<canvas>/part-00000.parquet`` per canvas with its own columns (see :data:`CANVAS_COLUMNS`),
-``interactions.parquet`` (``user_id, item_id, timestamp, split`` of every event: the interaction history
-that full-ranking evaluation removes from a user's ranking) and ``derivation.json`` (the settings and
-counts). ``python -m unirec.data.movielens SRC OUT`` writes it.
+``interactions.parquet`` (``user_id, item_id, timestamp, split, event_order`` of every event: the
+interaction history that full-ranking evaluation removes from a user's ranking, and the events of the
+history join) and ``derivation.json`` (the settings and counts). ``python -m unirec.data.movielens SRC OUT``
+writes it.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ CANVAS_COLUMNS = {
     "search": ("request_id", "user_id", "query"),
     "genre": ("request_id", "user_id", "genre"),
 }
-"""Each canvas log's context columns; every log also has ``item_id, label, timestamp, split``."""
+"""Each canvas log's context columns; every log also has ``item_id, label, timestamp, split, event_order``
+(negatives carry their request's event's order)."""
 INTERACTIONS = "interactions.parquet"
 """Every event of the derivation with its split; see :func:`unirec.evaluate.seen_items`."""
 AGE_BUCKETS = ((18, "under18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
@@ -284,7 +289,7 @@ def assign_canvas(seed: int, user: np.ndarray, item: np.ndarray, first: np.ndarr
 
 
 def split_events(ratings: pa.Table) -> Dict[str, np.ndarray]:
-    """Events in (user, timestamp, item id) order with position, previous item and split."""
+    """Events in (user, timestamp, item id) order with position (``event_order``), previous item and split."""
     t = ratings.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
     user, item, ts = (t[c].to_numpy() for c in ("user_id", "item_id", "timestamp"))
     start = np.r_[0, np.flatnonzero(user[1:] != user[:-1]) + 1]
@@ -346,6 +351,7 @@ def derive(ml: MovieLens, out, seed: int, cfg: Optional[MovieLensConfig] = None)
         cols["label"] = pa.array(label[sel])
         cols["timestamp"] = pa.array(ev["ts"][e])
         cols["split"] = pa.array(ev["split"][e], pa.string())
+        cols["event_order"] = pa.array(ev["pos"][e], pa.int64())
         table = pa.table(cols)
         _write(table, out / name / "part-00000.parquet")
         by_split = {
@@ -369,7 +375,11 @@ def derive(ml: MovieLens, out, seed: int, cfg: Optional[MovieLensConfig] = None)
     # Every event with its split: the full-ranking protocol removes a user's train items from the ranking,
     # including those of the related canvas, whose requests carry no user.
     history = {"user_id": ev["user"], "item_id": ev["item"], "timestamp": ev["ts"]}
-    _write(pa.table({**history, "split": pa.array(ev["split"], pa.string())}), out / INTERACTIONS)
+    split = pa.array(ev["split"], pa.string())
+    _write(
+        pa.table({**history, "split": split, "event_order": pa.array(ev["pos"], pa.int64())}),
+        out / INTERACTIONS,
+    )
     summary.update(users=int(len(users_sorted)), items=int(n_items), events=int(n_ev))
     (out / "derivation.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
