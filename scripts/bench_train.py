@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unirec.config import compose
-from unirec.data.loader import shard_files, table_to_arrays, to_batch
+from unirec.data.batch import table_to_arrays, to_batch
+from unirec.data.loader import shard_files
 from unirec.data.prepare import prepare
 from unirec.train import setup, train_step
 

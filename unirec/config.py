@@ -13,14 +13,6 @@ from unirec.data.movielens import MovieLensConfig
 from unirec.data.synthetic_config import SyntheticConfig
 
 
-class FieldKind(str, Enum):
-    """How a field is represented: an id, a bag of tokens, or a number."""
-
-    categorical = "categorical"
-    tokens = "tokens"
-    dense = "dense"
-
-
 class LabelSource(str, Enum):
     """Where a task's negatives come from."""
 
@@ -43,8 +35,9 @@ class MixStrategy(str, Enum):
 class FieldConfig:
     """One feature field: its kind and how its vocabulary is built."""
 
-    kind: FieldKind = FieldKind.categorical
-    """categorical (one id), tokens (text split into a bag of tokens) or dense (a float)."""
+    kind: str = "categorical"
+    """A kind of unirec/kinds.py (KINDS): categorical (one id), tokens (text split into a bag of tokens),
+    dense (a float) or sequence (an ordered list of ids), or one registered with unirec.kinds.register."""
     column: Optional[str] = None
     """Source column in a candidate table (candidate fields only; context fields come from adapters)."""
     min_count: int = 1
@@ -52,7 +45,15 @@ class FieldConfig:
     hash_buckets: int = 0
     """If > 0, skip the vocabulary and hash values into this many buckets (for huge fields)."""
     max_len: int = 8
-    """Tokens kept per bag (token fields only)."""
+    """Tokens kept per bag (token fields), most recent ids kept (sequence fields)."""
+    table: Optional[str] = None
+    """Embedding table (and vocabulary) the field reads; null: its own. Fields naming one table share it,
+    e.g. ``source_item: {kind: categorical, table: item}`` reads the candidate item id's table."""
+
+    def __post_init__(self) -> None:
+        from unirec.kinds import kind_of
+
+        kind_of(self.kind)  # an unknown kind fails at compose time, listing the known ones
 
 
 @dataclass
@@ -75,6 +76,9 @@ class AdapterConfig:
     """Unified context field -> raw column."""
     drop_duplicates: bool = True
     """Reject exact duplicate rows of the same request and candidate (reason: duplicate)."""
+    order: Optional[str] = None
+    """Raw column ordering events within one second (int), carried as ``event_order``: the history join's
+    tie-break (data.history.order names the same order in the engagements source)."""
 
 
 @dataclass
@@ -137,6 +141,34 @@ class SplitConfig:
 
 
 @dataclass
+class HistoryConfig:
+    """The user's history: a ``sequence`` context field joined point-in-time in preparation.
+
+    Every task whose context has ``key`` gets the field; the others get its sentinel. A row's history is
+    the key's engagements that precede the row: strictly earlier in time, or at the same second and earlier
+    in ``order`` where both sides have one (unirec/data/history.py)."""
+
+    enabled: bool = False
+    field: str = "history"
+    """Name of the context field."""
+    key: str = "user"
+    """Context field whose value identifies whose history it is."""
+    max_len: int = 50
+    """Most recent engagements kept."""
+    table: str = "item"
+    """Table of the engaged ids: the candidate id field whose ids the history holds (it shares its table)."""
+    source: Optional[str] = None
+    """Raw file of engagements (under the raw directory, or absolute) with columns ``user``, ``item``,
+    ``timestamp`` and optionally ``order`` below; null: the positives of every task whose context has
+    ``key`` and whose candidates carry ``table``'s ids."""
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    order: Optional[str] = None
+    """Tie-break column within one second (present in the source and in the tasks' logs, e.g. event_order)."""
+
+
+@dataclass
 class DataConfig:
     """Which data set, where it is cached, and how it is split."""
 
@@ -150,6 +182,7 @@ class DataConfig:
     movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
     """How the MovieLens-100K canvases are derived (data=movielens)."""
     split: SplitConfig = field(default_factory=SplitConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     candidates: Dict[str, CandidateConfig] = field(default_factory=dict)
     rows_per_file: int = 262_144
     """Rows per feature shard file."""
@@ -177,6 +210,13 @@ class ModelConfig:
     head_hidden: int = 32
     """Hidden width of each per-task head."""
     dropout: float = 0.0
+    sequence_pooling: str = "mean"
+    """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style) or transformer
+    (causal self-attention, SASRec-style; the last position is the user's state). unirec/kinds.py."""
+    sequence_layers: int = 1
+    """Blocks of the transformer pooling."""
+    sequence_heads: int = 2
+    """Attention heads of the transformer pooling (must divide embedding_dim)."""
 
 
 @dataclass

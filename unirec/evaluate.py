@@ -33,9 +33,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
+from unirec.data.batch import Batch, prefixed_tensors, presence
 from unirec.data.features import Featurizer
 from unirec.data.ids import normalise_ids
-from unirec.data.loader import Batch, eval_batches, prefixed_tensors
+from unirec.data.loader import eval_batches
 from unirec.data.prepare import popularity_counts
 from unirec.metrics import TaskMetrics
 from unirec.schema import FeatureSpec
@@ -276,12 +277,12 @@ def model_matrix_scorer(
     def score(task: str, context: pa.Table) -> torch.Tensor:
         feats = featurizer.context(context)
         ctx = _on(prefixed_tensors(feats, "ctx."), device)
-        has = prefixed_tensors(feats, "has.")
-        present = torch.stack([has[f] for f in spec.context], dim=1).float().to(device)
+        present = presence(feats, spec).to(device)
         task_type = torch.full((context.num_rows,), spec.tasks[task].id, dtype=torch.long, device=device)
         with torch.inference_mode():
             c = model.encode_context(ctx, present, task_type)
-            logits = model.score_matrix(c, vectors[spec.tasks[task].candidate], task_type)
+            memory = model.context_memory(ctx, present)
+            logits = model.score_matrix(c, vectors[spec.tasks[task].candidate], task_type, memory)
         return torch.sigmoid(logits.double()).cpu()
 
     return score

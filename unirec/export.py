@@ -37,6 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from unirec import checkpoint
 from unirec.config import ModelConfig
+from unirec.data.history import SNAPSHOT
 from unirec.schema import FeatureSpec
 
 FORMAT = 1
@@ -77,9 +78,11 @@ def export(run_dir: Path, registry: Path, which: str = "latest") -> Path:
         POPULARITY: features / POPULARITY,
         METRICS: run_dir / METRICS,
     }
-    for f in [*spec.context.values(), *spec.candidate_fields.values()]:
-        if f.vocab:
-            files[f.vocab] = features / f.vocab
+    for t in spec.tables.values():
+        if t.vocab:
+            files[t.vocab] = features / t.vocab
+    if (features / SNAPSHOT).exists():  # the users' histories, for environments with history: snapshot
+        files[SNAPSHOT] = features / SNAPSHOT
     for ctype in spec.candidates:
         files[f"candidates/{ctype}.parquet"] = features / "candidates" / f"{ctype}.parquet"
     step = read_json(ckpt / "trainer.json").get("step")

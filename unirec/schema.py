@@ -3,28 +3,29 @@
 The unified schema is derived from the selected tasks: the union of their context fields plus
 ``task_type``. A task that lacks a field gets the field's sentinel and a presence bit of 0.
 
-Index convention of categorical and token fields::
-
-    0  sentinel: the field is missing for this row (the model learns a "missing" vector there)
-    1  out of vocabulary: present, but unseen in train (or rarer than min_count)
-    2… vocabulary entries in order of decreasing train frequency, or hash buckets
+Fields and tables are apart, as TorchRec separates features from embedding tables: every field that reads
+ids names a table (its own name unless ``table:`` says otherwise), and fields that name one table share one
+vocabulary and one embedding (the user's history and ``source_item`` read the candidate item id's table).
+The index convention of every table is in :mod:`unirec.kinds`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
-from unirec.config import CandidateConfig, FieldConfig, FieldKind, TaskConfig
+from unirec.config import CandidateConfig, FieldConfig, HistoryConfig, TaskConfig
+from unirec.kinds import FIRST_ID, OOV, SENTINEL, kind_of
 
-SENTINEL = 0
-OOV = 1
-FIRST_ID = 2
-SPEC_VERSION = 1
+__all__ = ["FIRST_ID", "OOV", "SENTINEL"]  # re-exported: the index convention, see unirec.kinds
+SPEC_VERSION = 2
 # Columns every labeled example carries; a context field may not take one of these names.
-RESERVED = frozenset({"request_id", "timestamp", "candidate", "label", "weight", "task_type"})
+RESERVED = frozenset(
+    {"request_id", "timestamp", "candidate", "label", "weight", "task_type", "split", "event_order"}
+)
 
 
 class SchemaError(ValueError):
@@ -32,18 +33,27 @@ class SchemaError(ValueError):
 
 
 @dataclass(frozen=True)
+class TableSpec:
+    """One embedding table once fitted: its rows and where its vocabulary is."""
+
+    name: str
+    size: int
+    """Rows of the table (sentinel and OOV included)."""
+    hash_buckets: int = 0
+    vocab: Optional[str] = None
+    """Vocabulary file relative to the feature directory (None for hashed tables)."""
+
+
+@dataclass(frozen=True)
 class FieldSpec:
-    """One input field once fitted: what the model needs to build its table."""
+    """One input field once fitted: what the featurizer and the model need (see :mod:`unirec.kinds`)."""
 
     name: str
     kind: str
-    size: int = 0
-    """Rows of the embedding table (sentinel and OOV included); 0 for dense fields."""
+    table: Optional[str] = None
+    """The embedding table the field reads (None for kinds without one, e.g. dense)."""
     max_len: int = 1
-    """Tokens per bag (token fields), else 1."""
-    hash_buckets: int = 0
-    vocab: Optional[str] = None
-    """Vocabulary file relative to the feature directory (None for hashed and dense fields)."""
+    """Ids per row (token bags, sequences), else 1."""
     column: Optional[str] = None
     """Candidate table column (candidate fields only)."""
     mean: float = 0.0
@@ -84,12 +94,18 @@ class FeatureSpec:
     candidates: Dict[str, CandidateSpec]
     candidate_fields: Dict[str, FieldSpec]
     tasks: Dict[str, TaskSpec]
+    tables: Dict[str, TableSpec] = field(default_factory=dict)
     version: int = SPEC_VERSION
     extras: Dict[str, object] = field(default_factory=dict)
 
     @property
     def num_task_types(self) -> int:
         return max(t.id for t in self.tasks.values()) + 1
+
+    def table_of(self, field_name: str) -> TableSpec:
+        """The table a context or candidate field reads."""
+        f = self.context.get(field_name) or self.candidate_fields[field_name]
+        return self.tables[f.table]
 
     def task_names_by_id(self) -> Dict[int, str]:
         return {t.id: t.name for t in self.tasks.values()}
@@ -115,6 +131,7 @@ class FeatureSpec:
                 k: TaskSpec(**{**v, "fields": tuple(v["fields"]), "metrics": tuple(v["metrics"])})
                 for k, v in raw["tasks"].items()
             },
+            tables={k: TableSpec(**v) for k, v in raw["tables"].items()},
             version=raw["version"],
             extras=raw.get("extras", {}),
         )
@@ -123,9 +140,9 @@ class FeatureSpec:
 def unified_context(tasks: Mapping[str, TaskConfig]) -> Dict[str, FieldConfig]:
     """The union of the tasks' context fields, sorted by name; the same field must agree across tasks.
 
-    >>> from unirec.config import TaskConfig, FieldConfig, FieldKind
-    >>> a = TaskConfig(id=0, context={"user": FieldConfig(FieldKind.categorical)})
-    >>> b = TaskConfig(id=1, context={"query": FieldConfig(FieldKind.tokens)})
+    >>> from unirec.config import TaskConfig, FieldConfig
+    >>> a = TaskConfig(id=0, context={"user": FieldConfig("categorical")})
+    >>> b = TaskConfig(id=1, context={"query": FieldConfig("tokens")})
     >>> list(unified_context({"a": a, "b": b}))
     ['query', 'user']
     """
@@ -207,9 +224,56 @@ def _check_rule(key: str, target: str, source: str, task: TaskConfig, ctx, cand_
     if cand and cand not in cand_owner:
         raise SchemaError(f"{key}={source!r}: {cand!r} is not a candidate field of the ranked types")
     src = candidates[cand_owner[cand]].fields[cand] if cand else task.context[field_]
-    dense = [FieldKind(f.kind) == FieldKind.dense for f in (ctx[target], src)]
-    if dense[0] != dense[1]:
-        raise SchemaError(f"{key}={source!r}: a dense field and a text field cannot stand in for each other")
+    raw = [kind_of(f).raw_type for f in (ctx[target], src)]
+    if raw[0] != raw[1]:
+        raise SchemaError(
+            f"{key}={source!r}: a {ctx[target].kind} field ({raw[0]}) cannot be filled from a {src.kind} "
+            f"field ({raw[1]})"
+        )
+
+
+def with_history(
+    tasks: Mapping[str, TaskConfig], history: HistoryConfig, candidates: Mapping[str, CandidateConfig]
+) -> Dict[str, TaskConfig]:
+    """The tasks with the history field (``data.history``) added to the context of every task that has its
+    key; the field is joined in preparation, not mapped from a raw column. Unchanged when disabled.
+
+    The field shares the table of the candidate field that holds the history's ids (``history.table``)."""
+    if not history.enabled:
+        return dict(tasks)
+    holders = {
+        f: c
+        for cand in candidates.values()
+        for f, c in cand.fields.items()
+        if table_name(f, c) == history.table
+    }
+    if not holders:
+        raise SchemaError(
+            f"data.history.table={history.table!r} is not the table of any candidate field; "
+            "name the candidate id field whose ids the history holds (e.g. item)"
+        )
+    src = next(iter(holders.values()))
+    fcfg = FieldConfig(
+        kind="sequence",
+        max_len=history.max_len,
+        table=history.table,
+        min_count=src.min_count,
+        hash_buckets=src.hash_buckets,
+    )
+    out: Dict[str, TaskConfig] = {}
+    for name, t in tasks.items():
+        if history.field in t.context:
+            raise SchemaError(
+                f"task.{name}.context.{history.field} clashes with the history field; rename one "
+                "(data.history.field)"
+            )
+        has_key = history.key in t.context
+        out[name] = dataclasses.replace(t, context={**t.context, history.field: fcfg}) if has_key else t
+    if out == dict(tasks):
+        raise SchemaError(
+            f"data.history.key={history.key!r} is in no selected task's context; nothing would get a history"
+        )
+    return out
 
 
 def active_rules(task: TaskConfig, ctx: Mapping[str, FieldConfig]) -> Dict[str, str]:
@@ -228,5 +292,31 @@ def used_candidates(
 
 
 def _field_key(f: FieldConfig) -> str:
-    kind = f.kind.value if isinstance(f.kind, FieldKind) else str(f.kind)
-    return f"{kind}(min_count={f.min_count}, hash_buckets={f.hash_buckets}, max_len={f.max_len})"
+    return (
+        f"{f.kind}(min_count={f.min_count}, hash_buckets={f.hash_buckets}, max_len={f.max_len}, "
+        f"table={f.table})"
+    )
+
+
+def table_name(name: str, cfg: FieldConfig) -> Optional[str]:
+    """The table a field reads: ``cfg.table``, else its own name; None for kinds without a table."""
+    return (cfg.table or name) if kind_of(cfg).has_table else None
+
+
+def check_tables(fields: Mapping[str, FieldConfig]) -> None:
+    """Fields that share a table must agree on how its vocabulary is built (min_count, hash_buckets)."""
+    owner: Dict[str, Tuple[str, FieldConfig]] = {}
+    for name, cfg in fields.items():
+        t = table_name(name, cfg)
+        if t is None:
+            continue
+        if t in owner:
+            other, ocfg = owner[t]
+            if (ocfg.min_count, ocfg.hash_buckets) != (cfg.min_count, cfg.hash_buckets):
+                raise SchemaError(
+                    f"fields {other!r} and {name!r} share table {t!r} but differ in min_count/hash_buckets "
+                    f"({ocfg.min_count}/{ocfg.hash_buckets} against {cfg.min_count}/{cfg.hash_buckets}); "
+                    "make them agree"
+                )
+        else:
+            owner[t] = (name, cfg)

@@ -31,7 +31,8 @@ from unirec import checkpoint
 from unirec import distributed as dst
 from unirec.balancing import LossBalancer, build_balancer, check_loss_config, task_grad_norms
 from unirec.config import Config, TrainerConfig, conf_dir, register_configs, to_object
-from unirec.data.loader import Batch, MixedLoader
+from unirec.data.batch import Batch
+from unirec.data.loader import MixedLoader
 from unirec.data.prepare import prepare
 from unirec.evaluate import evaluate, model_scorer, popularity_scorer
 from unirec.losses import task_losses

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from unirec.data.loader import table_to_arrays, to_batch
+from unirec.data.batch import table_to_arrays, to_batch
 from unirec.serve.scorer import RequestError, Scorer
 
 

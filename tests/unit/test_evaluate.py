@@ -14,7 +14,7 @@ from unirec.config import ModelConfig
 from unirec.evaluate import full_ranking, rank_metrics, ranking_requests, seen_items
 from unirec.model import MultiTaskRanker
 from unirec.model.towers import TOWERS
-from unirec.schema import CandidateSpec, FeatureSpec, FieldSpec, TaskSpec
+from unirec.schema import CandidateSpec, FeatureSpec, FieldSpec, TableSpec, TaskSpec
 
 CATALOGUE = pa.array(["10", "11", "12", "13", "14"])
 
@@ -87,10 +87,11 @@ def test_full_ranking_of_an_oracle_and_of_its_reverse(tmp_path):
     ])  # fmt: skip
     _write_labeled(tmp_path, "train", "home", [dict(request_id=0, candidate="10", label=1.0, user="2")])
     spec = FeatureSpec(
-        context={"user": FieldSpec("user", "categorical", size=4)},
+        context={"user": FieldSpec("user", "categorical", table="user")},
         candidates={"item": CandidateSpec("item", "items.parquet", "item_id", "item", ("item",))},
-        candidate_fields={"item": FieldSpec("item", "categorical", size=7, column="item_id")},
+        candidate_fields={"item": FieldSpec("item", "categorical", table="item", column="item_id")},
         tasks={"home": TaskSpec("home", 0, "item", ("user",))},
+        tables={"user": TableSpec("user", 4), "item": TableSpec("item", 7)},
     )
     truth = {1: 1, 2: 4}
 
@@ -113,10 +114,11 @@ def test_full_ranking_of_an_oracle_and_of_its_reverse(tmp_path):
 @pytest.mark.parametrize("tower", TOWERS)
 def test_score_matrix_rows_equal_score_vectors(tower):
     spec = FeatureSpec(
-        context={"user": FieldSpec("user", "categorical", size=5)},
+        context={"user": FieldSpec("user", "categorical", table="user")},
         candidates={"item": CandidateSpec("item", "items.parquet", "item_id", "item", ("item",))},
-        candidate_fields={"item": FieldSpec("item", "categorical", size=9, column="item_id")},
+        candidate_fields={"item": FieldSpec("item", "categorical", table="item", column="item_id")},
         tasks={"a": TaskSpec("a", 0, "item", ("user",)), "b": TaskSpec("b", 1, "item", ("user",))},
+        tables={"user": TableSpec("user", 5), "item": TableSpec("item", 9)},
     )
     torch.manual_seed(0)
     m = MultiTaskRanker(spec, ModelConfig(embedding_dim=4, hidden_dim=8, tower=tower)).eval()

@@ -17,7 +17,7 @@ def test_tokenize_lowercases_and_drops_separators():
 
 def test_sentinel_oov_and_vocab_indices(toy_features):
     fz = Featurizer.load(toy_features)
-    vocab_user = fz._vocab["user"].to_pylist()
+    vocab_user = fz.vocabs["user"].to_pylist()
     t = pa.table({"user": [vocab_user[0], "never-seen", None], "query": ["comedy", None, "zzzqqq"]})
     out = fz.context(t)
     assert out["ctx.user"].to_pylist() == [FIRST_ID, OOV, SENTINEL]
@@ -37,7 +37,7 @@ def test_vocabularies_fitted_on_train_only(toy_features):
         train_users |= set(
             pq.read_table(prepared / "labeled" / "split=train" / f"task={task}")["user"].to_pylist()
         )
-    assert set(fz._vocab["user"].to_pylist()) == train_users - {None}
+    assert set(fz.vocabs["user"].to_pylist()) == train_users - {None}
 
 
 def test_shards_cover_every_labeled_row(toy_features):
@@ -67,7 +67,7 @@ def test_hash_buckets_replace_the_vocabulary(tmp_path):
     )
     features = prepare(cfg.data, cfg.task, cfg.seed)
     fz = Featurizer.load(features)
-    user = fz.spec.context["user"]
+    user = fz.spec.table_of("user")
     assert (user.size, user.hash_buckets, user.vocab) == (FIRST_ID + 64, 64, None)
     ids = fz.context(pa.table({"user": ["17", "17", "18", None]}))["ctx.user"].to_pylist()
     assert (
@@ -83,7 +83,7 @@ def test_min_count_sends_rare_values_to_oov(tmp_path):
         ["debug=toy", f"data.cache_dir={tmp_path}", "task=[home]", "task.home.context.user.min_count=1000000"]
     )
     fz = Featurizer.load(prepare(cfg.data, cfg.task, cfg.seed))
-    assert fz.spec.context["user"].size == FIRST_ID
+    assert fz.spec.table_of("user").size == FIRST_ID
     assert set(fz.context(pa.table({"user": ["1", "2"]}))["ctx.user"].to_pylist()) == {OOV}
 
 

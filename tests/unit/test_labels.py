@@ -126,11 +126,11 @@ def test_wrong_timestamp_unit_names_the_column():
 
 
 def test_malformed_dense_context_values_are_rejects_not_crashes():
-    from unirec.config import FieldConfig, FieldKind
+    from unirec.config import FieldConfig
     from unirec.data.labels import clean_batch, count_reasons
 
     task = compose(["debug=toy"]).task["home"]
-    task.context["watch_hours"] = FieldConfig(kind=FieldKind.dense)
+    task.context["watch_hours"] = FieldConfig(kind="dense")
     task.adapter.context["watch_hours"] = "hours"
     raw = pa.table({
         "member_id": [1, 2, 3, 4], "country_code": ["us"] * 4, "ui_lang": ["en"] * 4, "video_id": [1, 2, 3, 4],

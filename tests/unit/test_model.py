@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from unirec.config import LoaderConfig, ModelConfig
-from unirec.data.loader import MixedLoader, to_batch
+from unirec.data.batch import to_batch
+from unirec.data.loader import MixedLoader
 from unirec.losses import task_losses, total_loss
 from unirec.model import MultiTaskRanker
 from unirec.model.towers import TOWERS

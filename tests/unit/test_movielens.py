@@ -252,7 +252,7 @@ def test_age_buckets():
 
 
 def test_precomputed_split_column_is_honoured_and_checked():
-    from unirec.config import FieldKind, compose
+    from unirec.config import compose
     from unirec.data import labels
 
     cfg = compose(["data=movielens", "task=[movielens/genre]"])
@@ -266,10 +266,10 @@ def test_precomputed_split_column_is_honoured_and_checked():
             "label": pa.array([1, 0, 1, 1, 1], pa.int8()),
             "timestamp": [890_000_000, 890_000_000, 880_000_000, 870_000_000, 875_000_000],
             "split": ["train", "train", "test", "valid", "later"],
+            "event_order": [3, 3, 0, 1, 2],
         }
     )
-    kinds = {k: FieldKind(v.kind) for k, v in task.context.items()}
-    examples, rejects = labels.labeled_examples(raw, task, pa.array([10, 11, 12]), kinds, seed=0)
+    examples, rejects = labels.labeled_examples(raw, task, pa.array([10, 11, 12]), task.context, seed=0)
     assert labels.count_reasons(rejects) == {"bad_split": 1}
     by_split = labels.split_by_time(examples, labels.time_cutoffs([examples], cfg.data.split))
     # the split column wins over time: the latest request is train, the earliest valid

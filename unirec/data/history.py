@@ -44,6 +44,8 @@ TIMESTAMP = "timestamp"
 EVENTS_PER_PARTITION = 2_000_000
 """Default bucket size of :func:`point_in_time_history`, in events."""
 
+SNAPSHOT = "history.parquet"
+"""Features-directory (and artifact) file: every user's latest history (``user``, ``history``), for serving."""
 LIST_TYPE = pa.list_(pa.string())
 _HASH_MULT = np.uint64(0x100000001B3)  # the FNV-1a 64-bit prime: an odd multiplier spreads every byte
 

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from unirec.config import FieldKind, LabelSource, SplitConfig, TaskConfig
+from unirec.config import FieldConfig, LabelSource, SplitConfig, TaskConfig
 from unirec.data.ids import normalise_ids
+from unirec.kinds import kind_of
 
 # The unified labeled columns (context fields follow, one per unified context field).
 REQUEST, TIMESTAMP, CANDIDATE, LABEL, WEIGHT, TASK_TYPE = (
@@ -30,6 +31,8 @@ REQUEST, TIMESTAMP, CANDIDATE, LABEL, WEIGHT, TASK_TYPE = (
     "task_type",
 )
 SPLITS = ("train", "valid", "test")
+# Optional unified column: the event's order within one second (adapter.order), the history join's tie-break.
+ORDER = "event_order"
 # Optional raw column with a precomputed split (train/valid/test) for every row, e.g. a leave-last-out
 # split made by the data set's derivation; where a canvas log has it, it replaces the time cut-offs.
 SPLIT = "split"
@@ -37,7 +40,6 @@ SPLIT = "split"
 _TASK_SHIFT = 40
 # Earliest plausible event time (1990-01-01); earlier values are clock or parsing errors.
 MIN_TIMESTAMP = 631_152_000
-_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _TRUE = ("1", "true", "t", "yes", "y")
 _FALSE = ("0", "false", "f", "no", "n")
 
@@ -72,11 +74,9 @@ def clean_batch(raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array) -> Cle
     if pa.types.is_string(cand_raw.type) and pa.types.is_integer(catalogue_ids.type):
         flag(pc.invert(pc.match_substring_regex(cand_raw, r"^\s*-?\d+\s*$")), f"bad_type:{a.candidate}")
     for fname, column in a.context.items():
-        col = raw[column]
-        if FieldKind(task.context[fname].kind) == FieldKind.dense and not _is_number_type(col.type):
-            # A dense field logged as text: anything that does not parse as a number is a bad row.
-            parses = pc.match_substring_regex(pc.cast(col, pa.string()), _NUMBER)
-            flag(pc.and_(pc.is_valid(col), pc.invert(pc.fill_null(parses, False))), f"bad_type:{column}")
+        bad = kind_of(task.context[fname]).bad_values(raw[column])
+        if bad is not None:
+            flag(bad, f"bad_type:{column}")
     label = _parse_label(raw[a.label]) if a.label else pa.array(np.ones(n, dtype=np.float32))
     flag(pc.is_null(label), "bad_label")
     ts = _parse_timestamp(raw[a.timestamp], a.timestamp_unit, f"{a.source}.{a.timestamp}")
@@ -110,7 +110,7 @@ def drop_duplicates(cleaned: Cleaned, raw_columns: list) -> Cleaned:
     return Cleaned(good.filter(pa.array(keep)), rejects)
 
 
-def to_examples(good: pa.Table, task: TaskConfig, ctx_kinds: Mapping[str, FieldKind]) -> pa.Table:
+def to_examples(good: pa.Table, task: TaskConfig, ctx_fields: Mapping[str, FieldConfig]) -> pa.Table:
     """Map cleaned rows to unified columns; fields this task lacks stay null (their sentinel comes later)."""
     a = task.adapter
     request = pc.dictionary_encode(good["__request"].combine_chunks()).indices
@@ -122,12 +122,14 @@ def to_examples(good: pa.Table, task: TaskConfig, ctx_kinds: Mapping[str, FieldK
         LABEL: good["__label"],
         WEIGHT: pa.array(np.ones(good.num_rows, dtype=np.float32)),
     }
-    for fname, kind in ctx_kinds.items():
-        target = pa.float64() if kind == FieldKind.dense else pa.string()
+    for fname, fcfg in ctx_fields.items():
+        kind = kind_of(fcfg)
         if fname in a.context:
-            cols[fname] = pc.cast(good[a.context[fname]], target)
+            cols[fname] = kind.to_raw(good[a.context[fname]])
         else:
-            cols[fname] = pa.nulls(good.num_rows, target)
+            cols[fname] = pa.nulls(good.num_rows, kind.raw_type)
+    if a.order:
+        cols[ORDER] = pc.cast(good[a.order], pa.int64())
     if SPLIT in good.column_names:
         cols[SPLIT] = pc.cast(good[SPLIT], pa.string())
     return pa.table(cols)
@@ -227,16 +229,13 @@ def _request_times(examples: pa.Table) -> Tuple[pa.Array, np.ndarray]:
 
 def _require_columns(raw: pa.Table, task: TaskConfig) -> None:
     a = task.adapter
-    needed = [a.request, a.candidate, a.timestamp, *a.context.values()] + ([a.label] if a.label else [])
+    needed = [a.request, a.candidate, a.timestamp, *a.context.values()]
+    needed += [c for c in (a.label, a.order) if c]
     missing = [c for c in needed if c not in raw.column_names]
     if missing:
         raise KeyError(
             f"raw log {a.source!r} lacks column(s) {missing} named in the adapter; it has {raw.column_names}"
         )
-
-
-def _is_number_type(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 def _parse_label(col: pa.ChunkedArray) -> pa.Array:
@@ -297,12 +296,12 @@ def _rejects(raw: pa.Table, bad: np.ndarray, reason: np.ndarray) -> pa.Table:
 
 
 def labeled_examples(
-    raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, ctx_kinds: Mapping[str, FieldKind], seed: int
+    raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, ctx_fields: Mapping[str, FieldConfig], seed: int
 ) -> Tuple[pa.Table, pa.Table]:
     """A canvas's label preparation up to the split: clean, dedupe, map, sample negatives -> (examples, rejects)."""
     cleaned = clean_batch(raw, task, catalogue_ids)
     if task.adapter.drop_duplicates:
         cleaned = drop_duplicates(cleaned, list(raw.column_names))
     return sample_negatives(
-        to_examples(cleaned.good, task, ctx_kinds), task, catalogue_ids, seed
+        to_examples(cleaned.good, task, ctx_fields), task, catalogue_ids, seed
     ), cleaned.rejects

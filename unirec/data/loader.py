@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -20,101 +18,8 @@ import pyarrow.parquet as pq
 import torch
 
 from unirec.config import LoaderConfig, MixStrategy
+from unirec.data.batch import Arrays, Batch, table_to_arrays, to_batch
 from unirec.schema import FeatureSpec
-
-Arrays = Dict[str, np.ndarray]
-
-# Arrow hands out read-only numpy views; batches are never written in place, so sharing them is safe.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
-@dataclass
-class Batch:
-    """One batch of examples as tensors.
-
-    Shapes: B rows, F context fields; token fields are [B, L].
-        context: field -> [B] int64 | [B, L] int64 | [B] float32
-        present: [B, F] float32 presence mask in ``spec.context`` order
-        candidate: field -> as context
-        task_type, label, weight, request_id: [B]
-    """
-
-    context: Dict[str, torch.Tensor]
-    present: torch.Tensor
-    candidate: Dict[str, torch.Tensor]
-    task_type: torch.Tensor
-    label: torch.Tensor
-    weight: torch.Tensor
-    request_id: torch.Tensor
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        def mv(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device, non_blocking=non_blocking)
-            return t.long() if t.dtype in (torch.int32, torch.int16, torch.uint8) else t
-
-        return Batch(
-            {k: mv(v) for k, v in self.context.items()},
-            mv(self.present).float(),
-            {k: mv(v) for k, v in self.candidate.items()},
-            mv(self.task_type),
-            mv(self.label),
-            mv(self.weight),
-            mv(self.request_id),
-        )
-
-    def pin_memory(self) -> Batch:
-        """Page-locked copies, so a CUDA copy with ``non_blocking=True`` overlaps compute."""
-        return Batch(
-            {k: v.pin_memory() for k, v in self.context.items()},
-            self.present.pin_memory(),
-            {k: v.pin_memory() for k, v in self.candidate.items()},
-            *(t.pin_memory() for t in (self.task_type, self.label, self.weight, self.request_id)),
-        )
-
-    def __len__(self) -> int:
-        return int(self.label.shape[0])
-
-
-def to_batch(cols: Arrays, spec: FeatureSpec) -> Batch:
-    """Numpy columns (as read from shards) or tensors -> a :class:`Batch`; zero-copy where dtypes allow."""
-    t = torch.as_tensor
-    present = torch.stack([t(cols[f"has.{f}"]) for f in spec.context], dim=1)
-    return Batch(
-        context={f: t(cols[f"ctx.{f}"]) for f in spec.context},
-        present=t(present),
-        candidate={f: t(cols[f"cand.{f}"]) for f in spec.candidate_fields if f"cand.{f}" in cols},
-        task_type=t(cols["task_type"]),
-        label=t(cols["label"]),
-        weight=t(cols["weight"]),
-        request_id=t(cols["request_id"]),
-    )
-
-
-def table_to_arrays(table: pa.Table) -> Arrays:
-    """Arrow columns -> numpy; fixed-size lists become [n, L] matrices without copying their values."""
-    out: Arrays = {}
-    for name in table.column_names:
-        col = table[name].combine_chunks()
-        if isinstance(col.type, pa.FixedSizeListType):
-            out[name] = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
-        else:
-            out[name] = col.to_numpy(zero_copy_only=False)
-    return out
-
-
-def column_tensor(arr: pa.Array) -> torch.Tensor:
-    """Featurized column -> tensor with the dtypes training uses (ints as int64, token bags as [n, L])."""
-    if isinstance(arr.type, pa.FixedSizeListType):
-        x = arr.flatten().to_numpy().reshape(len(arr), arr.type.list_size)
-    else:
-        x = arr.to_numpy(zero_copy_only=False)
-    t = torch.from_numpy(np.array(x))  # a writable copy: Arrow buffers are read-only
-    return t.long() if t.dtype in (torch.int32, torch.int16, torch.uint8) else t
-
-
-def prefixed_tensors(feats: Mapping[str, pa.Array], prefix: str) -> Dict[str, torch.Tensor]:
-    """The featurizer's ``<prefix><field>`` columns (e.g. ``cand.``) as ``{field: tensor}``."""
-    return {k[len(prefix) :]: column_tensor(v) for k, v in feats.items() if k.startswith(prefix)}
 
 
 def shard_files(features: Path, split: str, task: str) -> List[Path]:

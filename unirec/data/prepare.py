@@ -6,6 +6,7 @@ Layout of a prepared data set (one directory, keyed by a hash of everything that
     labeled/split=<s>/task=<t>/part-00000.parquet
     rejects/task=<t>/part-00000.parquet  +  rejects.json  (counts per task and reason)
     features/feature_spec.json, vocab/, candidates/<type>.parquet, popularity.parquet,
+             history.parquet (with data.history: every user's latest history, the serving snapshot),
              <split>/<task>/part-*.parquet
 
 A directory is complete once ``_SUCCESS`` exists; it is written under a temporary name and renamed, so an
@@ -14,6 +15,7 @@ interrupted preparation is never mistaken for a finished one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,15 +32,23 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from unirec.config import DataConfig, FieldKind, TaskConfig
-from unirec.data import labels
+from unirec.config import CandidateConfig, DataConfig, HistoryConfig, TaskConfig
+from unirec.data import history, labels
 from unirec.data.features import Featurizer, Imputer, fit, save_vocabs
-from unirec.schema import FeatureSpec, active_rules, unified_context, used_candidates, validate_tasks
+from unirec.schema import (
+    FeatureSpec,
+    active_rules,
+    table_name,
+    unified_context,
+    used_candidates,
+    validate_tasks,
+    with_history,
+)
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 # Part of the cache key: bump when label or feature preparation changes what it writes.
-PREPARE_VERSION = 5
+PREPARE_VERSION = 6
 
 
 def cache_root(data: DataConfig) -> Path:
@@ -87,16 +97,16 @@ def prepare(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int, force:
 
 def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) -> Dict:
     """Labels then features, into ``out``; returns the reject counts per task and reason."""
-    ctx_fields = unified_context(tasks)
-    kinds = {k: FieldKind(v.kind) for k, v in ctx_fields.items()}
     candidates = used_candidates(tasks, data.candidates)
+    tasks = with_history(tasks, data.history, candidates)
+    ctx_fields = unified_context(tasks)
     catalogues = {c: read_raw(_resolve(raw_dir, cfg.table)) for c, cfg in candidates.items()}
     examples: Dict[str, pa.Table] = {}
     reject_counts: Dict[str, Dict[str, int]] = {}
     for name, task in sorted(tasks.items()):
         cat_ids = catalogues[task.candidate][candidates[task.candidate].key].combine_chunks()
         raw = read_raw(_resolve(raw_dir, task.adapter.source))
-        examples[name], rejects = labels.labeled_examples(raw, task, cat_ids, kinds, seed)
+        examples[name], rejects = labels.labeled_examples(raw, task, cat_ids, ctx_fields, seed)
         reject_counts[name] = labels.count_reasons(rejects)
         _write(rejects, out / "rejects" / f"task={name}" / "part-00000.parquet")
         print(
@@ -105,12 +115,20 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
     impute = {name: active_rules(t, ctx_fields) if data.impute else {} for name, t in tasks.items()}
     imputer = Imputer(
         {t.id: impute[name] for name, t in tasks.items()},
-        {k: FieldKind(v.kind).value for k, v in ctx_fields.items()},
+        {k: v.kind for k, v in ctx_fields.items()},
         catalogues,
         {c: cfg.key for c, cfg in candidates.items()},
         {f: (c, fc.column) for c, cfg in candidates.items() for f, fc in cfg.fields.items()},
     )
     examples = {name: imputer(t) for name, t in examples.items()}
+    snapshot = None
+    if data.history.enabled:
+        events = history_events(raw_dir, data.history, examples, tasks, candidates)
+        for name, t in examples.items():
+            if data.history.field in tasks[name].context:
+                examples[name] = _attach_history(t, events, data.history)
+        snapshot = history.history_snapshot(events, key="user", item="item", max_len=data.history.max_len)
+        print(f"history {data.history.field}: {events.num_rows:,} engagements of {snapshot.num_rows:,} users")
     cutoffs = labels.time_cutoffs(list(examples.values()), data.split)
     splits: Dict[str, Dict[str, pa.Table]] = {s: {} for s in labels.SPLITS}
     for name, task in sorted(tasks.items()):
@@ -124,6 +142,10 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
     (out / "rejects.json").write_text(json.dumps(reject_counts, indent=2, sort_keys=True))
 
     spec, vocabs = fit(splits["train"], tasks, ctx_fields, candidates, catalogues, impute)
+    if data.history.enabled:  # which field is the history and whose it is: the service resolves it by user
+        spec = dataclasses.replace(
+            spec, extras={"history": {"field": data.history.field, "key": data.history.key}}
+        )
     feat = out / "features"
     feat.mkdir(parents=True, exist_ok=True)
     spec.save(feat / "feature_spec.json")
@@ -135,7 +157,61 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
         for name, t in by_task.items():
             _write_shards(t, feat / s / name, data.rows_per_file, featurizer.examples)
     _write(popularity(splits["train"], featurizer), feat / "popularity.parquet")
+    if snapshot is not None:
+        _write(snapshot, feat / history.SNAPSHOT)
     return reject_counts
+
+
+def history_events(
+    raw_dir: Path,
+    cfg: HistoryConfig,
+    examples: Mapping[str, pa.Table],
+    tasks: Mapping[str, TaskConfig],
+    candidates: Mapping[str, CandidateConfig],
+) -> pa.Table:
+    """The engagements histories are made of, as columns ``user, item, timestamp[, event_order]``: the
+    ``cfg.source`` file, or the positives of every task whose requests have the key and whose candidates
+    carry the history table's ids (so a genre row's clicks never enter an item history)."""
+    if cfg.source:
+        raw = read_raw(_resolve(raw_dir, cfg.source))
+        wanted = {"user": cfg.user, "item": cfg.item, "timestamp": cfg.timestamp}
+        if cfg.order:
+            wanted[history.ORDER] = cfg.order
+        missing = [c for c in wanted.values() if c not in raw.column_names]
+        if missing:
+            raise KeyError(
+                f"data.history.source {cfg.source!r} lacks column(s) {missing}; it has {raw.column_names}"
+            )
+        return pa.table({k: raw[c] for k, c in wanted.items()})
+    parts = []
+    for name, t in sorted(examples.items()):
+        ctype = tasks[name].candidate
+        holds = any(
+            table_name(f, c) == cfg.table
+            for f, c in candidates[ctype].fields.items()
+            if c.column == candidates[ctype].key
+        )
+        if cfg.key not in tasks[name].context or not holds:
+            continue
+        pos = t.filter(pc.greater(t[labels.LABEL], 0))
+        cols = {"user": pos[cfg.key], "item": pos[labels.CANDIDATE], "timestamp": pos[labels.TIMESTAMP]}
+        if labels.ORDER in pos.column_names:
+            cols[history.ORDER] = pos[labels.ORDER]
+        parts.append(pa.table(cols))
+    if not parts:
+        raise ValueError(
+            f"data.history: no task has {cfg.key!r} and ranks {cfg.table!r} ids; set data.history.source"
+        )
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def _attach_history(examples: pa.Table, events: pa.Table, cfg: HistoryConfig) -> pa.Table:
+    """Each row's point-in-time history as the ``cfg.field`` column (see :mod:`unirec.data.history`)."""
+    hist = history.point_in_time_history(
+        examples, events, key="user", item="item", max_len=cfg.max_len, request_key=cfg.key
+    )
+    i = examples.schema.get_field_index(cfg.field)
+    return examples.set_column(i, cfg.field, hist) if i >= 0 else examples.append_column(cfg.field, hist)
 
 
 def _check_split_sizes(name: str, by_split: Mapping[str, pa.Table], cutoffs) -> None:
@@ -155,7 +231,7 @@ def popularity(train: Mapping[str, pa.Table], featurizer: Featurizer) -> pa.Tabl
         pos = t.filter(pc.greater(t[labels.LABEL], 0))
         id_field = featurizer.spec.candidates[ctype].id_field
         idx = featurizer.candidates(ctype, pos[labels.CANDIDATE])[f"cand.{id_field}"].to_numpy()
-        counts = np.bincount(idx, minlength=featurizer.spec.candidate_fields[id_field].size)
+        counts = np.bincount(idx, minlength=featurizer.spec.table_of(id_field).size)
         nz = np.nonzero(counts)[0]
         parts.append(pa.table({"task": [name] * len(nz), "index": nz.astype(np.int32), "count": counts[nz]}))
     return pa.concat_tables(parts)
@@ -168,7 +244,7 @@ def popularity_counts(pop: pa.Table, spec: FeatureSpec) -> Dict[str, np.ndarray]
     out = {}
     for task, t in spec.tasks.items():
         id_field = spec.candidates[t.candidate].id_field
-        counts = np.zeros(spec.candidate_fields[id_field].size, dtype=np.float64)
+        counts = np.zeros(spec.table_of(id_field).size, dtype=np.float64)
         mine = names == task
         counts[index[mine]] = count[mine]
         out[task] = counts

@@ -31,7 +31,7 @@ class ResidentStream:
     """
 
     def __init__(self, files: Sequence[Path], seed: int, device: torch.device, rank: int = 0, world: int = 1):
-        from unirec.data.loader import table_to_arrays
+        from unirec.data.batch import table_to_arrays
 
         cols = table_to_arrays(pq.read_table([str(f) for f in files]))
         keep = np.arange(rank, len(cols["label"]), world)

@@ -1,4 +1,4 @@
-"""The embedding trunk: one table per field, bags for token fields, learned "missing" vectors."""
+"""The embedding trunk: tables apart from fields, each field embedded by its kind, learned "missing" vectors."""
 
 from __future__ import annotations
 
@@ -7,69 +7,81 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from unirec.schema import SENTINEL, FieldSpec
+from unirec.kinds import INIT_STD, EmbeddingOptions, kind_of
+from unirec.schema import FieldSpec, TableSpec
 
-INIT_STD = 0.05
+
+def build_tables(tables: Mapping[str, TableSpec], dim: int, sparse: bool = False) -> nn.ModuleDict:
+    """One ``nn.Embedding`` per table, shared by every field that names it.
+
+    >>> from unirec.schema import TableSpec
+    >>> build_tables({"item": TableSpec("item", size=7)}, dim=4)["item"].weight.shape
+    torch.Size([7, 4])
+    """
+    out = nn.ModuleDict()
+    for name, t in tables.items():
+        out[name] = nn.Embedding(t.size, dim, sparse=sparse)
+        nn.init.normal_(out[name].weight, std=INIT_STD)
+    return out
 
 
 class FieldEmbeddings(nn.Module):
     """Embeds a group of fields (the context, or a candidate type's fields) into one [B, F, D] tensor.
 
-    Categorical fields look up one row; token fields average a bag (the sentinel pads); dense fields are
-    scaled by a learned vector. Where a field is absent (``present == 0``) its learned missing vector
-    stands in, so "missing" is never confused with any real value.
+    Each field's kind builds its module (a lookup, a bag, a scaled float, a pooled sequence) over the table
+    the field names; tables are passed in at call time because fields of several groups share them. Where
+    a field is absent (``present == 0``) its learned missing vector stands in, so "missing" is never
+    confused with any real value.
 
     Args:
         fields: field name -> fitted spec, in a fixed order.
-        dim: embedding width D.
-        sparse: sparse gradients for the tables (pair with SparseAdam).
+        opts: widths and pooling (see :class:`unirec.kinds.EmbeddingOptions`).
         masked: learn a missing vector per field, used where ``present == 0`` (context fields); candidate
             fields come from a catalogue and use the plain sentinel instead.
 
     Shapes:
-        inputs[f]: [B] int64, [B, L] int64 (tokens) or [B] float32 (dense); present: [B, F] -> [B, F, D]
+        inputs[f]: the kind's tensor, e.g. [B] int64, [B, L] int64 or [B] float32; present: [B, F]
+        -> [B, F, D]
 
     Example:
-        >>> from unirec.schema import FieldSpec
-        >>> emb = FieldEmbeddings({"user": FieldSpec("user", "categorical", size=10)}, dim=4)
-        >>> emb({"user": torch.tensor([0, 3])}, torch.tensor([[0.0], [1.0]])).shape
+        >>> from unirec.schema import FieldSpec, TableSpec
+        >>> tables = build_tables({"user": TableSpec("user", size=10)}, dim=4)
+        >>> emb = FieldEmbeddings({"user": FieldSpec("user", "categorical", table="user")}, EmbeddingOptions(4))
+        >>> emb({"user": torch.tensor([0, 3])}, tables, torch.tensor([[0.0], [1.0]])).shape
         torch.Size([2, 1, 4])
     """
 
-    def __init__(self, fields: Mapping[str, FieldSpec], dim: int, sparse: bool = False, masked: bool = True):
+    def __init__(self, fields: Mapping[str, FieldSpec], opts: EmbeddingOptions, masked: bool = True):
         super().__init__()
         self.names = list(fields)
-        self.kinds = {name: f.kind for name, f in fields.items()}
-        self.tables = nn.ModuleDict()
-        self.scales = nn.ParameterDict()
-        for name, f in fields.items():
-            if f.kind == "categorical":
-                self.tables[name] = nn.Embedding(f.size, dim, sparse=sparse)
-            elif f.kind == "tokens":
-                self.tables[name] = nn.EmbeddingBag(
-                    f.size, dim, mode="mean", padding_idx=SENTINEL, sparse=sparse
-                )
-            else:
-                self.scales[name] = nn.Parameter(torch.randn(dim) * INIT_STD)
-        self.missing = nn.Parameter(torch.randn(len(self.names), dim) * INIT_STD) if masked else None
-        for table in self.tables.values():
-            nn.init.normal_(table.weight, std=INIT_STD)
+        self.table_of = {name: f.table for name, f in fields.items()}
+        self.fields = nn.ModuleDict({name: kind_of(f).module(f, opts) for name, f in fields.items()})
+        # A field module that also attends to each candidate (target-aware pooling) says so by its methods.
+        self.target_aware = [n for n in self.names if hasattr(self.fields[n], "attend_rows")]
+        self.missing = nn.Parameter(torch.randn(len(self.names), opts.dim) * INIT_STD) if masked else None
 
     @property
     def num_fields(self) -> int:
         return len(self.names)
 
     def forward(
-        self, inputs: Dict[str, torch.Tensor], present: Optional[torch.Tensor] = None
+        self, inputs: Dict[str, torch.Tensor], tables: nn.ModuleDict, present: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        out = []
-        for name in self.names:
-            x = inputs[name]
-            if self.kinds[name] == "dense":
-                out.append(x.unsqueeze(-1).to(self.scales[name].dtype) * self.scales[name])
-            else:
-                out.append(self.tables[name](x))
+        out = [self.fields[n](inputs[n], self._table(tables, n)) for n in self.names]
         emb = torch.stack(out, dim=1)
         if present is None or self.missing is None:
             return emb
         return torch.where(present.unsqueeze(-1) > 0, emb, self.missing.to(emb.dtype))
+
+    def memories(self, inputs: Dict[str, torch.Tensor], tables: nn.ModuleDict, present: torch.Tensor):
+        """What the target-aware fields attend over: field -> (rows [R, L, D], mask [R, L]); an absent
+        field's mask is all false, so it contributes nothing."""
+        out = {}
+        for n in self.target_aware:
+            rows, mask = self.fields[n].memory(inputs[n], self._table(tables, n))
+            out[n] = (rows, mask & (present[:, self.names.index(n)] > 0).unsqueeze(1))
+        return out
+
+    def _table(self, tables: nn.ModuleDict, name: str):
+        t = self.table_of[name]
+        return tables[t] if t is not None else None

@@ -5,10 +5,16 @@
     context fields + task_type --FieldEmbeddings--> [B, Fc+1, D] --MLP--> c [B, H]   (once per request)
     candidate fields           --FieldEmbeddings--> [B, Fi, D]   --MLP--> v [B, H]   (per candidate)
                                (one embedding group and encoder per candidate type, + a type vector)
+    c += attend(history, v)    (only with target-aware pooling of a sequence field: [B, H] or [R, N, H])
     x0 = [c, v, c * v] [B, 3H] --tower--> [B, 3H] or [B, K, 3H] --TaskHeads--> [B, K] -> own task's logit
 
+Embedding tables live apart from the fields (``tables``): every field names one, and fields that name the
+same table (the user's history, ``source_item`` and the candidate item id) share its rows.
+
 The context path never sees the candidate, so a service encodes a request's context once and broadcasts
-it over N candidates (:meth:`MultiTaskRanker.score_candidates`).
+it over N candidates (:meth:`MultiTaskRanker.score_candidates`). Target-aware pooling keeps that: the
+history is encoded once per request (:meth:`MultiTaskRanker.context_memory`) and attended by the N
+candidates in one batched operation.
 
 Heterogeneous candidates: each candidate type (items, genres, ...) has its own fields, embeddings and
 encoder into the same H-wide space, plus a learned candidate-type vector, so one tower and one set of task
@@ -19,16 +25,20 @@ from that row), so every parameter is in every step's graph, as DDP needs.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from unirec.config import ModelConfig
-from unirec.model.embeddings import INIT_STD, FieldEmbeddings
+from unirec.kinds import INIT_STD, EmbeddingOptions
+from unirec.model.embeddings import FieldEmbeddings, build_tables
 from unirec.model.heads import TaskHeads
 from unirec.model.towers import build_tower
 from unirec.schema import FeatureSpec
+
+Memory = Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
+"""Target-aware field -> (history rows [R, L, D], mask [R, L]), see :meth:`MultiTaskRanker.context_memory`."""
 
 
 def _mlp(inp: int, out: int) -> nn.Sequential:
@@ -47,12 +57,13 @@ class MultiTaskRanker(nn.Module):
         all_logits(batch) -> [B, K] logits of every head
 
     Example:
-        >>> from unirec.schema import FeatureSpec, FieldSpec, TaskSpec, CandidateSpec
+        >>> from unirec.schema import FeatureSpec, FieldSpec, TaskSpec, CandidateSpec, TableSpec
         >>> spec = FeatureSpec(
-        ...     context={"user": FieldSpec("user", "categorical", size=5)},
+        ...     context={"user": FieldSpec("user", "categorical", table="user")},
         ...     candidates={"item": CandidateSpec("item", "items.parquet", "item_id", "item", ("item",))},
-        ...     candidate_fields={"item": FieldSpec("item", "categorical", size=7, column="item_id")},
-        ...     tasks={"home": TaskSpec("home", 0, "item", ("user",))})
+        ...     candidate_fields={"item": FieldSpec("item", "categorical", table="item", column="item_id")},
+        ...     tasks={"home": TaskSpec("home", 0, "item", ("user",))},
+        ...     tables={"user": TableSpec("user", 5), "item": TableSpec("item", 7)})
         >>> m = MultiTaskRanker(spec, ModelConfig(embedding_dim=4, hidden_dim=8))
         >>> c = m.encode_context({"user": torch.tensor([1])}, torch.ones(1, 1), torch.tensor([0]))
         >>> m.score_candidates(c, {"item": torch.tensor([2, 3, 4])}, torch.tensor([0])).shape
@@ -63,13 +74,17 @@ class MultiTaskRanker(nn.Module):
         super().__init__()
         d, h = cfg.embedding_dim, cfg.hidden_dim
         self.task_names = list(spec.tasks)
-        self.context_embedding = FieldEmbeddings(spec.context, d, sparse)
+        opts = EmbeddingOptions(
+            d, h, cfg.sequence_pooling, cfg.sequence_layers, cfg.sequence_heads, cfg.dropout
+        )
+        self.tables = build_tables(spec.tables, d, sparse)
+        self.context_embedding = FieldEmbeddings(spec.context, opts)
         self.task_embedding = nn.Embedding(spec.num_task_types, d, sparse=sparse)
         nn.init.normal_(self.task_embedding.weight, std=INIT_STD)
         self.candidate_types = list(spec.candidates)
         self.candidate_embedding = nn.ModuleDict(
             {
-                c: FieldEmbeddings({f: spec.candidate_fields[f] for f in cs.fields}, d, sparse, masked=False)
+                c: FieldEmbeddings({f: spec.candidate_fields[f] for f in cs.fields}, opts, masked=False)
                 for c, cs in spec.candidates.items()
             }
         )
@@ -102,7 +117,7 @@ class MultiTaskRanker(nn.Module):
         self, context: Dict[str, torch.Tensor], present: torch.Tensor, task_type: torch.Tensor
     ):
         """Context fields [B, ...], presence [B, Fc], task_type [B] -> context vector [B, H]."""
-        emb = self.context_embedding(context, present)
+        emb = self.context_embedding(context, self.tables, present)
         task = self.task_embedding(task_type).unsqueeze(1)
         x = torch.cat([emb, task], dim=1).flatten(1)
         return self.context_encoder(torch.cat([x, present.to(x.dtype)], dim=1))
@@ -117,7 +132,7 @@ class MultiTaskRanker(nn.Module):
             if len(self.candidate_types) > 1:
                 raise ValueError(f"name the candidate type: the model ranks {self.candidate_types}")
             ctype = self.candidate_types[0]
-        v = self.candidate_encoder[ctype](self.candidate_embedding[ctype](candidate).flatten(1))
+        v = self.candidate_encoder[ctype](self.candidate_embedding[ctype](candidate, self.tables).flatten(1))
         if self.candidate_type_embedding is None:
             return v
         return v + self.candidate_type_embedding.weight[self.candidate_types.index(ctype)]
@@ -141,32 +156,57 @@ class MultiTaskRanker(nn.Module):
     def head_index(self, task_type: torch.Tensor) -> torch.Tensor:
         return self.head_of_type[task_type]
 
+    def context_memory(self, context: Dict[str, torch.Tensor], present: torch.Tensor) -> Memory:
+        """What target-aware fields attend over, encoded once per request (empty without such fields)."""
+        if not self.context_embedding.target_aware:
+            return {}
+        return self.context_embedding.memories(context, self.tables, present)
+
     def all_logits(self, batch) -> torch.Tensor:
         c = self.encode_context(batch.context, batch.present, batch.task_type)
-        return self.interact(c, self.encode_rows(batch.candidate, batch.task_type), batch.task_type)
+        v = self.encode_rows(batch.candidate, batch.task_type)
+        for name, mem in self.context_memory(batch.context, batch.present).items():
+            c = c + self.context_embedding.fields[name].attend_rows(mem, v)
+        return self.interact(c, v, batch.task_type)
 
     def forward(self, batch) -> torch.Tensor:
         logits = self.all_logits(batch)
         return logits.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
 
-    def score_candidates(self, c: torch.Tensor, candidate: Dict[str, torch.Tensor], task_type: torch.Tensor):
+    def score_candidates(
+        self,
+        c: torch.Tensor,
+        candidate: Dict[str, torch.Tensor],
+        task_type: torch.Tensor,
+        memory: Memory = None,
+    ):
         """One request's context vector [1, H] against N candidates (of its task's type) -> [N] logits."""
         ctype = self.candidate_types[int(self.candidate_type_of_task[task_type.reshape(-1)[0]])]
-        return self.score_vectors(c, self.encode_candidates(candidate, ctype), task_type)
+        return self.score_vectors(c, self.encode_candidates(candidate, ctype), task_type, memory)
 
-    def score_vectors(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
+    def score_vectors(
+        self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor, memory: Memory = None
+    ) -> torch.Tensor:
         """One request's context vector [1, H] against N encoded candidates [N, H] (e.g. a catalogue
-        encoded once) -> [N] logits of that request's task."""
-        return self.score_matrix(c, v, task_type)[0]
+        encoded once) -> [N] logits of that request's task; ``memory``: its :meth:`context_memory`."""
+        return self.score_matrix(c, v, task_type, memory)[0]
 
-    def score_matrix(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
+    def score_matrix(
+        self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor, memory: Memory = None
+    ) -> torch.Tensor:
         """R requests' context vectors [R, H] against the same N encoded candidates [N, H] -> [R, N] logits,
         each row from its own request's task head (task_type [R]); full-catalogue ranking uses this."""
         r, n = c.shape[0], v.shape[0]
-        if r == 1:  # the serving path: a broadcast view, no copies
+        attended = None
+        for name, mem in (memory or {}).items():
+            a = self.context_embedding.fields[name].attend_all(mem, v)  # [R, N, H]
+            attended = a if attended is None else attended + a
+        if r == 1 and attended is None:  # the serving path: a broadcast view, no copies
             logits = self.interact(c.expand(n, -1), v, task_type.expand(n)).view(1, n, -1)
         else:
             rows = task_type.repeat_interleave(n)
-            logits = self.interact(c.repeat_interleave(n, dim=0), v.repeat(r, 1), rows).view(r, n, -1)
+            cs = c.unsqueeze(1).expand(r, n, -1)
+            cs = (cs if attended is None else cs + attended).reshape(r * n, -1)
+            logits = self.interact(cs, v.repeat(r, 1), rows).view(r, n, -1)
         head = self.head_index(task_type).view(r, 1, 1).expand(r, n, 1)
         return logits.gather(2, head).squeeze(2)

@@ -10,6 +10,7 @@ from typing import Annotated, Dict, List, Literal, Optional, Type, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 
+from unirec.kinds import kind_of
 from unirec.schema import FeatureSpec
 from unirec.serve.config import Fallback
 
@@ -79,15 +80,11 @@ class ErrorResponse(BaseModel):
 
 
 def context_model(spec: FeatureSpec) -> Type[BaseModel]:
-    """A pydantic model with one optional attribute per unified context field (dense: a finite number)."""
-    fields: Dict[str, tuple] = {}
-    for name, f in spec.context.items():
-        if f.kind == "dense":
-            fields[name] = (Optional[float], Field(None, allow_inf_nan=False))
-        elif f.kind == "tokens":
-            fields[name] = (Optional[StrictStr], Field(None, max_length=MAX_TEXT))
-        else:
-            fields[name] = (Optional[Union[StrictStr, JsonInt]], Field(None))
+    """A pydantic model with one optional attribute per unified context field, typed by the field's kind
+    (:meth:`unirec.kinds.Kind.request_type`: an id, text, a finite number, a list of ids)."""
+    fields: Dict[str, tuple] = {
+        name: (kind_of(f).request_type(f, MAX_TEXT), Field(None)) for name, f in spec.context.items()
+    }
     return create_model("Context", __config__=ConfigDict(extra="forbid"), **fields)
 
 

@@ -23,9 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from unirec.data.batch import column_tensor, prefixed_tensors
 from unirec.data.features import Featurizer
+from unirec.data.history import SNAPSHOT
 from unirec.data.ids import normalise_ids
-from unirec.data.loader import column_tensor, prefixed_tensors
 from unirec.data.prepare import popularity_counts
 from unirec.export import (
     MODEL_CONFIG,
@@ -37,6 +38,7 @@ from unirec.export import (
     read_json,
     verify,
 )
+from unirec.kinds import kind_of
 from unirec.model import MultiTaskRanker
 from unirec.schema import FeatureSpec
 
@@ -66,6 +68,8 @@ class Artifact:
     popularity: pa.Table
     catalogues: Dict[str, pa.Array]
     """Candidate type -> its catalogue ids as text, in table order (the featurizer's join key)."""
+    histories: Dict[str, Tuple[str, ...]]
+    """The history snapshot exported with the artifact: user (canonical text) -> ids, oldest first."""
 
 
 def load_artifact(path: Path) -> Artifact:
@@ -83,7 +87,16 @@ def load_artifact(path: Path) -> Artifact:
     featurizer = Featurizer.load(path)
     popularity = pq.read_table(path / POPULARITY)
     catalogues = {c: featurizer.catalogue_ids(c) for c in spec.candidates}
-    return Artifact(path, manifest["version"], manifest, spec, featurizer, model, popularity, catalogues)
+    histories = _read_snapshot(path / SNAPSHOT) if (path / SNAPSHOT).exists() else {}
+    return Artifact(
+        path, manifest["version"], manifest, spec, featurizer, model, popularity, catalogues, histories
+    )
+
+
+def _read_snapshot(path: Path) -> Dict[str, Tuple[str, ...]]:
+    t = pq.read_table(path, columns=["user", "history"])
+    users = normalise_ids(t["user"]).to_pylist()
+    return {u: tuple(h) for u, h in zip(users, t["history"].to_pylist()) if u is not None}
 
 
 class Scorer:
@@ -135,6 +148,24 @@ class Scorer:
             scores = self.score(task, {}, ids)
             if not np.isfinite(scores).all():
                 raise ArtifactError(f"{self.artifact.path}: warm-up scores of task {task!r} are not finite")
+
+    def with_history(self, task: str, context: Mapping[str, ContextValue], mode: str) -> Dict:
+        """The request's context with its history resolved by an environment's ``history`` knob: ``request``
+        (as sent), ``snapshot`` (the artifact's history of the request's user) or ``merge`` (the snapshot,
+        then the request's own ids as the most recent)."""
+        hist = self.spec.extras.get("history")
+        context = dict(context)
+        if mode == "request" or not hist or hist["field"] not in self.spec.tasks[task].fields:
+            return context
+        user = context.get(hist["key"])
+        snap = (
+            self.artifact.histories.get(normalise_ids(pa.array([str(user)]))[0].as_py(), ())
+            if user is not None
+            else ()
+        )
+        sent = tuple(context.get(hist["field"]) or ())
+        context[hist["field"]] = list(snap) if mode == "snapshot" else [*snap, *sent]
+        return context
 
     def check_context(self, task: str, context: Mapping[str, ContextValue]) -> Tuple[Dict, list]:
         """(fields the task uses, fields it ignores); an unknown field or task raises RequestError naming it.
@@ -192,16 +223,14 @@ class Scorer:
     def _normalise(self, field: str, value: ContextValue):
         if value is None:
             return None
-        kind = self.spec.context[field].kind
+        f = self.spec.context[field]
         try:
-            return float(value) if kind == "dense" else str(value)
+            return kind_of(f).request_value(value)
         except (TypeError, ValueError) as e:
-            raise RequestError(f"context.{field}", f"expected a {kind} value, got {value!r}") from e
+            raise RequestError(f"context.{field}", f"expected a {f.kind} value, got {value!r}") from e
 
     def _featurize_into_memo(self, values: Dict[str, object]) -> None:
-        cols = {}
-        for f, v in values.items():
-            cols[f] = pa.array([v], pa.float64() if self.spec.context[f].kind == "dense" else pa.string())
+        cols = {f: pa.array([v], kind_of(self.spec.context[f]).raw_type) for f, v in values.items()}
         feats = self.artifact.featurizer.context(pa.table(cols))
         if len(self._memo) > _MEMO_SIZE:
             self._memo.clear()  # crude but bounded; the working set refills in a few requests
@@ -215,8 +244,9 @@ class Scorer:
         ctype = self.spec.tasks[task].candidate
         with torch.inference_mode():
             c = self.model.encode_context(ctx, present, task_type)
+            memory = self.model.context_memory(ctx, present)
             v = self._candidate_vectors(ctype, pa.array([str(i) for i in ids], pa.string()))
-            logits = self.model.score_vectors(c, v, task_type)
+            logits = self.model.score_vectors(c, v, task_type, memory)
         return torch.sigmoid(logits.double()).numpy()
 
     def popular(self, task: str, limit: int) -> list:
