@@ -6,6 +6,8 @@ throughput at concurrency 16 and the latency of a score-cache hit. Timing assert
 
     python scripts/bench_serve.py                        # trains a toy model with 2000 items first (~40 s)
     python scripts/bench_serve.py --registry models/     # an existing registry
+    python scripts/bench_serve.py --history attention    # a model with the user's history (any pooling):
+                                                         # every request sends its own 50-id history
 
 The server runs as ``python -m unirec.serve serve=[home,genre]`` in a subprocess (torch_threads=1, the
 home score cache off so every timed request is scored, genre's cache on for the hit measurement).
@@ -32,14 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def toy_registry(tmp: Path) -> Path:
-    """Train a toy model with a 2000-item catalogue (1000 real candidates per request) and export it."""
+def toy_registry(tmp: Path, history: str = "") -> Path:
+    """Train a toy model with a 2000-item catalogue (1000 real candidates per request) and export it;
+    ``history``: with the history field, pooled so."""
     args = [
         "debug=toy",
         "data.synthetic.n_items=2000",
         f"data.cache_dir={tmp}/cache",
         f"hydra.run.dir={tmp}/run",
     ]
+    if history:
+        args += ["data.history.enabled=true", f"model.sequence_pooling={history}"]
     subprocess.run([sys.executable, "-m", "unirec.train", *args], env=ENV, check=True, capture_output=True)
     subprocess.run(
         [sys.executable, "-m", "unirec.export", f"{tmp}/run", "--registry", f"{tmp}/registry"],
@@ -93,9 +98,11 @@ def bare_latencies(scorer, contexts: list, ids: list, repeat: int, full: bool) -
             t = time.perf_counter()
             if full:
                 ctx, present, tt = feats[i % len(feats)]
-                torch.sigmoid(
-                    scorer.model.score_candidates(scorer.model.encode_context(ctx, present, tt), cand, tt)
+                c, memory = (
+                    scorer.model.encode_context(ctx, present, tt),
+                    scorer.model.context_memory(ctx, present),
                 )
+                torch.sigmoid(scorer.model.score_candidates(c, cand, tt, memory))
             else:
                 scorer.score("home", contexts[i % len(contexts)], ids)
             out.append(time.perf_counter() - t)
@@ -123,16 +130,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--registry", type=Path, help="model registry (default: train and export a toy model)")
     p.add_argument("--repeat", type=int, default=500)
+    p.add_argument("--history", choices=("mean", "attention", "transformer"),
+                   help="train the toy model with the history field pooled so; each request sends a history")  # fmt: skip
     args = p.parse_args()
     print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  torch threads: 1")
     torch.set_num_threads(1)
-    registry = args.registry or toy_registry(Path(tempfile.mkdtemp(prefix="bench-serve-")))
+    registry = args.registry or toy_registry(
+        Path(tempfile.mkdtemp(prefix="bench-serve-")), args.history or ""
+    )
     from unirec.export import versions
     from unirec.serve.scorer import Scorer
 
     scorer = Scorer.load(registry / versions(registry)[-1])
     catalogue = scorer.artifact.catalogues["item"].to_pylist()
     contexts = [{"user": str(u), "country": "us", "language": "en"} for u in range(1, 51)]
+    if args.history:
+        # A history of its own for every request (the featurization memo never hits on it): 50 ids each.
+        rng = np.random.default_rng(0)
+        contexts = [
+            {**contexts[i % 50], "history": rng.choice(catalogue, 50).tolist()} for i in range(args.repeat)
+        ]
+        print(f"history: {args.history} pooling, 50 ids per request, a different history every request")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

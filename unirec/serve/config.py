@@ -23,6 +23,17 @@ class Fallback(str, Enum):
     """No ranking: 503 (or 504 on timeout) with the degraded block, for callers with their own fallback."""
 
 
+class HistorySource(str, Enum):
+    """Where a request's history (the ``sequence`` context field of the user's engagements) comes from."""
+
+    request = "request"
+    """``context.history`` as the caller sends it (ids, most recent last)."""
+    snapshot = "snapshot"
+    """The history of the request's user exported with the artifact (as of the export); the request's is ignored."""
+    merge = "merge"
+    """The snapshot, then the request's own ids as the most recent."""
+
+
 @dataclass
 class CacheConfig:
     """Score cache keyed by (model version, task, context, candidates)."""
@@ -58,6 +69,8 @@ class EnvironmentConfig:
     """Drop candidates listed in the request's ``seen`` (items the user has already seen)."""
     candidate_types: List[str] = field(default_factory=list)
     """Candidate types this environment accepts; empty: the task's own type only."""
+    history: HistorySource = HistorySource.request
+    """Where the history comes from, for a model trained with data.history: request, snapshot or merge."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from unirec.serve.cache import ScoreCache
-from unirec.serve.config import EnvironmentConfig, Fallback
+from unirec.serve.config import EnvironmentConfig, Fallback, HistorySource
 from unirec.serve.scorer import RequestError, Scorer
 
 log = logging.getLogger("unirec.serve")
@@ -104,6 +104,7 @@ class Environment:
         """Score and order the request's candidates, or answer the fallback; RequestError names bad input."""
         context = req.context.model_dump(exclude_none=True)
         _, ignored = scorer.check_context(task, context)
+        context = scorer.with_history(task, context, HistorySource(self.cfg.history).value)
         ids, ctype = self.candidates(scorer, task, req)
         top_k = req.top_k or self.cfg.default_top_k
         if not ids:

@@ -157,15 +157,18 @@ class Scorer:
         context = dict(context)
         if mode == "request" or not hist or hist["field"] not in self.spec.tasks[task].fields:
             return context
-        user = context.get(hist["key"])
-        snap = (
-            self.artifact.histories.get(normalise_ids(pa.array([str(user)]))[0].as_py(), ())
-            if user is not None
-            else ()
-        )
+        snap = self._snapshot_of(context.get(hist["key"]))
         sent = tuple(context.get(hist["field"]) or ())
         context[hist["field"]] = list(snap) if mode == "snapshot" else [*snap, *sent]
         return context
+
+    def _snapshot_of(self, user: ContextValue) -> Tuple[str, ...]:
+        if user is None:
+            return ()
+        found = self.artifact.histories.get(str(user))
+        if found is None:  # not in canonical spelling ("007"): the one normalisation, then a second look
+            found = self.artifact.histories.get(normalise_ids(pa.array([str(user)]))[0].as_py())
+        return found or ()
 
     def check_context(self, task: str, context: Mapping[str, ContextValue]) -> Tuple[Dict, list]:
         """(fields the task uses, fields it ignores); an unknown field or task raises RequestError naming it.

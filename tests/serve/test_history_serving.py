@@ -1,0 +1,100 @@
+"""Serving with the user's history: scorer parity for every pooling, and the request/snapshot/merge knob."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import run_train
+from tests.serve.conftest import live
+from unirec.data.batch import table_to_arrays, to_batch
+from unirec.export import export
+from unirec.kinds import POOLINGS
+from unirec.serve.scorer import Scorer
+
+
+@pytest.fixture(scope="session")
+def history_artifacts(tmp_path_factory, toy_cfg) -> dict:
+    """pooling -> (run directory, exported artifact): toy runs trained with data.history, one per pooling."""
+    out = {}
+    for pooling in POOLINGS:
+        run = tmp_path_factory.mktemp(f"history-{pooling}")
+        r = run_train(["debug=toy", f"data.cache_dir={toy_cfg.data.cache_dir}", f"hydra.run.dir={run}",
+                       "data.history.enabled=true", "data.history.max_len=8", f"model.sequence_pooling={pooling}",
+                       "trainer.max_steps=12", "trainer.eval_every=12", "trainer.checkpoint_every=12"], cwd=run)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[pooling] = (run, export(run, tmp_path_factory.mktemp(f"registry-{pooling}")))
+    return out
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_scores_with_a_history_equal_the_training_forward(history_artifacts, pooling):
+    run, artifact = history_artifacts[pooling]
+    scorer = Scorer.load(artifact)
+    features = Path(json.loads((run / "metrics.json").read_text())["features"])
+    shard = pq.read_table(features / "valid" / "home" / "part-00000.parquet")
+    raw = pq.read_table(features.parent / "labeled" / "split=valid" / "task=home" / "part-00000.parquet")
+    with torch.inference_mode():
+        expected = torch.sigmoid(
+            scorer.model(to_batch(table_to_arrays(shard), scorer.spec).to("cpu")).double()
+        )
+    request = raw["request_id"].to_numpy()
+    with_history = 0
+    for rid in np.unique(request)[:30]:
+        rows = np.nonzero(request == rid)[0]
+        context = {f: raw[f][int(rows[0])].as_py() for f in scorer.spec.context}
+        with_history += bool(context["history"])
+        got = scorer.score("home", context, raw["candidate"].take(pa.array(rows)).to_pylist())
+        np.testing.assert_allclose(got, expected.numpy()[rows], rtol=0, atol=1e-5)
+    assert with_history > 20
+
+
+def _rank(server, context, env="home"):
+    body = {"environment": env, "context": context, "candidates": {"ids": [str(i) for i in range(1, 41)]},
+            "top_k": 40}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/rank", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return {c["id"]: c["score"] for c in r.json()["candidates"]}
+
+
+def test_the_service_ranks_with_a_history_from_the_request_or_the_snapshot(history_artifacts, tmp_path):
+    import shutil
+
+    _, artifact = history_artifacts["attention"]
+    registry = tmp_path / "registry"
+    shutil.copytree(artifact, registry / "v000001")
+    snapshot = pq.read_table(artifact / "history.parquet").to_pylist()
+    user, hist = next((r["user"], r["history"]) for r in snapshot if len(r["history"]) >= 3)
+    scorer = Scorer.load(artifact)
+    ids = [str(i) for i in range(1, 41)]
+    want = dict(zip(ids, scorer.score("home", {"user": user, "history": hist}, ids)))
+    bare = dict(zip(ids, scorer.score("home", {"user": user}, ids)))
+    assert max(abs(want[i] - bare[i]) for i in ids) > 1e-4  # the history does move the scores
+
+    with live(registry, ["serve=[home]", "serve.home.cache.size=0"]) as server:
+        sent = _rank(server, {"user": user, "history": hist})
+        assert sent == pytest.approx(want, abs=1e-6)
+        assert _rank(server, {"user": user}) == pytest.approx(bare, abs=1e-6)
+        bad = httpx.post(
+            f"{server.url}/v1/rank", json={"context": {"history": "12"}, "candidates": {"ids": ["1"]}}
+        )
+        assert bad.status_code == 422 and "history" in bad.text
+    with live(registry, ["serve=[home]", "serve.home.cache.size=0", "serve.home.history=snapshot"]) as server:
+        assert _rank(server, {"user": user}) == pytest.approx(want, abs=1e-6)
+        assert _rank(server, {"user": user, "history": ["1", "2"]}) == pytest.approx(want, abs=1e-6)
+    with live(registry, ["serve=[home]", "serve.home.cache.size=0", "serve.home.history=merge"]) as server:
+        merged = dict(zip(ids, scorer.score("home", {"user": user, "history": [*hist, "5"]}, ids)))
+        assert _rank(server, {"user": user, "history": ["5"]}) == pytest.approx(merged, abs=1e-6)
+
+
+def test_the_snapshot_is_listed_and_hashed_in_the_manifest(history_artifacts):
+    _, artifact = history_artifacts["mean"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert "history.parquet" in manifest["files"]
