@@ -28,9 +28,11 @@ HERE = Path(__file__).resolve().parent
 
 def _load(name: str):
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the module runs
     spec.loader.exec_module(mod)
     return mod
 
