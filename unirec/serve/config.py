@@ -31,6 +31,9 @@ class CacheConfig:
     """Entries kept (least recently used go first); 0 disables the cache."""
     ttl_s: float = 60.0
     """Seconds an entry stays valid."""
+    max_bytes: int = 16 * 2**20
+    """Most bytes the entries (their keys: context and candidate ids; and scores) may hold together;
+    least recently used go first. Bounds memory whatever callers send, as ``size`` alone does not."""
 
 
 @dataclass
