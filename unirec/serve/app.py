@@ -15,6 +15,7 @@ as a 500. No answer names a path of this machine (the source run is named by its
 """
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -26,6 +27,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from unirec.serve.api import ErrorResponse, RankResponse, rank_request_model
@@ -71,6 +73,7 @@ def create_app(cfg: ServeConfig, holder: Optional[ModelHolder] = None) -> FastAP
             env.close()
 
     app = FastAPI(title="unirec ranking service", version="1", lifespan=lifespan)
+    app.router.route_class = _OrjsonRoute
     app.state.holder, app.state.metrics, app.state.environments = holder, metrics, envs
     app.add_middleware(BodyLimit, max_bytes=cfg.server.max_body_bytes, on_reject=_rejected(metrics))
     app.add_exception_handler(RequestValidationError, _invalid(metrics))
@@ -83,6 +86,32 @@ def create_app(cfg: ServeConfig, holder: Optional[ModelHolder] = None) -> FastAP
 
     _add_status_routes(app, cfg, holder, metrics)
     return app
+
+
+class _OrjsonRequest(Request):
+    """A request whose JSON body is parsed by orjson: 1 MB parses in about 10 ms on the event loop, where
+    the standard library takes 35 ms, and every other request waits meanwhile."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                # The standard library's leniency and errors, as before: NaN, huge integers and lone
+                # surrogates parse, for the request model to refuse naming the field.
+                self._json = json.loads(body)
+        return self._json
+
+
+class _OrjsonRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(_OrjsonRequest(request.scope, request.receive))
+
+        return route
 
 
 async def _rank(req, holder: ModelHolder, envs: Dict[str, Environment], metrics: ServeMetrics) -> Response:
