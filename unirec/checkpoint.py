@@ -20,9 +20,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
@@ -85,16 +86,74 @@ def latest(directory: Path) -> Optional[Path]:
     return path
 
 
+# What resuming reads from each file; a file without it is as broken as a truncated one.
+_STATE_KEYS = ("optimizers", "schedulers", "torch_rng")
+_TRAINER_KEYS = ("step", "loader", "progress")
+
+
 def load(path: Path, model: torch.nn.Module) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Load weights into ``model``; return (state.pt contents, trainer.json contents)."""
+    """Load weights into ``model``; return (state.pt contents, trainer.json contents).
+
+    Every file is read and checked for what resuming needs before anything else; a failure is a
+    CheckpointError naming the file (a truncated safetensors, an empty trainer.json, a missing key).
+    """
     path = Path(path)
+    trainer = _read(path / "trainer.json", lambda f: json.loads(f.read_text()), _TRAINER_KEYS)
+    state = _read(path / "state.pt", lambda f: torch.load(f, weights_only=True), _STATE_KEYS)
+    weights = _read(path / "model.safetensors", lambda f: load_file(str(f)), ())
     try:
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        state = torch.load(path / "state.pt", weights_only=True)
-        trainer = json.loads((path / "trainer.json").read_text())
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path / 'model.safetensors'} does not fit the model: {e}") from e
     return state, trainer
+
+
+def _read(file: Path, read: Callable[[Path], Any], keys: Tuple[str, ...]) -> Any:
+    try:
+        out = read(file)
+    except (OSError, RuntimeError, ValueError, SafetensorError, EOFError) as e:
+        raise CheckpointError(f"cannot read checkpoint file {file}: {e}") from e
+    missing = [k for k in keys if not isinstance(out, dict) or k not in out]
+    if missing:
+        raise CheckpointError(f"checkpoint file {file} lacks {missing}: it is incomplete or not a checkpoint")
+    return out
+
+
+def resumable(directory: Path) -> List[Path]:
+    """Checkpoints to resume from, best first: the one ``latest`` points at, then the older ones, newest
+    first. Steps after ``latest`` are left by a run resumed from an older checkpoint: never resumed."""
+    pointer = Path(directory) / LATEST
+    if not pointer.exists():
+        return []
+    named = Path(directory) / pointer.read_text().strip()
+    upto = _step(named.name)
+    if upto is None:
+        raise CheckpointError(f"{pointer} names {named.name!r}, which is not a checkpoint (step-<N>)")
+    steps = {p: _step(p.name) for p in Path(directory).glob("step-*")}
+    older = [p for p, n in steps.items() if n is not None and n < upto]
+    return [named, *sorted(older, key=steps.get, reverse=True)]
+
+
+def load_newest_intact(
+    directory: Path, model: torch.nn.Module, warn: Callable[[str], None]
+) -> Optional[Tuple[Path, Dict[str, Any], Dict[str, Any]]]:
+    """(path, state, trainer) of the newest checkpoint that loads, ``warn``-ing about each broken one on the
+    way; None when there is none to resume; CheckpointError naming every one when all are broken."""
+    broken = []
+    for path in resumable(directory):
+        try:
+            return (path, *load(path, model))
+        except CheckpointError as e:
+            broken.append(str(e))
+            warn(f"checkpoint {path} is broken, falling back to the previous one: {e}")
+    if broken:
+        raise CheckpointError(f"no intact checkpoint in {directory} to resume from: " + "; ".join(broken))
+    return None
+
+
+def _step(name: str) -> Optional[int]:
+    head, _, number = name.partition("-")
+    return int(number) if head == "step" and number.isdigit() else None
 
 
 def clean_partial(directory: Path) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -147,14 +149,24 @@ def versions(registry: Path) -> List[str]:
 def verify(path: Path) -> Dict:
     """Check an artifact before anything reads it; returns its manifest.
 
-    Refuses (ArtifactError naming the file): a missing or unreadable manifest, a file the manifest does not
-    list, a listed file that is missing or fails its sha256, a link, or a suffix outside ALLOWED_SUFFIXES.
+    Refuses (ArtifactError naming the file): a missing or unreadable manifest, one whose ``version`` is not a
+    version name or whose entries are not ``{"sha256": hex, "bytes": n}``, a file the manifest does not list,
+    a listed file that is missing, has another size or fails its sha256, a link, or a suffix outside
+    ALLOWED_SUFFIXES.
     """
     path = Path(path)
     manifest = read_json(path / MANIFEST)
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT}")
+    version = manifest.get("version")
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise ArtifactError(f"{path / MANIFEST}: version {version!r} is not a version name like v000001")
     listed: Dict[str, Dict] = manifest["files"]
+    for rel, entry in listed.items():
+        if not _is_entry(entry):
+            raise ArtifactError(
+                f"{path / MANIFEST}: entry {rel!r} is {entry!r}, expected {{'sha256': hex, 'bytes': size}}"
+            )
     for rel in _files_on_disk(path):
         if rel != MANIFEST and rel not in listed:
             raise ArtifactError(f"{path / rel} is not in the manifest; refusing artifact {path.name}")
@@ -166,9 +178,22 @@ def verify(path: Path) -> Dict:
         f = path / rel
         if f.is_symlink() or not f.is_file():
             raise ArtifactError(f"{f} is listed in the manifest but missing (or not a plain file)")
-        if sha256(f) != entry.get("sha256"):
+        if f.stat().st_size != entry["bytes"]:
+            raise ArtifactError(
+                f"{f} has {f.stat().st_size} bytes, the manifest lists {entry['bytes']}: incomplete or changed"
+            )
+        if sha256(f) != entry["sha256"]:
             raise ArtifactError(f"{f} fails its sha256 check; the artifact is corrupt or was changed")
     return manifest
+
+
+def _is_entry(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("bytes"), int)
+        and not isinstance(entry.get("bytes"), bool)
+    )
 
 
 def model_config_from_run(run_dir: Path) -> ModelConfig:
@@ -183,12 +208,30 @@ def model_config_from_run(run_dir: Path) -> ModelConfig:
 
 
 def model_config_from_dict(raw: Mapping[str, object], where: str) -> ModelConfig:
-    """Build ModelConfig from plain values, naming any key it does not know (never a class from the file)."""
+    """Build ModelConfig from plain values, naming any key it does not know or whose value has the wrong
+    type (never a class from the file)."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ArtifactError(f"{where}: unknown model config key(s) {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in raw.items():
+        if not _fits(hints[key], value):
+            raise ArtifactError(
+                f"{where}: {key}={value!r} is not a {getattr(hints[key], '__name__', hints[key])}"
+            )
     return ModelConfig(**raw)
+
+
+def _fits(hint: object, value: object) -> bool:
+    """Whether a JSON value can stand for a field of this type (types other than these pass unchecked)."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in {m.value for m in hint} or value in set(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, str, bool):
+        return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    return True
 
 
 def sha256(path: Path) -> str:

@@ -206,10 +206,14 @@ def resume(tr: Training, run_dir: Path, cfg: TrainerConfig) -> Progress:
     dst.barrier(tr.dist)
     if cfg.resume == "never":
         return Progress()
-    path = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume)
-    if path is None:
-        return Progress()
-    state, trainer = checkpoint.load(path, tr.module)
+    if cfg.resume == "auto":  # the newest intact checkpoint: a broken newest one is warned about, skipped
+        found = checkpoint.load_newest_intact(ckpt_dir, tr.module, log.warning)
+        if found is None:
+            return Progress()
+        path, state, trainer = found
+    else:
+        path = Path(cfg.resume)
+        state, trainer = checkpoint.load(path, tr.module)
     for o, s_ in zip(tr.opts, state["optimizers"]):
         o.load_state_dict(s_)
     for s, s_ in zip(tr.scheds, state["schedulers"]):

@@ -8,7 +8,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pytest
 
@@ -48,7 +48,7 @@ def serve_config(registry: Path, overrides: Sequence[str] = ()) -> ServeConfig:
 class LiveServer:
     """uvicorn serving ``app`` on a loopback socket in a thread; ``url`` is its base address."""
 
-    def __init__(self, app):
+    def __init__(self, app, options: Optional[dict] = None):
         import uvicorn
 
         self.app = app
@@ -58,7 +58,8 @@ class LiveServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        options = {"log_level": "warning", "access_log": False, **(options or {})}
+        config = uvicorn.Config(app, lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -78,10 +79,13 @@ class LiveServer:
 
 @contextmanager
 def live(registry: Path, overrides: Sequence[str] = ()) -> Iterator[LiveServer]:
-    """A live server for ``registry`` with the given config overrides."""
+    """A live server for ``registry`` with the given config overrides, run with the options (protocols,
+    connection limits) that ``python -m unirec.serve`` gives uvicorn."""
+    from unirec.serve.__main__ import uvicorn_options
     from unirec.serve.app import create_app
 
-    with LiveServer(create_app(serve_config(registry, overrides))) as server:
+    cfg = serve_config(registry, overrides)
+    with LiveServer(create_app(cfg), uvicorn_options(cfg.server)) as server:
         yield server
 
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from unirec.config import conf_dir
-from unirec.serve.config import ServeConfig, register_serve_configs
+from unirec.serve.config import ServeConfig, ServerConfig, register_serve_configs
 
 register_serve_configs()
 
@@ -29,14 +29,33 @@ def serve(cfg: ServeConfig) -> None:
 
     torch.set_num_threads(cfg.server.torch_threads)
     app = create_app(cfg)
-    uvicorn.run(
-        app,
-        host=cfg.server.host,
-        port=cfg.server.port,
-        log_level=cfg.server.log_level,
-        access_log=False,
-        **fast_protocols(),
+    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, **uvicorn_options(cfg.server))
+
+
+def uvicorn_options(server: ServerConfig) -> dict:
+    """uvicorn's options for this server: protocols, logging, and the connection limits.
+
+    The HTTP protocol is uvicorn's own with read deadlines, a head size limit and a connection cap added
+    (:mod:`unirec.serve.connections`): uvicorn alone keeps idle and half-sent connections for ever.
+    """
+    from unirec.serve.connections import ConnectionLimits, limited_protocol
+
+    protocols = fast_protocols()
+    limits = ConnectionLimits(
+        header_timeout_s=server.header_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        keep_alive_s=server.keep_alive_s,
+        max_connections=server.max_connections,
+        max_head_bytes=server.max_head_bytes,
     )
+    return {
+        "http": limited_protocol(protocols["http"], limits),
+        "loop": protocols["loop"],
+        "log_level": server.log_level,
+        "access_log": False,
+        "timeout_keep_alive": server.keep_alive_s,
+        "h11_max_incomplete_event_size": server.max_head_bytes,
+    }
 
 
 def fast_protocols() -> dict:

@@ -42,6 +42,9 @@ class CacheConfig:
     """Entries kept (least recently used go first); 0 disables the cache."""
     ttl_s: float = 60.0
     """Seconds an entry stays valid."""
+    max_bytes: int = 16 * 2**20
+    """Most bytes the entries (their keys: context and candidate ids; and scores) may hold together;
+    least recently used go first. Bounds memory whatever callers send, as ``size`` alone does not."""
 
 
 @dataclass
@@ -87,6 +90,18 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 1_048_576
     """Largest request body; a larger one gets 413 before it is read."""
+    header_timeout_s: float = 10.0
+    """Seconds a connection has, from its opening or its previous answer (plus keep_alive_s), to send a
+    complete request head; then it is closed (idle and half-sent connections do not pile up)."""
+    body_timeout_s: float = 30.0
+    """Seconds a request has, from its head, to send its whole body; then the connection is closed."""
+    keep_alive_s: float = 5.0
+    """Seconds an idle keep-alive connection stays open after an answer (uvicorn's timeout_keep_alive)."""
+    max_connections: int = 1000
+    """Open connections at most; past it a new one closes the oldest idle one, or gets 503 if none is idle.
+    Keep it under the process's file descriptor limit (ulimit -n)."""
+    max_head_bytes: int = 65_536
+    """Largest request head (request line and headers); a larger one gets 431."""
     torch_threads: int = 1
     """torch intra-op threads (requests are parallel across scoring threads instead)."""
     log_level: str = "warning"
@@ -132,3 +147,6 @@ def check(cfg: ServeConfig) -> None:
         for key in ("timeout_ms", "threads", "max_concurrent", "max_candidates", "default_top_k"):
             if getattr(env, key) <= 0:
                 raise ValueError(f"serve.{name}.{key} must be > 0, got {getattr(env, key)}")
+    for key in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections", "max_head_bytes"):
+        if getattr(cfg.server, key) <= 0:
+            raise ValueError(f"server.{key} must be > 0, got {getattr(cfg.server, key)}")

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 
+from unirec.data.ids import normalise_ids
 from unirec.serve.cache import ScoreCache
 from unirec.serve.config import EnvironmentConfig, Fallback, HistorySource
 from unirec.serve.scorer import RequestError, Scorer
@@ -52,7 +54,7 @@ class Environment:
 
     def __init__(self, name: str, cfg: EnvironmentConfig):
         self.name, self.cfg = name, cfg
-        self.cache = ScoreCache(cfg.cache.size, cfg.cache.ttl_s)
+        self.cache = ScoreCache(cfg.cache.size, cfg.cache.ttl_s, cfg.cache.max_bytes)
         self.pool = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"score-{name}")
         self.inflight = 0
 
@@ -94,8 +96,8 @@ class Environment:
                 "candidates.type", f"{ctype!r} is not served here; allowed: {allowed} (task {task}: {own})"
             )
         if self.cfg.exclude_seen and req.seen:
-            seen = {str(s) for s in req.seen}
-            ids = [i for i in ids if str(i) not in seen]
+            seen = set(canonical(req.seen))
+            ids = [i for i, c in zip(ids, canonical(ids)) if c not in seen]
         if hasattr(c, "source"):
             ids = ids[: c.limit]
         return ids, ctype
@@ -160,7 +162,7 @@ class Environment:
     def fallback(scorer: Scorer, task: str, ids: List, ctype: str, how: Fallback, top_k: int) -> Answer:
         """Popularity order (ties keep the caller's order) or the caller's order; ``error`` ranks nothing."""
         if how == Fallback.popularity:
-            share = scorer.popularity(task, ids)
+            share = scorer.popularity(task, canonical(ids))
             order = np.argsort(-share, kind="stable")[:top_k]
             return Answer([ids[i] for i in order.tolist()], ctype, share[order].tolist())
         if how == Fallback.given_order:
@@ -169,3 +171,13 @@ class Environment:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def canonical(ids: Sequence) -> List[Optional[str]]:
+    """Ids as the scorer matches them (:func:`unirec.data.ids.normalise_ids`): ``"0111"``, ``" 111"`` and
+    ``111`` are one id in exclusion and fallbacks as in scoring.
+
+    >>> canonical(["0111", 111, " x "])
+    ['111', '111', 'x']
+    """
+    return normalise_ids(pa.array([str(i) for i in ids], pa.string())).to_pylist()
