@@ -55,6 +55,16 @@ Lookup = Callable[[pa.Array], pa.Array]
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """Length limits of request values, checked by the request model before any work is done."""
+
+    text: int = 1000
+    """Characters of a text value (token fields)."""
+    id: int = 256
+    """Characters of an id (categorical values, sequence entries)."""
+
+
+@dataclass(frozen=True)
 class EmbeddingOptions:
     """What a kind's embedding module may depend on, besides its field's spec."""
 
@@ -118,12 +128,12 @@ class Kind:
         ``attend_rows(memory, v)`` and ``attend_all(memory, v)`` (see :class:`_TargetAttention`)."""
         return _Lookup()
 
-    def request_type(self, f: FieldSpec, max_len: int) -> type:
-        """The type of the field's value in a request (pydantic annotation); ``max_len`` caps text length."""
+    def request_type(self, f: FieldSpec, limits: RequestLimits) -> type:
+        """The type of the field's value in a request (a pydantic annotation), with its length limits."""
         from pydantic import StrictStr, StringConstraints
         from typing_extensions import Annotated
 
-        text = Annotated[StrictStr, StringConstraints(max_length=max_len)]
+        text = Annotated[StrictStr, StringConstraints(max_length=limits.id)]
         return Optional[Union[text, Annotated[int, _json_int()]]]
 
     def request_value(self, value):
@@ -183,11 +193,11 @@ class Tokens(Kind):
     def module(self, f, opts):
         return _Bag()
 
-    def request_type(self, f, max_len):
+    def request_type(self, f, limits):
         from pydantic import StrictStr, StringConstraints
         from typing_extensions import Annotated
 
-        return Optional[Annotated[StrictStr, StringConstraints(max_length=max_len)]]
+        return Optional[Annotated[StrictStr, StringConstraints(max_length=limits.text)]]
 
 
 @register
@@ -226,7 +236,7 @@ class Dense(Kind):
     def module(self, f, opts):
         return _Scale(opts.dim)
 
-    def request_type(self, f, max_len):
+    def request_type(self, f, limits):
         from pydantic import Field
         from typing_extensions import Annotated
 
@@ -283,11 +293,12 @@ class Sequence(Kind):
             return _TargetAttention(opts)
         raise ValueError(f"model.sequence_pooling={opts.pooling!r}: choose one of {list(POOLINGS)}")
 
-    def request_type(self, f, max_len):
+    def request_type(self, f, limits):
         from pydantic import Field
         from typing_extensions import Annotated
 
-        item = KINDS["categorical"].request_type(f, max_len)
+        # Ids beyond max_len are dropped (the oldest); a few times more are accepted, not unbounded.
+        item = KINDS["categorical"].request_type(f, limits)
         return Optional[Annotated[List[item], Field(max_length=4 * f.max_len)]]
 
     def request_value(self, value):

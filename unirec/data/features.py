@@ -214,7 +214,9 @@ class Featurizer:
         self.impute = Imputer.from_spec(spec, catalogues)
         self.vocabs = {t: pa.array(vocabs.get(t, []), pa.string()) for t in spec.tables}
         """Table -> its vocabulary (index FIRST_ID onwards; empty for hashed tables)."""
-        self._lookup = {t: vocabulary_lookup(self.vocabs[t], ts.hash_buckets) for t, ts in spec.tables.items()}
+        self._lookup = {
+            t: vocabulary_lookup(self.vocabs[t], ts.hash_buckets) for t, ts in spec.tables.items()
+        }
         self._cand_rows: Dict[str, pa.Array] = {}
         self._cand_cols: Dict[str, Dict[str, pa.Array]] = {}
         for ctype, cspec in spec.candidates.items():

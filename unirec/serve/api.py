@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from unirec.kinds import kind_of
+from unirec.kinds import RequestLimits, kind_of
 from unirec.schema import FeatureSpec
 from unirec.serve.config import Fallback
 
@@ -35,6 +35,7 @@ MAX_ID_LEN = 256
 # An id as callers send it; answered back exactly as given.
 CandidateId = Union[Annotated[StrictStr, Field(max_length=MAX_ID_LEN)], JsonInt]
 MAX_TEXT = 1000
+LIMITS = RequestLimits(text=MAX_TEXT, id=MAX_ID_LEN)
 MAX_TIMEOUT_MS = 60_000.0
 
 
@@ -100,7 +101,7 @@ def context_model(spec: FeatureSpec) -> Type[BaseModel]:
     """A pydantic model with one optional attribute per unified context field, typed by the field's kind
     (:meth:`unirec.kinds.Kind.request_type`: an id, text, a finite number, a list of ids)."""
     fields: Dict[str, tuple] = {
-        name: (kind_of(f).request_type(f, MAX_TEXT), Field(None)) for name, f in spec.context.items()
+        name: (kind_of(f).request_type(f, LIMITS), Field(None)) for name, f in spec.context.items()
     }
     return create_model("Context", __config__=ConfigDict(extra="forbid"), **fields)
 

@@ -43,8 +43,10 @@ from unirec.model import MultiTaskRanker
 from unirec.schema import FeatureSpec
 
 ContextValue = object  # str | int | float | None, as JSON gives it
-# (field, value) featurizations remembered per scorer; beyond this the memo starts afresh.
-_MEMO_SIZE = 200_000
+# (field, value) featurizations remembered per scorer; beyond either bound the memo starts afresh. Values are
+# length-limited by the request model, so the byte bound is what keeps a stream of unique values in check.
+_MEMO_SIZE = 100_000
+_MEMO_BYTES = 16 << 20
 
 
 class RequestError(ValueError):
@@ -117,6 +119,7 @@ class Scorer:
         self._vectors: Dict[str, torch.Tensor] = {}
         self._popular: Dict[str, Tuple[list, np.ndarray]] = {}
         self._memo: Dict[Tuple[str, object], Tuple[np.ndarray, float]] = {}
+        self._memo_bytes = 0
         # (task, values of the rules' source fields) -> imputed values: Arrow once per distinct source.
         self._impute_memo: Dict[Tuple, Dict[str, object]] = {}
         counts = popularity_counts(artifact.popularity, self.spec)
@@ -218,7 +221,7 @@ class Scorer:
             cols = {f: pa.array([v], pa.string()) for f, v in zip(sources, key[1])}
             table = self.artifact.featurizer.impute(pa.table(cols), self.spec.tasks[task].id)
             filled = {t: table[t][0].as_py() for t in rules if t in table.column_names}
-            if len(self._impute_memo) > _MEMO_SIZE:
+            if len(self._impute_memo) > _MEMO_SIZE // 10:
                 self._impute_memo.clear()  # bounded, like the featurization memo
             self._impute_memo[key] = filled
         return {**used, **{t: v for t, v in filled.items() if v is not None}}
@@ -235,11 +238,13 @@ class Scorer:
     def _featurize_into_memo(self, values: Dict[str, object]) -> None:
         cols = {f: pa.array([v], kind_of(self.spec.context[f]).raw_type) for f, v in values.items()}
         feats = self.artifact.featurizer.context(pa.table(cols))
-        if len(self._memo) > _MEMO_SIZE:
+        if len(self._memo) > _MEMO_SIZE or self._memo_bytes > _MEMO_BYTES:
             self._memo.clear()  # crude but bounded; the working set refills in a few requests
+            self._memo_bytes = 0
         for f, v in values.items():
             row = np.array(column_tensor(feats[f"ctx.{f}"])[0].numpy())
             self._memo[(f, v)] = (row, float(feats[f"has.{f}"][0].as_py()))
+            self._memo_bytes += _approx_bytes(v) + row.nbytes + 200  # + the dict entry and tuple
 
     def score(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> np.ndarray:
         """Post-sigmoid scores [N] of ``ids`` (candidates of the task's type) for this request."""
@@ -292,3 +297,10 @@ class Scorer:
         order = order[per_id[order] > 0]
         total = per_id.sum() or 1.0
         return [ids[i].as_py() for i in order], per_id[order] / total
+
+
+def _approx_bytes(value) -> int:
+    """Rough size of a memo key's value (text, number, or a tuple of ids)."""
+    if isinstance(value, tuple):
+        return sum(len(v) for v in value) + 8 * len(value)
+    return len(str(value)) if value is not None else 0
