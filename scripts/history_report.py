@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--poolings", nargs="+", default=["mean", "attention", "transformer"])
     ap.add_argument("--epochs", type=int, help="default: the ablation report's")
+    ap.add_argument("--lr", type=float, help="default: the ablation report's")
+    ap.add_argument("--size", choices=("S", "M"), help="default: the ablation report's (S)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run")
     ap.add_argument("--work", default="runs/history")
     ap.add_argument("--out", default="reports")
     ap.add_argument("--cache-dir")
@@ -66,14 +69,15 @@ def main(argv=None) -> None:
     cr = ab.cr
     suite = ab.suites(args)[args.suite]
     pinned, _ = ab.pins(suite)
+    lr, size = args.lr or ab.LR, args.size or ab.SIZE
     t0 = time.perf_counter()
     runs: Dict[str, List[Dict]] = {}
     for name, extra in variants(args.poolings).items():
         for seed in args.seeds:
             d = Path(args.work) / args.suite / f"{name.replace(', ', '-').replace(' ', '_')}-s{seed}"
-            overrides = [f"{k}={v}" for k, v in pinned.items()] + extra
+            overrides = [f"{k}={v}" for k, v in pinned.items()] + args.set + extra
             with contextlib.redirect_stdout(io.StringIO()):
-                m = cr.train(suite, None, ab.LR, ab.SIZE, seed, d, args, extra=overrides)
+                m = cr.train(suite, None, lr, size, seed, d, args, extra=overrides)
                 res = cr.evaluate(d, "test", (suite.headline,))
             by = res["protocols"][suite.headline]
             runs.setdefault(name, []).append({
@@ -85,8 +89,8 @@ def main(argv=None) -> None:
     out = Path(args.out) / args.suite
     out.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - t0) / 60
-    res = {"suite": args.suite, "seeds": args.seeds, "pinned": pinned, "epochs": suite.epochs, "lr": ab.LR,
-           "size": cr.SIZES[ab.SIZE], "minutes": round(minutes, 1), "runs": runs}  # fmt: skip
+    res = {"suite": args.suite, "seeds": args.seeds, "pinned": pinned, "epochs": suite.epochs, "lr": lr,
+           "size": cr.SIZES[size], "set": args.set, "minutes": round(minutes, 1), "runs": runs}  # fmt: skip
     (out / "history.json").write_text(json.dumps(res, indent=2, sort_keys=True))
     (out / "history.md").write_text(render(res, argv))
     print(f"wrote {out / 'history.md'} in {minutes:.1f} min")
@@ -117,6 +121,7 @@ def render(res: Dict, argv) -> str:
         f"Recipe (every run): lr {res['lr']}, embedding {res['size']['embedding_dim']}, hidden "
         f"{res['size']['hidden_dim']}, {res['epochs']} epochs, best validation mean ndcg@10; pinned "
         + ", ".join(f"`{k}={v}`" for k, v in res["pinned"].items())
+        + "".join(f", `{o}`" for o in res.get("set", []))
         + ". The variants differ only in `data.history.enabled` and `model.sequence_pooling`.",
         "",
         "## ndcg@10 per task",

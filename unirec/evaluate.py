@@ -7,7 +7,9 @@ Two protocols, each per task:
   positive per request ``recall@10`` is HR@10), for the synthetic canvases the logged impressions. Training
   validates with this protocol.
 - **full** (:func:`full_ranking`): every request's positives are ranked against the whole catalogue of its
-  candidate type, minus the user's train items when the request has a user (:func:`seen_items`):
+  candidate type, minus the items the user engaged with in the earlier splits when the request has a user
+  (a test request: train and valid; a valid request: train; as the sequential protocol does,
+  :func:`seen_items`):
   ``ndcg@K``, ``recall@K`` and ``mrr``. Ties count half (the expected rank under a random tie-break).
 
 ``python -m unirec.evaluate RUN_OR_ARTIFACT`` runs both on a training run's checkpoint or an exported
@@ -127,22 +129,32 @@ class Requests:
 MatrixScorer = Callable[[str, pa.Table], torch.Tensor]
 
 
-def seen_items(root: Path, catalogue: pa.Array, user_field: str = "user") -> Dict[str, np.ndarray]:
-    """Raw user id -> catalogue rows of the items the user engaged with in train.
+EARLIER = {"train": (), "valid": ("train",), "test": ("train", "valid")}
+"""The splits whose engagements a request of each split excludes from its ranking."""
+
+
+def seen_items(
+    root: Path, catalogue: pa.Array, user_field: str = "user", split: str = "valid"
+) -> Dict[str, np.ndarray]:
+    """Raw user id -> catalogue rows of the items the user engaged with before ``split`` (:data:`EARLIER`).
 
     From ``root/raw/interactions.parquet`` when the data set has an interaction history (MovieLens: every
     rating, whatever canvas it went to, including the related canvas whose requests carry no user);
-    otherwise from the train positives of every task whose requests carry ``user_field``.
+    otherwise from the positives of those splits of every task whose requests carry ``user_field``.
     """
     root = Path(root)
+    earlier = pa.array(EARLIER[split], pa.string())
     if (root / "raw" / HISTORY).exists():
         t = pq.read_table(root / "raw" / HISTORY, columns=["user_id", "item_id", "split"])
-        t = t.filter(pc.equal(t["split"], "train"))
+        t = t.filter(pc.is_in(t["split"], value_set=earlier))
         users, items = t["user_id"], t["item_id"]
     else:
-        t = _labeled(root, "train", None)
-        if user_field not in t.column_names:
+        parts = [
+            _labeled(root, s, None) for s in EARLIER[split] if (root / "labeled" / f"split={s}").is_dir()
+        ]
+        if not parts or user_field not in parts[0].column_names:
             return {}
+        t = pa.concat_tables([p.select(["label", "candidate", user_field]) for p in parts])
         t = t.filter(pc.and_(pc.greater(t["label"], 0), pc.is_valid(t[user_field])))
         users, items = t[user_field], t["candidate"]
     row = pc.index_in(normalise_ids(items), value_set=catalogue)
@@ -244,7 +256,7 @@ def full_ranking(
 ) -> Dict[str, Scores]:
     """Scorer name -> task -> full-ranking metrics (means over requests, plus ``requests`` and
     ``unrankable`` counts). Every scorer ranks the same requests with the same exclusions."""
-    seen = {c: seen_items(root, ids, user_field) for c, ids in catalogues.items()}
+    seen = {c: seen_items(root, ids, user_field, split) for c, ids in catalogues.items()}
     out: Dict[str, Scores] = {name: {} for name in scorers}
     for task, t in spec.tasks.items():
         req = ranking_requests(root, split, task, catalogues[t.candidate], seen[t.candidate], user_field)

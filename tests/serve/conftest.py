@@ -97,3 +97,31 @@ class Wrapped:
 
     def __getattr__(self, name):
         return getattr(self._real, name)
+
+
+def assert_scores_match_forward(scorer, features: Path, task: str, requests: int) -> int:
+    """Raw valid rows of ``task``, one request at a time through the scorer, against MultiTaskRanker's
+    forward on the same rows' shard (atol 1e-5); returns how many (request, candidate) rows were checked."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from unirec.data.batch import table_to_arrays, to_batch
+
+    shard = pq.read_table(features / "valid" / task / "part-00000.parquet")
+    raw = pq.read_table(features.parent / "labeled" / "split=valid" / f"task={task}" / "part-00000.parquet")
+    assert shard["request_id"].equals(raw["request_id"])  # the shard rows are the raw rows, in order
+    with torch.inference_mode():
+        expected = torch.sigmoid(
+            scorer.model(to_batch(table_to_arrays(shard), scorer.spec).to("cpu")).double()
+        )
+    request = raw["request_id"].to_numpy()
+    checked = 0
+    for rid in np.unique(request)[:requests]:
+        rows = np.nonzero(request == rid)[0]
+        context = {f: raw[f][int(rows[0])].as_py() for f in scorer.spec.context}
+        got = scorer.score(task, context, raw["candidate"].take(pa.array(rows)).to_pylist())
+        np.testing.assert_allclose(got, expected.numpy()[rows], rtol=0, atol=1e-5)
+        checked += len(rows)
+    return checked

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from unirec.data.batch import table_to_arrays, to_batch
+from tests.serve.conftest import assert_scores_match_forward
 from unirec.serve.scorer import RequestError, Scorer
 
 
@@ -24,21 +24,7 @@ def scorer(artifact: Path) -> Scorer:
 def test_scores_equal_the_training_forward_on_the_same_rows(scorer: Scorer, toy_run: Path, task: str):
     """Raw valid rows, one request at a time through the scorer == MultiTaskRanker.forward on their shard."""
     features = Path(json.loads((toy_run / "metrics.json").read_text())["features"])
-    shard = pq.read_table(features / "valid" / task / "part-00000.parquet")
-    raw = pq.read_table(features.parent / "labeled" / "split=valid" / f"task={task}" / "part-00000.parquet")
-    assert shard["request_id"].equals(raw["request_id"])  # the shard rows are the raw rows, in order
-    with torch.inference_mode():
-        expected = torch.sigmoid(
-            scorer.model(to_batch(table_to_arrays(shard), scorer.spec).to("cpu")).double()
-        )
-    request = raw["request_id"].to_numpy()
-    checked = 0
-    for rid in np.unique(request)[:40]:
-        rows = np.nonzero(request == rid)[0]
-        context = {f: raw[f][int(rows[0])].as_py() for f in scorer.spec.context}
-        got = scorer.score(task, context, raw["candidate"].take(pa.array(rows)).to_pylist())
-        np.testing.assert_allclose(got, expected.numpy()[rows], rtol=0, atol=1e-5)
-        checked += len(rows)
+    checked = assert_scores_match_forward(scorer, features, task, requests=40)
     assert checked > 100
 
 

@@ -63,6 +63,13 @@ def test_seen_items_prefers_the_interaction_history(tmp_path):
     pq.write_table(hist, tmp_path / "raw" / "interactions.parquet")
     # the history has the related-canvas item; test events and items outside the catalogue are not seen
     assert {u: r.tolist() for u, r in seen_items(tmp_path, CATALOGUE).items()} == {"1": [0, 3]}
+    # a test request also excludes the valid split's items (the sequential protocol)
+    hist = hist.set_column(2, "split", pa.array(["train", "train", "valid", "train"]))
+    pq.write_table(hist, tmp_path / "raw" / "interactions.parquet")
+    assert {u: r.tolist() for u, r in seen_items(tmp_path, CATALOGUE, split="valid").items()} == {"1": [0, 3]}
+    assert {u: r.tolist() for u, r in seen_items(tmp_path, CATALOGUE, split="test").items()} == {
+        "1": [0, 2, 3]
+    }
 
 
 def test_ranking_requests_groups_positives_and_counts_unrankable(tmp_path):
