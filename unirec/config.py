@@ -212,7 +212,7 @@ class ModelConfig:
     dropout: float = 0.0
     sequence_pooling: str = "mean"
     """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style) or transformer
-    (causal self-attention, SASRec-style; the last position is the user's state). unirec/kinds.py."""
+    (causal self-attention, SASRec-style; the last position is the user's state). unirec/model/pooling.py."""
     sequence_layers: int = 1
     """Blocks of the transformer pooling."""
     sequence_heads: int = 2

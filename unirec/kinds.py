@@ -26,7 +26,6 @@ most recent kept; pooled by mean, by target-aware attention, or by a small causa
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional, Tuple, Type, Union
@@ -34,8 +33,6 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional, Tupl
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # the config and spec types, for annotations only (schema imports this module)
@@ -45,7 +42,6 @@ if TYPE_CHECKING:  # the config and spec types, for annotations only (schema imp
 SENTINEL = 0
 OOV = 1
 FIRST_ID = 2
-INIT_STD = 0.05
 # Tokens: lower-cased runs of letters or digits; everything else separates.
 _TOKEN_SPLIT = r"[^\p{L}\p{N}]+"
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
@@ -125,8 +121,10 @@ class Kind:
         """The field's embedding module: ``forward(x, table) -> [B, D]`` (``table`` the shared nn.Embedding).
 
         A module that also pools against each candidate (target-aware) adds ``memory(x, table)``,
-        ``attend_rows(memory, v)`` and ``attend_all(memory, v)`` (see :class:`_TargetAttention`)."""
-        return _Lookup()
+        ``attend_rows(memory, v)`` and ``attend_all(memory, v)`` (see :mod:`unirec.model.pooling`)."""
+        from unirec.model import pooling  # lazily: unirec.model imports this module
+
+        return pooling.Lookup()
 
     def request_type(self, f: FieldSpec, limits: RequestLimits) -> type:
         """The type of the field's value in a request (a pydantic annotation), with its length limits."""
@@ -191,7 +189,9 @@ class Tokens(Kind):
         return values, pa.array((first != SENTINEL).astype(np.uint8))
 
     def module(self, f, opts):
-        return _Bag()
+        from unirec.model import pooling
+
+        return pooling.Bag()
 
     def request_type(self, f, limits):
         from pydantic import StrictStr, StringConstraints
@@ -234,7 +234,9 @@ class Dense(Kind):
         return pa.array(np.zeros(n, np.float32))
 
     def module(self, f, opts):
-        return _Scale(opts.dim)
+        from unirec.model import pooling
+
+        return pooling.Scale(opts.dim)
 
     def request_type(self, f, limits):
         from pydantic import Field
@@ -285,13 +287,12 @@ class Sequence(Kind):
         return values, pa.array((lengths > 0).astype(np.uint8))
 
     def module(self, f, opts):
-        if opts.pooling == "mean":
-            return _MeanPool()
-        if opts.pooling == "transformer":
-            return _CausalEncoder(f.max_len, opts)
-        if opts.pooling == "attention":
-            return _TargetAttention(opts)
-        raise ValueError(f"model.sequence_pooling={opts.pooling!r}: choose one of {list(POOLINGS)}")
+        from unirec.model import pooling
+
+        if opts.pooling not in pooling.SEQUENCE_POOLINGS:
+            choices = list(pooling.SEQUENCE_POOLINGS)
+            raise ValueError(f"model.sequence_pooling={opts.pooling!r}: choose one of {choices}")
+        return pooling.SEQUENCE_POOLINGS[opts.pooling](f.max_len, opts)
 
     def request_type(self, f, limits):
         from pydantic import Field
@@ -303,10 +304,6 @@ class Sequence(Kind):
 
     def request_value(self, value):
         return tuple(str(v) for v in value if v is not None)
-
-
-POOLINGS = ("mean", "attention", "transformer")
-"""Pooling of sequence fields (``model.sequence_pooling``)."""
 
 
 # ------------------------------------------------------------------------------------- Arrow helpers
@@ -389,125 +386,3 @@ def _json_int():
 
     # An integer every JSON client reads exactly (I-JSON, RFC 7493: |n| < 2**53); larger ids go as strings.
     return Field(strict=True, ge=-(2**53 - 1), le=2**53 - 1)
-
-
-# ---------------------------------------------------------------------------------- embedding modules
-
-
-class _Lookup(nn.Module):
-    """One row of the table per id: [B] -> [B, D]."""
-
-    def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        return table(x)
-
-
-class _Bag(nn.Module):
-    """Mean of a bag's rows, the sentinel padding left out: [B, L] -> [B, D]."""
-
-    def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        return F.embedding_bag(x, table.weight, mode="mean", padding_idx=SENTINEL, sparse=table.sparse)
-
-
-class _Scale(nn.Module):
-    """A standardised float times a learned vector: [B] -> [B, D]."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.scale = nn.Parameter(torch.randn(dim) * INIT_STD)
-
-    def forward(self, x: torch.Tensor, table=None) -> torch.Tensor:
-        return x.unsqueeze(-1).to(self.scale.dtype) * self.scale
-
-
-def _masked_mean(e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, D] rows averaged over the positions where ``mask`` [B, L] is true (zeros where none is)."""
-    w = mask.to(e.dtype).unsqueeze(-1)
-    return (e * w).sum(1) / w.sum(1).clamp_min(1.0)
-
-
-class _MeanPool(nn.Module):
-    """Masked mean of a sequence's rows: [B, L] -> [B, D]."""
-
-    def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        return _masked_mean(table(x), x != SENTINEL)
-
-
-class _CausalEncoder(nn.Module):
-    """A small causal self-attention encoder over a left-padded sequence; its last position (the most
-    recent event, which attends to every earlier one) is the user's state: [B, L] -> [B, D]."""
-
-    def __init__(self, max_len: int, opts: EmbeddingOptions):
-        super().__init__()
-        if opts.dim % opts.heads:
-            raise ValueError(f"model.sequence_heads={opts.heads} must divide model.embedding_dim={opts.dim}")
-        self.heads, self.dropout = opts.heads, opts.dropout
-        self.position = nn.Parameter(torch.randn(max_len, opts.dim) * INIT_STD)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "norm1": nn.LayerNorm(opts.dim),
-                    "qkv": nn.Linear(opts.dim, 3 * opts.dim),
-                    "proj": nn.Linear(opts.dim, opts.dim),
-                    "norm2": nn.LayerNorm(opts.dim),
-                    "ff": nn.Sequential(
-                        nn.Linear(opts.dim, 2 * opts.dim), nn.GELU(), nn.Linear(2 * opts.dim, opts.dim)
-                    ),
-                }
-            )
-            for _ in range(opts.layers)
-        )
-        self.norm = nn.LayerNorm(opts.dim)
-
-    def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        b, n = x.shape
-        valid = x != SENTINEL
-        # An empty history attends to its own (sentinel) last slot, so no row's softmax is over nothing;
-        # the presence mask replaces its output by the field's missing vector anyway.
-        valid = valid | (~valid.any(1, keepdim=True) & (torch.arange(n, device=x.device) == n - 1))
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        allowed = (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)  # [B, 1, L, L]
-        h = table(x) + self.position
-        for blk in self.blocks:
-            q, k, v = blk["qkv"](blk["norm1"](h)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-            h = h + F.dropout(blk["proj"](a.transpose(1, 2).reshape(b, n, -1)), self.dropout, self.training)
-            h = h + F.dropout(blk["ff"](blk["norm2"](h)), self.dropout, self.training)
-        return self.norm(h[:, -1])
-
-
-class _TargetAttention(nn.Module):
-    """Target-aware pooling (DIN-style). In the context slot: the masked mean (candidate-independent, so the
-    context is still encoded once per request). Per candidate: :meth:`attend` weighs the history by its
-    affinity to the candidate's vector, for N candidates in one batched operation against the history
-    encoded once (:meth:`memory`)."""
-
-    def __init__(self, opts: EmbeddingOptions):
-        super().__init__()
-        self.query = nn.Linear(opts.hidden, opts.dim)
-        self.key = nn.Linear(opts.dim, opts.dim)
-        self.out = nn.Linear(opts.dim, opts.hidden)
-
-    def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        return _masked_mean(table(x), x != SENTINEL)
-
-    def memory(self, x: torch.Tensor, table: nn.Embedding) -> Tuple[torch.Tensor, torch.Tensor]:
-        """History ids [R, L] -> (rows [R, L, D], mask [R, L])."""
-        return table(x), x != SENTINEL
-
-    def attend_rows(self, memory: Tuple[torch.Tensor, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
-        """Each row's candidate vector [R, H] against its own history -> a context correction [R, H]."""
-        e, mask = memory
-        logits = torch.einsum("rd,rld->rl", self.query(v), self.key(e)) / math.sqrt(e.shape[-1])
-        return self.out(torch.einsum("rl,rld->rd", _masked_softmax(logits, mask), e))
-
-    def attend_all(self, memory: Tuple[torch.Tensor, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
-        """The same N candidate vectors [N, H] against each of R histories -> corrections [R, N, H]."""
-        e, mask = memory
-        logits = torch.einsum("nd,rld->rnl", self.query(v), self.key(e)) / math.sqrt(e.shape[-1])
-        return self.out(torch.einsum("rnl,rld->rnd", _masked_softmax(logits, mask.unsqueeze(1)), e))
-
-
-def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis where ``mask``; all-zero weights where a row has no true position."""
-    logits = logits.masked_fill(~mask, -1e9)
-    return torch.softmax(logits, -1) * mask.any(-1, keepdim=True).to(logits.dtype)

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import run_train
 from tests.serve.conftest import assert_scores_match_forward, live
 from unirec.export import export
-from unirec.kinds import POOLINGS
+from unirec.model.pooling import SEQUENCE_POOLINGS
 from unirec.serve.scorer import Scorer
 
 
@@ -21,7 +21,7 @@ from unirec.serve.scorer import Scorer
 def history_artifacts(tmp_path_factory, toy_cfg) -> dict:
     """pooling -> (run directory, exported artifact): toy runs trained with data.history, one per pooling."""
     out = {}
-    for pooling in POOLINGS:
+    for pooling in SEQUENCE_POOLINGS:
         run = tmp_path_factory.mktemp(f"history-{pooling}")
         r = run_train(["debug=toy", f"data.cache_dir={toy_cfg.data.cache_dir}", f"hydra.run.dir={run}",
                        "data.history.enabled=true", "data.history.max_len=8", f"model.sequence_pooling={pooling}",
@@ -31,7 +31,7 @@ def history_artifacts(tmp_path_factory, toy_cfg) -> dict:
     return out
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("pooling", list(SEQUENCE_POOLINGS))
 def test_scores_with_a_history_equal_the_training_forward(history_artifacts, pooling):
     run, artifact = history_artifacts[pooling]
     scorer = Scorer.load(artifact)

@@ -13,7 +13,6 @@ from unirec.kinds import (
     FIRST_ID,
     KINDS,
     OOV,
-    POOLINGS,
     SENTINEL,
     Categorical,
     kind_of,
@@ -21,6 +20,7 @@ from unirec.kinds import (
     vocabulary_lookup,
 )
 from unirec.model import MultiTaskRanker
+from unirec.model.pooling import SEQUENCE_POOLINGS
 from unirec.schema import CandidateSpec, FeatureSpec, FieldSpec, TableSpec, TaskSpec
 
 
@@ -48,7 +48,7 @@ def _spec(max_len: int = 4) -> FeatureSpec:
     )
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("pooling", list(SEQUENCE_POOLINGS))
 def test_each_pooling_scores_a_catalogue_as_the_row_forward_does(pooling):
     """score_matrix (context and history encoded once per request, N candidates batched) == the training
     forward on (request, candidate) rows, for every pooling; an empty history is the missing vector."""
@@ -91,7 +91,7 @@ def _rows(ctx, present, tt, items, r):
     )
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("pooling", list(SEQUENCE_POOLINGS))
 def test_the_history_changes_the_scores_and_padding_does_not(pooling):
     torch.manual_seed(1)
     m = MultiTaskRanker(_spec(), ModelConfig(embedding_dim=8, hidden_dim=16, sequence_pooling=pooling)).eval()

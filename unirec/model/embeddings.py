@@ -7,7 +7,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from unirec.kinds import INIT_STD, EmbeddingOptions, kind_of
+from unirec.kinds import EmbeddingOptions, kind_of
+from unirec.model.pooling import INIT_STD
 from unirec.schema import FieldSpec, TableSpec
 
 

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from unirec.config import ModelConfig
-from unirec.kinds import INIT_STD, EmbeddingOptions
+from unirec.kinds import EmbeddingOptions
 from unirec.model.embeddings import FieldEmbeddings, build_tables
 from unirec.model.heads import TaskHeads
+from unirec.model.pooling import INIT_STD
 from unirec.model.towers import build_tower
 from unirec.schema import FeatureSpec
 
