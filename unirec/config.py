@@ -186,6 +186,11 @@ class DataConfig:
     candidates: Dict[str, CandidateConfig] = field(default_factory=dict)
     rows_per_file: int = 262_144
     """Rows per feature shard file."""
+    max_future_s: Optional[int] = 86_400
+    """Horizon of plausible event times: a row dated later than the preparation's start plus this many
+    seconds is rejected as ``bad_timestamp`` (a clock or unit error, not a future event). The start is read
+    once per preparation, so one preparation applies one bound; the key of the prepared data holds this
+    rule, not the time, so the cache is reused across runs. null: no upper bound."""
     impute: bool = False
     """Apply the tasks' imputation rules (task.<name>.impute); false leaves every missing field missing.
     The synthetic data set turns it on (conf/data/synthetic.yaml); MovieLens leaves it off: the ablation

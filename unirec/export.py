@@ -39,8 +39,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from unirec import checkpoint
 from unirec.config import ModelConfig
+from unirec.data.features import feature_files
 from unirec.data.history import SNAPSHOT
-from unirec.schema import FeatureSpec
+from unirec.schema import FeatureSpec, SchemaError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -80,13 +81,9 @@ def export(run_dir: Path, registry: Path, which: str = "latest") -> Path:
         POPULARITY: features / POPULARITY,
         METRICS: run_dir / METRICS,
     }
-    for t in spec.tables.values():
-        if t.vocab:
-            files[t.vocab] = features / t.vocab
+    files.update({rel: features / rel for rel in feature_files(spec).values()})
     if (features / SNAPSHOT).exists():  # the users' histories, for environments with history: snapshot
         files[SNAPSHOT] = features / SNAPSHOT
-    for ctype in spec.candidates:
-        files[f"candidates/{ctype}.parquet"] = features / "candidates" / f"{ctype}.parquet"
     step = read_json(ckpt / "trainer.json").get("step")
     source = {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "step": step}
     tasks = {name: t.id for name, t in spec.tasks.items()}
@@ -151,8 +148,9 @@ def verify(path: Path) -> Dict:
 
     Refuses (ArtifactError naming the file): a missing or unreadable manifest, one whose ``version`` is not a
     version name or whose entries are not ``{"sha256": hex, "bytes": n}``, a file the manifest does not list,
-    a listed file that is missing, has another size or fails its sha256, a link, or a suffix outside
-    ALLOWED_SUFFIXES.
+    a listed file that is missing, has another size or fails its sha256, a link, a suffix outside
+    ALLOWED_SUFFIXES, a feature spec that does not load, or one that names a file (vocabulary, candidate
+    table) the manifest does not list.
     """
     path = Path(path)
     manifest = read_json(path / MANIFEST)
@@ -184,7 +182,22 @@ def verify(path: Path) -> Dict:
             )
         if sha256(f) != entry["sha256"]:
             raise ArtifactError(f"{f} fails its sha256 check; the artifact is corrupt or was changed")
+    _check_spec_files(path, listed)
     return manifest
+
+
+def _check_spec_files(path: Path, listed: Mapping[str, Dict]) -> None:
+    """Every file the (hashed) spec makes loading read is one of the artifact's listed files: a vocabulary
+    path or a candidate type's name must not reach a file outside the artifact, hashed or not."""
+    try:
+        files = feature_files(FeatureSpec.load(path / SPEC))
+    except SchemaError as e:
+        raise ArtifactError(str(e)) from e
+    for key, rel in sorted(files.items()):
+        if rel not in listed:
+            raise ArtifactError(
+                f"{path / SPEC}: {key} names {rel!r}, which is not a file of the artifact's manifest"
+            )
 
 
 def _is_entry(entry: object) -> bool:

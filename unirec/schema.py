@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -115,26 +116,70 @@ class FeatureSpec:
 
     @classmethod
     def load(cls, path: Path) -> FeatureSpec:
+        """Read ``feature_spec.json``; a missing, unknown or mistyped key is a SchemaError naming the file
+        and the key (the spec may come from an artifact: it is input, not trusted code)."""
         try:
             raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise SchemaError(f"cannot read feature spec {path}: {e}") from e
-        if raw.get("version") != SPEC_VERSION:
-            raise SchemaError(f"{path}: feature spec version {raw.get('version')}, expected {SPEC_VERSION}")
-        return cls(
-            context={k: FieldSpec(**v) for k, v in raw["context"].items()},
-            candidates={
-                k: CandidateSpec(**{**v, "fields": tuple(v["fields"])}) for k, v in raw["candidates"].items()
-            },
-            candidate_fields={k: FieldSpec(**v) for k, v in raw["candidate_fields"].items()},
-            tasks={
-                k: TaskSpec(**{**v, "fields": tuple(v["fields"]), "metrics": tuple(v["metrics"])})
-                for k, v in raw["tasks"].items()
-            },
-            tables={k: TableSpec(**v) for k, v in raw["tables"].items()},
-            version=raw["version"],
-            extras=raw.get("extras", {}),
+        if not isinstance(raw, dict) or raw.get("version") != SPEC_VERSION:
+            got = raw.get("version") if isinstance(raw, dict) else raw
+            raise SchemaError(f"{path}: feature spec version {got!r}, expected {SPEC_VERSION}")
+        _check_keys(raw, cls, "", path)
+        groups = {"context": FieldSpec, "candidates": CandidateSpec, "candidate_fields": FieldSpec}
+        groups.update(tasks=TaskSpec, tables=TableSpec)
+        records = {
+            g: {k: _record(kind, v, f"{g}.{k}", path) for k, v in raw[g].items()}
+            for g, kind in groups.items()
+        }
+        return cls(**records, version=raw["version"], extras=raw.get("extras", {}))
+
+
+def _record(kind: type, value: object, key: str, path: Path):
+    """One spec record (a FieldSpec, TableSpec, ...) from its JSON object, checked key by key."""
+    if not isinstance(value, dict):
+        raise SchemaError(f"{path}: {key} is {type(value).__name__}, expected an object")
+    _check_keys(value, kind, f"{key}.", path)
+    if "name" in value and value["name"] != key.rpartition(".")[2]:
+        raise SchemaError(f"{path}: {key}.name is {value['name']!r}; a record's name is its key")
+    hints = typing.get_type_hints(kind)
+    return kind(**{k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in value.items()})
+
+
+def _check_keys(value: Mapping, kind: type, prefix: str, path: Path) -> None:
+    fields_ = {f.name: f for f in dataclasses.fields(kind)}
+    required = [n for n, f in fields_.items() if f.default is MISSING and f.default_factory is MISSING]
+    hints = typing.get_type_hints(kind)
+    for k in value:
+        if k not in fields_:
+            raise SchemaError(
+                f"{path}: {prefix}{k} is not a key of {kind.__name__}; known: {sorted(fields_)}"
+            )
+        if not _fits(hints[k], value[k]):
+            raise SchemaError(f"{path}: {prefix}{k}={value[k]!r} is not a {hints[k]}")
+    for k in required:
+        if k not in value:
+            raise SchemaError(f"{path}: {prefix}{k} is missing")
+
+
+def _fits(hint, value) -> bool:
+    """Whether a JSON value can stand for a spec field of this type (record types are checked apart)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_fits(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, list) and all(_fits(args[0], v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _fits(args[1], v) for k, v in value.items()
         )
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
 
 
 def unified_context(tasks: Mapping[str, TaskConfig]) -> Dict[str, FieldConfig]:

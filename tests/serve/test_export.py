@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -104,4 +105,39 @@ def test_unknown_model_config_key_is_refused(copy: Path):
     (copy / "model_config.json").write_text(json.dumps({"embedding_dim": 16, "_target_": "os.system"}))
     _list_in_manifest(copy, "model_config.json")
     with pytest.raises(ArtifactError, match=r"unknown model config key\(s\) \['_target_'\]"):
+        load_artifact(copy)
+
+
+def _edit_spec(art: Path, change) -> None:
+    spec = json.loads((art / "feature_spec.json").read_text())
+    change(spec)
+    (art / "feature_spec.json").write_text(json.dumps(spec))
+    _list_in_manifest(art, "feature_spec.json")  # a consistent forgery: the spec itself is hashed
+
+
+def _vocab_at(spec: dict, where: str) -> None:
+    spec["tables"]["user"]["vocab"] = where
+
+
+def _candidate_named(spec: dict, name: str) -> None:
+    spec["candidates"][name] = spec["candidates"].pop("genre")
+
+
+@pytest.mark.parametrize(
+    "change, value, key",
+    [
+        (_vocab_at, "{outside}/outside.json", "tables.user.vocab"),
+        (_vocab_at, "../outside.json", "tables.user.vocab"),
+        (_vocab_at, "vocab/unlisted.json", "tables.user.vocab"),
+        (_candidate_named, "../../genre", "candidates.../../genre"),
+    ],
+    ids=["absolute", "dotdot", "unlisted", "candidate-name"],
+)
+def test_the_spec_cannot_make_loading_read_a_file_outside_the_artifact(copy: Path, change, value, key):
+    """A vocabulary path or a candidate type's name outside the artifact (or not in its manifest) is refused
+    naming the spec key; the outside files (a vocabulary, a catalogue) are there to be read, and are not."""
+    (copy.parent / "outside.json").write_text(json.dumps(["7", "8"]))
+    shutil.copyfile(copy / "candidates" / "genre.parquet", copy.parent / "genre.parquet")
+    _edit_spec(copy, lambda spec: change(spec, value.format(outside=copy.parent)))
+    with pytest.raises(ArtifactError, match=re.escape(key)):
         load_artifact(copy)

@@ -65,3 +65,23 @@ def test_popular_follows_the_popularity_table(scorer: Scorer, artifact: Path):
     assert [vocab[r["index"] - 2] for r in home[:1]] == top[:1]
     share = scorer.popularity("home", top)
     assert list(share) == sorted(share, reverse=True) and 0 < share.sum() <= 1
+
+
+@pytest.mark.parametrize("bound", ["_MEMO_SIZE", "_MEMO_BYTES"])
+def test_a_memo_cleared_mid_request_keeps_the_rows_the_request_needs(artifact: Path, monkeypatch, bound):
+    """With the memo bound at 0 every request with a new value clears it; the rows it already took from the
+    memo (country, the unset fields) must still be its own, and its scores those of an unbounded memo."""
+    import unirec.serve.scorer as scorer_module
+
+    reference = Scorer.load(artifact, warm=False)
+    contexts = [
+        {"user": "7", "country": "us"},
+        {"user": "8", "country": "us"},
+        {"user": "9", "country": "de"},
+    ]
+    expected = [reference.score("home", c, ["1", "2", "3"]) for c in contexts]
+    monkeypatch.setattr(scorer_module, bound, 0)
+    tiny = Scorer.load(artifact, warm=False)
+    for c, want in zip(contexts, expected):
+        np.testing.assert_array_equal(tiny.score("home", c, ["1", "2", "3"]), want)
+    assert len(tiny._memo) < len(reference._memo)  # the bound did clear it

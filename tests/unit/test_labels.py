@@ -11,6 +11,8 @@ from unirec.data.labels import REQUEST, SPLITS, TIMESTAMP
 from unirec.data.prepare import build, read_raw
 from unirec.data.synthetic import generate
 
+FAR_FUTURE_S = 4_102_444_800  # 2100-01-01
+
 
 def _append_bad_rows(canvas_dir, edits):
     """Write a part file of copies of the canvas's first row, each changed by one edit."""
@@ -33,10 +35,12 @@ def dirty(tmp_path_factory):
         {"video_id": 999_999}, {"video_id": 888_888}, {"video_id": -1}, {"video_id": 10**9},
         {"play_start": 7},
         {"event_ts": -5}, {"event_ts": None},
+        {"event_ts": 2**63 - 1},                # overflows any time unit: a reject, not an abort
+        {"event_ts": FAR_FUTURE_S * 1000},      # beyond the horizon (data.max_future_s)
         {"session_id": None},
     ])  # fmt: skip
     _append_bad_rows(raw / "search", [{"result_id": "x9z"}, {"result_id": "12a"}, {"clicked": "maybe"}])
-    _append_bad_rows(raw / "related", [{"ts_utc": "not-a-time"}])
+    _append_bad_rows(raw / "related", [{"ts_utc": "not-a-time"}, {"ts_utc": "2100-01-01T00:00:00Z"}])
     _append_bad_rows(raw / "genre", [{"title": None}])
     out = tmp / "prepared"
     counts = build(raw, out, cfg.data, cfg.task, cfg.seed)
@@ -48,20 +52,20 @@ def test_exact_reject_counts_per_reason(dirty):
     assert counts == {
         "home": {
             "bad_label": 1,
-            "bad_timestamp": 2,
+            "bad_timestamp": 4,
             "duplicate": 3,
             "missing:session_id": 1,
             "missing:video_id": 2,
             "unknown_candidate": 4,
         },
-        "related": {"bad_timestamp": 1},
+        "related": {"bad_timestamp": 2},
         "search": {"bad_label": 1, "bad_type:result_id": 2},
         "genre": {"missing:title": 1},
         "genre_rows": {},
     }
     assert json.loads((out / "rejects.json").read_text()) == counts
     rejects = pq.read_table(out / "rejects" / "task=home")
-    assert rejects.num_rows == 13
+    assert rejects.num_rows == 15
     row = dict(rejects.filter(pa.compute.equal(rejects["reason"], "bad_label"))["row"][0].as_py())
     assert row["play_start"] == "7"  # the raw value is kept for inspection
 
@@ -140,3 +144,38 @@ def test_malformed_dense_context_values_are_rejects_not_crashes():
     cleaned = clean_batch(raw, task, pa.array([1, 2, 3, 4]))
     assert count_reasons(cleaned.rejects) == {"bad_type:hours": 1}
     assert cleaned.good["hours"].to_pylist() == ["1.5", None, "2e3"]
+
+
+def _home_rows(ts) -> pa.Table:
+    n = len(ts)
+    return pa.table({
+        "member_id": list(range(n)), "country_code": ["us"] * n, "ui_lang": ["en"] * n,
+        "video_id": [1] * n, "play_start": pa.array([1] * n, pa.int8()), "event_ts": pa.array(ts, pa.int64()),
+        "session_id": [str(i) for i in range(n)], "row_pos": [0] * n,
+    })  # fmt: skip
+
+
+def test_the_horizon_is_a_rule_applied_to_one_fixed_now():
+    from unirec.data.labels import clean_batch, count_reasons
+
+    task = compose(["debug=toy"]).task["home"]
+    now = 1_700_000_000
+    raw = _home_rows([now * 1000, (now + 86_400) * 1000, (now + 86_401) * 1000, 2**63 - 1, -(2**63)])
+    cleaned = clean_batch(raw, task, pa.array([1]), latest=now + 86_400)
+    assert count_reasons(cleaned.rejects) == {"bad_timestamp": 3}
+    assert cleaned.good["__ts"].to_pylist() == [now, now + 86_400]
+    # no horizon (data.max_future_s=null): the far-future row is kept, the overflowing ones never
+    assert clean_batch(raw, task, pa.array([1])).good.num_rows == 3
+
+
+def test_a_list_or_struct_column_where_a_scalar_is_wanted_names_the_log_and_column():
+    from unirec.data.labels import clean_batch
+
+    task = compose(["debug=toy"]).task["home"]
+    raw = _home_rows([1_700_000_000_000] * 2)
+    listed = raw.set_column(1, "country_code", pa.array([["us"], ["de"]]))
+    with pytest.raises(TypeError, match=r"raw log 'home'.*'country_code' \(adapter.context.country\).*list"):
+        clean_batch(listed, task, pa.array([1]))
+    structs = raw.set_column(3, "video_id", pa.array([{"id": 1}, {"id": 2}]))
+    with pytest.raises(TypeError, match=r"raw log 'home'.*'video_id' \(adapter.candidate\).*struct"):
+        clean_batch(structs, task, pa.array([1]))

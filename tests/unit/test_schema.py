@@ -1,4 +1,7 @@
+import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +113,39 @@ def test_a_rule_for_a_field_no_selected_task_has_is_inactive():
     assert active_rules(a, unified_context({"a": a})) == {}
     b = _task(1, query="tokens")
     assert active_rules(a, unified_context({"a": a, "b": b})) == {"query": "user"}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda s: next(iter(s["context"].values())).update(colour="red"),
+            r"context\.\w+\.colour is not a key",
+        ),
+        (lambda s: next(iter(s["tables"].values())).pop("size"), r"tables\.\w+\.size is missing"),
+        (lambda s: next(iter(s["tables"].values())).update(size="ten"), r"tables\.\w+\.size='ten' is not"),
+        (lambda s: s["tasks"]["home"].update(fields="user"), r"tasks\.home\.fields='user' is not"),
+        (lambda s: s.pop("tasks"), r"tasks is missing"),
+        (lambda s: s.update(tables=[]), r"tables=\[\] is not"),
+        (lambda s: s["context"].update(user=7), r"context\.user is int, expected an object"),
+    ],
+    ids=["extra", "missing", "type", "tuple", "group", "group-type", "record-type"],
+)
+def test_a_bad_spec_key_is_a_schema_error_naming_the_file_and_key(toy_features, tmp_path, change, message):
+    spec = json.loads((toy_features / "feature_spec.json").read_text())
+    change(spec)
+    path = tmp_path / "feature_spec.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SchemaError, match=rf"{re.escape(str(path))}: .*{message}"):
+        FeatureSpec.load(path)
+
+
+def test_a_featurizer_refuses_a_vocabulary_outside_its_directory(toy_features, tmp_path):
+    from unirec.data.features import Featurizer
+
+    features = Path(shutil.copytree(toy_features, tmp_path / "features"))
+    spec = json.loads((features / "feature_spec.json").read_text())
+    spec["tables"]["user"]["vocab"] = str(features / "vocab" / "user.json")  # absolute, even if it exists
+    (features / "feature_spec.json").write_text(json.dumps(spec))
+    with pytest.raises(SchemaError, match=r"tables\.user\.vocab: .* must be a relative path"):
+        Featurizer.load(features)

@@ -19,7 +19,7 @@ Featurized columns (one row per example)::
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -31,9 +31,18 @@ from unirec.config import CandidateConfig, FieldConfig, TaskConfig
 from unirec.data.ids import normalise_ids
 from unirec.data.labels import CANDIDATE, LABEL, REQUEST, TASK_TYPE, WEIGHT
 from unirec.kinds import FIRST_ID, kind_of, tokenize, vocabulary_lookup
-from unirec.schema import CandidateSpec, FeatureSpec, FieldSpec, TableSpec, TaskSpec, check_tables, table_name
+from unirec.schema import (
+    CandidateSpec,
+    FeatureSpec,
+    FieldSpec,
+    SchemaError,
+    TableSpec,
+    TaskSpec,
+    check_tables,
+    table_name,
+)
 
-__all__ = ["Featurizer", "Imputer", "fit", "save_vocabs", "tokenize"]
+__all__ = ["Featurizer", "Imputer", "feature_files", "fit", "save_vocabs", "tokenize"]
 
 
 class Imputer:
@@ -200,6 +209,25 @@ def _fit_tables(
     return tables, vocabs
 
 
+def feature_files(spec: FeatureSpec) -> Dict[str, str]:
+    """Spec key -> path (relative to the features directory or artifact) of every file the featurizer
+    reads besides the spec: each table's vocabulary and each candidate type's catalogue.
+
+    A path that is empty, absolute or climbs out with ``..`` is a SchemaError naming its key: a spec read
+    from an artifact must not make the service read a file from outside it.
+    """
+    files = {f"tables.{t.name}.vocab": t.vocab for t in spec.tables.values() if t.vocab}
+    files.update({f"candidates.{c}": f"candidates/{c}.parquet" for c in spec.candidates})
+    for key, rel in files.items():
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith("/") or ".." in parts or "\\" in rel:
+            raise SchemaError(
+                f"feature spec {key}: {rel!r} must be a relative path inside the feature directory "
+                "(no absolute path, no '..')"
+            )
+    return files
+
+
 class Featurizer:
     """Raw unified rows -> model-ready columns, from a fitted spec and vocabularies only.
 
@@ -231,9 +259,11 @@ class Featurizer:
 
     @classmethod
     def load(cls, directory: Path) -> Featurizer:
-        """Load from a features directory (or an exported artifact with the same layout)."""
+        """Load from a features directory (or an exported artifact with the same layout): the spec and the
+        files :func:`feature_files` names, nothing outside ``directory``."""
         directory = Path(directory)
         spec = FeatureSpec.load(directory / "feature_spec.json")
+        files = feature_files(spec)
         vocabs = {}
         for t in spec.tables.values():
             if t.vocab:
@@ -243,7 +273,7 @@ class Featurizer:
                     raise ValueError(
                         f"cannot read vocabulary of table {t.name!r} from {directory / t.vocab}: {e}"
                     ) from e
-        cats = {c: pq.read_table(directory / "candidates" / f"{c}.parquet") for c in spec.candidates}
+        cats = {c: pq.read_table(directory / files[f"candidates.{c}"]) for c in spec.candidates}
         return cls(spec, vocabs, cats)
 
     def _catalogue_column(self, f: FieldSpec, catalogue: pa.Table) -> pa.Array:

@@ -10,8 +10,9 @@ Every rejected row keeps its raw values (as text) and gets a ``reason``; nothing
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -52,14 +53,18 @@ class Cleaned:
     rejects: pa.Table
 
 
-def clean_batch(raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array) -> Cleaned:
+def clean_batch(
+    raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, latest: Optional[int] = None
+) -> Cleaned:
     """Check every row of one raw batch; the first failing rule names its reject reason.
 
     Adds typed columns ``__request``, ``__candidate`` (id as text), ``__label`` and ``__ts`` (epoch s).
-    ``catalogue_ids`` holds the known candidate ids as text.
+    ``catalogue_ids`` holds the known candidate ids as text. A timestamp before MIN_TIMESTAMP or after
+    ``latest`` (epoch s; None: no upper bound) is a ``bad_timestamp``.
     """
     a = task.adapter
     _require_columns(raw, task)
+    _require_types(raw, task)
     n = raw.num_rows
     reason = np.full(n, None, dtype=object)
 
@@ -81,6 +86,8 @@ def clean_batch(raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array) -> Cle
     flag(pc.is_null(label), "bad_label")
     ts = _parse_timestamp(raw[a.timestamp], a.timestamp_unit, f"{a.source}.{a.timestamp}")
     flag(pc.or_(pc.is_null(ts), pc.less(ts, MIN_TIMESTAMP)), "bad_timestamp")
+    if latest is not None:
+        flag(pc.greater(ts, latest), "bad_timestamp")
     known = pc.is_in(normalise_ids(cand_txt), value_set=normalise_ids(catalogue_ids))
     flag(pc.invert(known), "unknown_candidate")
     if SPLIT in raw.column_names:
@@ -238,6 +245,42 @@ def _require_columns(raw: pa.Table, task: TaskConfig) -> None:
         )
 
 
+def _require_types(raw: pa.Table, task: TaskConfig) -> None:
+    """Every adapter column converts to its unified type (tried on no rows): a list or struct column where a
+    scalar is wanted would otherwise fail deep in Arrow, naming neither the log nor the column."""
+    a = task.adapter
+    checks = [
+        ("adapter.request", a.request, lambda c: pc.cast(c, pa.string())),
+        ("adapter.candidate", a.candidate, lambda c: pc.cast(c, pa.string())),
+        (
+            "adapter.timestamp",
+            a.timestamp,
+            lambda c: _parse_timestamp(c, a.timestamp_unit, f"{a.source}.{a.timestamp}"),
+        ),
+    ]
+    if a.label:
+        checks.append(("adapter.label", a.label, _parse_label))
+    checks += [(f"adapter.context.{f}", c, kind_of(task.context[f]).to_raw) for f, c in a.context.items()]
+    for key, column, convert in checks:
+        try:
+            convert(raw[column].slice(0, 0))
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise TypeError(
+                f"raw log {a.source!r}: column {column!r} ({key}) holds {raw.schema.field(column).type}, "
+                f"which cannot be read as that field ({e}); fix the log or the adapter"
+            ) from e
+
+
+def _as_text(col) -> pa.Array:
+    """Raw values as text: scalars cast, nested values (lists, structs, maps) as JSON."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_nested(col.type):
+        return pa.array(
+            [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string()
+        )
+    return pc.cast(col, pa.string())
+
+
 def _parse_label(col: pa.ChunkedArray) -> pa.Array:
     """0/1 from bool, number or text; anything else is null (bad_label)."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -272,7 +315,8 @@ def _parse_timestamp(col: pa.ChunkedArray, unit: str, where: str) -> pa.Array:
             f"raw column {where} holds {col.type}, but adapter.timestamp_unit={unit!r} needs numbers; "
             "use timestamp_unit=iso for ISO-8601 text"
         )
-    secs = pc.cast(col, pa.float64())
+    # Unsafe: an int64 beyond 2**53 loses precision as a float, and such a value is out of range anyway.
+    secs = pc.cast(col, pa.float64(), safe=False)
     if unit == "ms":
         secs = pc.divide(secs, 1000.0)
     finite = pc.and_(pc.is_finite(secs), pc.less(pc.abs(secs), 1e11))
@@ -288,7 +332,7 @@ def _rejects(raw: pa.Table, bad: np.ndarray, reason: np.ndarray) -> pa.Table:
     n = int(bad.sum())
     values = np.empty((n, len(names)), dtype=object)
     for j, c in enumerate(names):
-        values[:, j] = pc.cast(raw[c], pa.string()).filter(mask).to_numpy(zero_copy_only=False)
+        values[:, j] = _as_text(raw[c].filter(mask)).to_numpy(zero_copy_only=False)
     offsets = pa.array(np.arange(0, n * len(names) + 1, len(names), dtype=np.int32))
     keys = pa.array(np.tile(np.array(names, dtype=object), n), pa.string())
     row = pa.MapArray.from_arrays(offsets, keys, pa.array(values.ravel(), pa.string()))
@@ -296,10 +340,17 @@ def _rejects(raw: pa.Table, bad: np.ndarray, reason: np.ndarray) -> pa.Table:
 
 
 def labeled_examples(
-    raw: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, ctx_fields: Mapping[str, FieldConfig], seed: int
+    raw: pa.Table,
+    task: TaskConfig,
+    catalogue_ids: pa.Array,
+    ctx_fields: Mapping[str, FieldConfig],
+    seed: int,
+    latest: Optional[int] = None,
 ) -> Tuple[pa.Table, pa.Table]:
-    """A canvas's label preparation up to the split: clean, dedupe, map, sample negatives -> (examples, rejects)."""
-    cleaned = clean_batch(raw, task, catalogue_ids)
+    """A canvas's label preparation up to the split: clean, dedupe, map, sample negatives -> (examples, rejects).
+
+    ``latest``: the last accepted timestamp (epoch s), see :func:`clean_batch`."""
+    cleaned = clean_batch(raw, task, catalogue_ids, latest)
     if task.adapter.drop_duplicates:
         cleaned = drop_duplicates(cleaned, list(raw.column_names))
     return sample_negatives(

@@ -51,7 +51,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -158,6 +158,18 @@ def find_layout(path) -> Tuple[str, Path]:
         f"no MovieLens-100K files under {root}: expected u.data/u.user/u.item (GroupLens) or "
         "ml-100k.inter/.user/.item (RecBole); fetch them with scripts/fetch_movielens.py"
     )
+
+
+_FILES = {
+    "grouplens": ("u.data", "u.user", "u.item"),
+    "recbole": ("ml-100k.inter", "ml-100k.user", "ml-100k.item"),
+}
+
+
+def source_files(path) -> List[Path]:
+    """The files :func:`load` reads from ``path`` (ratings, users, items), for the prepared data's key."""
+    layout, d = find_layout(path)
+    return [d / name for name in _FILES[layout]]
 
 
 def load(path) -> MovieLens:

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -57,16 +58,69 @@ def cache_root(data: DataConfig) -> Path:
 
 
 def dataset_key(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) -> str:
-    """A short hash of every setting that changes the prepared data (not the model or trainer)."""
+    """A short hash of every setting and raw input that changes the prepared data (not the model or
+    trainer): the same raw directory with a changed file is another data set (see :func:`raw_fingerprint`)."""
     shaping = _plain(asdict(data))
     shaping.pop("cache_dir")  # where the cache lives does not change what is in it
     tasks_ = {k: _plain(asdict(v)) for k, v in sorted(tasks.items())}
     blob = json.dumps(
-        {"data": shaping, "tasks": tasks_, "seed": seed, "version": PREPARE_VERSION},
+        {
+            "data": shaping,
+            "tasks": tasks_,
+            "seed": seed,
+            "version": PREPARE_VERSION,
+            "raw": raw_fingerprint(data, tasks),
+        },
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def raw_fingerprint(data: DataConfig, tasks: Mapping[str, TaskConfig]) -> Dict[str, object]:
+    """File -> (size, mtime, content hash) of every raw file preparation reads: the MovieLens source files
+    (data=movielens) or the selected tasks' logs, candidate tables and history source (data.name=raw).
+    The synthetic data set is generated from its config, which the key holds already. A missing file is
+    None here; reading it fails with its name later."""
+    if data.name == "synthetic" or not data.raw_dir:
+        return {}
+    raw_dir = Path(data.raw_dir).expanduser()
+    if data.name == "movielens":
+        from unirec.data.movielens import source_files
+
+        paths = source_files(raw_dir)
+    else:
+        sources = [t.adapter.source for t in tasks.values()]
+        sources += [c.table for c in used_candidates(tasks, data.candidates).values()]
+        if data.history.enabled and data.history.source:
+            sources.append(data.history.source)
+        paths = [_resolve(raw_dir, s) for s in sorted(set(sources))]
+    out: Dict[str, object] = {}
+    for p in paths:
+        files = raw_files(p) if p.exists() else []
+        out[str(p)] = [_file_fingerprint(Path(f)) for f in files] if files else None
+    return out
+
+
+def _file_fingerprint(path: Path) -> list:
+    """[name, size, mtime_ns, sha256 of the parquet footer, or of the whole file if it is not parquet].
+
+    A parquet footer holds every row group's size, offsets and column statistics, so it changes with the
+    data, and reading it costs the same for a 1 kB and a 10 GB log."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(max(st.st_size - 8, 0))
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] == b"PAR1" and 12 + length <= st.st_size:
+            f.seek(st.st_size - 8 - length)
+            h.update(f.read(length))
+        else:
+            f.seek(0)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return [path.name, st.st_size, st.st_mtime_ns, h.hexdigest()]
 
 
 def prepare(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int, force: bool = False) -> Path:
@@ -95,8 +149,23 @@ def prepare(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int, force:
     return final / "features"
 
 
-def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) -> Dict:
-    """Labels then features, into ``out``; returns the reject counts per task and reason."""
+def build(
+    raw_dir: Path,
+    out: Path,
+    data: DataConfig,
+    tasks: Mapping[str, TaskConfig],
+    seed: int,
+    now: Optional[float] = None,
+) -> Dict:
+    """Labels then features, into ``out``; returns the reject counts per task and reason.
+
+    ``now`` (epoch s, default: read once here) anchors the horizon of event times (``data.max_future_s``)."""
+    now = time.time() if now is None else now
+    latest = None if data.max_future_s is None else int(now) + data.max_future_s
+    if latest is not None:
+        print(
+            f"labels  events after {latest} (epoch s; data.max_future_s past this preparation) are rejected"
+        )
     candidates = used_candidates(tasks, data.candidates)
     tasks = with_history(tasks, data.history, candidates)
     ctx_fields = unified_context(tasks)
@@ -106,8 +175,13 @@ def build(raw_dir: Path, out: Path, data: DataConfig, tasks: Mapping[str, TaskCo
     for name, task in sorted(tasks.items()):
         cat_ids = catalogues[task.candidate][candidates[task.candidate].key].combine_chunks()
         raw = read_raw(_resolve(raw_dir, task.adapter.source))
-        examples[name], rejects = labels.labeled_examples(raw, task, cat_ids, ctx_fields, seed)
+        examples[name], rejects = labels.labeled_examples(raw, task, cat_ids, ctx_fields, seed, latest)
         reject_counts[name] = labels.count_reasons(rejects)
+        if examples[name].num_rows == 0:  # say so here, before the time split blames the logs' span
+            raise ValueError(
+                f"task {name} has no examples: every one of the {raw.num_rows:,} rows of its log "
+                f"{task.adapter.source!r} was rejected {reject_counts[name]}; fix the log or task.{name}.adapter"
+            )
         _write(rejects, out / "rejects" / f"task={name}" / "part-00000.parquet")
         print(
             f"labels  {name:<10} raw={raw.num_rows:>11,} rejected={rejects.num_rows:>9,}  {reject_counts[name]}"
@@ -255,12 +329,27 @@ def read_raw(path: Path) -> pa.Table:
     """A raw parquet file or directory of parts, in file order (deterministic)."""
     if not path.exists():
         raise FileNotFoundError(f"raw data {path} does not exist (check adapter.source / candidates.*.table)")
-    if path.is_file():
-        return pq.read_table(path)
-    files = sorted(str(p) for p in path.rglob("*.parquet"))
+    files = raw_files(path)
     if not files:
         raise FileNotFoundError(f"no parquet files under {path}")
-    return ds.dataset(files, format="parquet").to_table()
+    try:
+        return pq.read_table(path) if path.is_file() else ds.dataset(files, format="parquet").to_table()
+    except (pa.ArrowException, OSError) as e:
+        bad = next((f for f in files if not _readable(f)), path)  # the dataset's error names no file
+        raise ValueError(f"raw data {bad} is not a readable parquet file: {e}") from e
+
+
+def raw_files(path: Path) -> list:
+    """The parquet files of a raw file or directory of parts, in file order."""
+    return [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+
+
+def _readable(file: str) -> bool:
+    try:
+        pq.read_table(file)
+        return True
+    except (pa.ArrowException, OSError):
+        return False
 
 
 def _raw_dir(data: DataConfig, tmp: Path, seed: int) -> Path:

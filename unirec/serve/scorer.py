@@ -201,12 +201,14 @@ class Scorer:
         if self.artifact.featurizer.impute:
             used = self._imputed(task, used)
         values = {f: self._normalise(f, used.get(f)) for f in self._fields}
-        missing = {f: v for f, v in values.items() if (f, v) not in self._memo}
+        # Rows are taken from the memo once, and the missing ones from their fresh featurization: a memo
+        # cleared meanwhile (by this request or another thread) cannot take a row this request needs.
+        rows = {f: self._memo.get((f, v)) for f, v in values.items()}
+        missing = {f: values[f] for f, r in rows.items() if r is None}
         if missing:
-            self._featurize_into_memo(missing)
-        rows = [self._memo[(f, v)] for f, v in values.items()]
-        ctx = {f: torch.from_numpy(r[0])[None] for f, r in zip(self._fields, rows)}
-        present = torch.tensor([[r[1] for r in rows]], dtype=torch.float32)
+            rows.update(self._featurize_into_memo(missing))
+        ctx = {f: torch.from_numpy(rows[f][0])[None] for f in self._fields}
+        present = torch.tensor([[rows[f][1] for f in self._fields]], dtype=torch.float32)
         return ctx, present, torch.tensor([self.spec.tasks[task].id])
 
     def _imputed(self, task: str, used: Dict[str, ContextValue]) -> Dict[str, ContextValue]:
@@ -235,16 +237,19 @@ class Scorer:
         except (TypeError, ValueError) as e:
             raise RequestError(f"context.{field}", f"expected a {f.kind} value, got {value!r}") from e
 
-    def _featurize_into_memo(self, values: Dict[str, object]) -> None:
+    def _featurize_into_memo(self, values: Dict[str, object]) -> Dict[str, Tuple[np.ndarray, float]]:
+        """Featurize (field -> value) in one Featurizer call; remember and return field -> (row, presence)."""
         cols = {f: pa.array([v], kind_of(self.spec.context[f]).raw_type) for f, v in values.items()}
         feats = self.artifact.featurizer.context(pa.table(cols))
         if len(self._memo) > _MEMO_SIZE or self._memo_bytes > _MEMO_BYTES:
             self._memo.clear()  # crude but bounded; the working set refills in a few requests
             self._memo_bytes = 0
+        fresh = {}
         for f, v in values.items():
             row = np.array(column_tensor(feats[f"ctx.{f}"])[0].numpy())
-            self._memo[(f, v)] = (row, float(feats[f"has.{f}"][0].as_py()))
+            fresh[f] = self._memo[(f, v)] = (row, float(feats[f"has.{f}"][0].as_py()))
             self._memo_bytes += _approx_bytes(v) + row.nbytes + 200  # + the dict entry and tuple
+        return fresh
 
     def score(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> np.ndarray:
         """Post-sigmoid scores [N] of ``ids`` (candidates of the task's type) for this request."""

@@ -1,0 +1,82 @@
+"""Preparation over real raw files: the cache key follows the raw files' content, and a broken or wholly
+rejected log fails naming the file or the reason."""
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT
+from unirec.config import compose
+from unirec.data.prepare import build, dataset_key, prepare, read_raw
+from unirec.data.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """The toy data set's generated canvases, as a raw directory (read-only: copy it to change it)."""
+    out = tmp_path_factory.mktemp("raw") / "raw"
+    generate(compose(["debug=toy"]).data.synthetic, out)
+    return out
+
+
+def _raw_cfg(raw_dir: Path, cache: Path):
+    return compose(["debug=toy", "data.name=raw", f"data.raw_dir={raw_dir}", f"data.cache_dir={cache}"])
+
+
+def _labeled_rows(features: Path, task: str) -> int:
+    return sum(pq.read_table(p).num_rows for p in (features.parent / "labeled").glob(f"split=*/task={task}"))
+
+
+def test_a_shrunk_raw_log_is_prepared_anew_not_served_stale(raw: Path, tmp_path: Path):
+    raw_dir = Path(shutil.copytree(raw, tmp_path / "raw"))
+    cfg = _raw_cfg(raw_dir, tmp_path / "cache")
+    first = prepare(cfg.data, cfg.task, cfg.seed)
+    assert prepare(cfg.data, cfg.task, cfg.seed) == first  # unchanged files: the cache is reused
+    part = sorted((raw_dir / "home").glob("*.parquet"))[0]
+    t = pq.read_table(part)
+    pq.write_table(t.take(list(range(0, t.num_rows, 2))), part)  # every other row: the same time span
+    second = prepare(cfg.data, cfg.task, cfg.seed)
+    assert second != first
+    assert _labeled_rows(second, "home") < _labeled_rows(first, "home")
+
+
+def test_the_movielens_key_follows_its_source_files(tmp_path: Path):
+    src = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "ml100k" / "grouplens", tmp_path / "ml"))
+    cfg = compose(["data=movielens", f"data.raw_dir={src}"])
+    tasks = {k: v for k, v in cfg.task.items()}
+    before = dataset_key(cfg.data, tasks, cfg.seed)
+    assert dataset_key(cfg.data, tasks, cfg.seed) == before
+    lines = (src / "u.data").read_text(encoding="latin-1").splitlines(keepends=True)
+    (src / "u.data").write_text("".join(lines[:-1]), encoding="latin-1")
+    assert dataset_key(cfg.data, tasks, cfg.seed) != before
+
+
+def test_the_synthetic_key_needs_no_files_and_holds_no_time():
+    cfg = compose(["debug=toy"])
+    assert dataset_key(cfg.data, cfg.task, cfg.seed) == dataset_key(cfg.data, cfg.task, cfg.seed)
+
+
+def test_a_corrupt_parquet_part_is_named(raw: Path, tmp_path: Path):
+    raw_dir = Path(shutil.copytree(raw, tmp_path / "raw"))
+    bad = sorted((raw_dir / "home").glob("*.parquet"))[-1]
+    data = bytearray(bad.read_bytes())
+    for i in range(200, len(data) // 2, 7):  # damage the pages, keep the footer: Arrow names no file
+        data[i] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{bad.name} is not a readable parquet file"):
+        read_raw(raw_dir / "home")
+    cfg = _raw_cfg(raw_dir, tmp_path / "cache")
+    with pytest.raises(ValueError, match=rf"raw data {bad}"):
+        build(raw_dir, tmp_path / "out", cfg.data, cfg.task, cfg.seed)
+
+
+def test_a_task_whose_every_row_is_rejected_says_so_with_the_counts(raw: Path, tmp_path: Path):
+    raw_dir = Path(shutil.copytree(raw, tmp_path / "raw"))
+    cfg = _raw_cfg(raw_dir, tmp_path / "cache")
+    # now = 1990-01-02: every home event (2023) lies beyond the horizon of one day
+    with pytest.raises(
+        ValueError, match=r"task home has no examples: every one .* rejected \{.*'bad_timestamp': \d+"
+    ):
+        build(raw_dir, tmp_path / "out", cfg.data, {"home": cfg.task["home"]}, cfg.seed, now=631_238_400)
