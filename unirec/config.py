@@ -215,9 +215,11 @@ class ModelConfig:
     head_hidden: int = 32
     """Hidden width of each per-task head."""
     dropout: float = 0.0
-    sequence_pooling: str = "mean"
+    sequence_pooling: str = "attention"
     """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style) or transformer
-    (causal self-attention, SASRec-style; the last position is the user's state). unirec/model/pooling.py."""
+    (causal self-attention, SASRec-style; the last position is the user's state). unirec/model/pooling.py.
+    attention is the default: the best or tied on most tasks of both data sets (reports/ml100k/history.md,
+    BENCHMARKS.md); transformer was slower and weaker in a first MovieLens probe."""
     sequence_layers: int = 1
     """Blocks of the transformer pooling."""
     sequence_heads: int = 2

@@ -281,8 +281,11 @@ class Sequence(Kind):
 
     def encode(self, f, col, lookup):
         col = self.to_raw(col)
-        ids = lookup(pc.list_flatten(col))
-        lengths = np.asarray(pc.fill_null(pc.list_value_length(col), 0), dtype=np.int64)
+        flat = pc.list_flatten(col)
+        keep = np.asarray(pc.is_valid(flat), dtype=bool)  # a null entry is no engagement: dropped
+        parents = pc.list_parent_indices(col).to_numpy()[keep]
+        ids = lookup(flat.filter(pa.array(keep)))
+        lengths = np.bincount(parents, minlength=len(col)).astype(np.int64)
         values = pad_last(ids.to_numpy(zero_copy_only=False), lengths, f.max_len)
         return values, pa.array((lengths > 0).astype(np.uint8))
 

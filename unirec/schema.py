@@ -281,7 +281,8 @@ def with_history(
     tasks: Mapping[str, TaskConfig], history: HistoryConfig, candidates: Mapping[str, CandidateConfig]
 ) -> Dict[str, TaskConfig]:
     """The tasks with the history field (``data.history``) added to the context of every task that has its
-    key; the field is joined in preparation, not mapped from a raw column. Unchanged when disabled.
+    key; the field is joined in preparation, not mapped from a raw column. Unchanged when disabled, and when
+    no selected task has the key (a single-task run of ``related``): the history is then inactive.
 
     The field shares the table of the candidate field that holds the history's ids (``history.table``)."""
     if not history.enabled:
@@ -314,10 +315,6 @@ def with_history(
             )
         has_key = history.key in t.context
         out[name] = dataclasses.replace(t, context={**t.context, history.field: fcfg}) if has_key else t
-    if out == dict(tasks):
-        raise SchemaError(
-            f"data.history.key={history.key!r} is in no selected task's context; nothing would get a history"
-        )
     return out
 
 

@@ -34,7 +34,8 @@ def test_ids_outside_the_catalogue_score_as_the_full_forward_does(scorer: Scorer
     cand = scorer._candidate_tensors("item", pa.array(ids))
     with torch.inference_mode():
         c = scorer.model.encode_context(ctx, present, task_type)
-        expected = torch.sigmoid(scorer.model.score_candidates(c, cand, task_type).double()).numpy()
+        memory = scorer.model.context_memory(ctx, present)
+        expected = torch.sigmoid(scorer.model.score_candidates(c, cand, task_type, memory).double()).numpy()
     got = scorer.score("home", {"user": "7", "country": "us"}, ids)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 

@@ -73,7 +73,10 @@ def test_context_encoded_once_matches_row_by_row_forward(toy_features):
     ctx = {k: v[i : i + 1] for k, v in batch.context.items()}
     c = model.encode_context(ctx, batch.present[i : i + 1], batch.task_type[i : i + 1])
     cands = {k: v[:n] for k, v in batch.candidate.items()}
-    once = model.score_candidates(c, cands, batch.task_type[i : i + 1])
+    with pytest.raises(ValueError, match="pass memory=model.context_memory"):  # the toy default attends
+        model.score_candidates(c, cands, batch.task_type[i : i + 1])
+    memory = model.context_memory(ctx, batch.present[i : i + 1])
+    once = model.score_candidates(c, cands, batch.task_type[i : i + 1], memory)
     rows = type(batch)(
         {k: v[i : i + 1].expand(n, *v.shape[1:]) for k, v in batch.context.items()},
         batch.present[i : i + 1].expand(n, -1),

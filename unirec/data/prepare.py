@@ -196,7 +196,8 @@ def build(
     )
     examples = {name: imputer(t) for name, t in examples.items()}
     snapshot = None
-    if data.history.enabled:
+    history_on = any(data.history.field in t.context for t in tasks.values())  # see with_history
+    if history_on:
         events = history_events(raw_dir, data.history, examples, tasks, candidates)
         for name, t in examples.items():
             if data.history.field in tasks[name].context:
@@ -216,7 +217,7 @@ def build(
     (out / "rejects.json").write_text(json.dumps(reject_counts, indent=2, sort_keys=True))
 
     spec, vocabs = fit(splits["train"], tasks, ctx_fields, candidates, catalogues, impute)
-    if data.history.enabled:  # which field is the history and whose it is: the service resolves it by user
+    if history_on:  # which field is the history and whose it is: the service resolves it by user
         spec = dataclasses.replace(
             spec, extras={"history": {"field": data.history.field, "key": data.history.key}}
         )

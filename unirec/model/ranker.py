@@ -198,6 +198,12 @@ class MultiTaskRanker(nn.Module):
         """R requests' context vectors [R, H] against the same N encoded candidates [N, H] -> [R, N] logits,
         each row from its own request's task head (task_type [R]); full-catalogue ranking uses this."""
         r, n = c.shape[0], v.shape[0]
+        if memory is None and self.context_embedding.target_aware:
+            # Without it the target-aware part would be silently left out of the scores.
+            raise ValueError(
+                f"fields {self.context_embedding.target_aware} pool against each candidate: pass "
+                "memory=model.context_memory(context, present)"
+            )
         attended = None
         for name, mem in (memory or {}).items():
             a = self.context_embedding.fields[name].attend_all(mem, v)  # [R, N, H]
