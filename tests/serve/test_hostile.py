@@ -70,6 +70,12 @@ def test_numbers_are_strict_no_booleans_or_strings(client, extra, field):
     [
         ({**HOME, "candidates": {"ids": ["x" * (MAX_ID_LEN + 1)]}}, "candidates.ids.0"),
         ({**HOME, "candidates": {"ids": ["1"]}, "seen": ["2", "x" * (MAX_ID_LEN + 1)]}, "seen.1"),
+        # context values are bounded by their kind (unirec.kinds.RequestLimits), before any featurization
+        ({**HOME, "context": {"user": "u" * 900_000}, "candidates": {"ids": ["1"]}}, "context.user"),
+        (
+            {**HOME, "context": {"history": ["1", "y" * (MAX_ID_LEN + 1)]}, "candidates": {"ids": ["1"]}},
+            "context.history.1",
+        ),  # fmt: skip
     ],
 )
 def test_an_overlong_id_is_refused_naming_it(client, body, field):
