@@ -128,11 +128,7 @@ class Kind:
 
     def request_type(self, f: FieldSpec, limits: RequestLimits) -> type:
         """The type of the field's value in a request (a pydantic annotation), with its length limits."""
-        from pydantic import StrictStr, StringConstraints
-        from typing_extensions import Annotated
-
-        text = Annotated[StrictStr, StringConstraints(max_length=limits.id)]
-        return Optional[Union[text, Annotated[int, _json_int()]]]
+        return Optional[id_type(limits.id)]
 
     def request_value(self, value):
         """A request's (already validated) value as the raw Arrow value; hashable (it keys a memo)."""
@@ -384,8 +380,13 @@ def _as_array(col) -> pa.Array:
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
-def _json_int():
-    from pydantic import Field
+def id_type(max_len: int) -> type:
+    """An id as a request may send it (a pydantic annotation): text of at most ``max_len`` characters, or an
+    integer every JSON client reads exactly (I-JSON, RFC 7493: |n| < 2**53; larger ids go as strings)."""
+    from pydantic import Field, StrictInt, StrictStr
+    from typing_extensions import Annotated
 
-    # An integer every JSON client reads exactly (I-JSON, RFC 7493: |n| < 2**53); larger ids go as strings.
-    return Field(strict=True, ge=-(2**53 - 1), le=2**53 - 1)
+    exact = 2**53 - 1
+    return Union[
+        Annotated[StrictStr, Field(max_length=max_len)], Annotated[StrictInt, Field(ge=-exact, le=exact)]
+    ]

@@ -22,18 +22,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from unirec.kinds import RequestLimits, kind_of
+from unirec.kinds import RequestLimits, id_type, kind_of
 from unirec.schema import FeatureSpec
 from unirec.serve.config import Fallback
 
-# An integer every JSON client reads exactly (I-JSON, RFC 7493: |n| < 2**53); larger ids go as strings.
-# Unbounded, a huge id would pass validation and then fail to be written back (orjson: 64 bits at most).
-JsonInt = Annotated[StrictInt, Field(ge=-(2**53 - 1), le=2**53 - 1)]
 # Longest id (candidate or categorical context value) a request may send. Ids are keys of the score cache
 # and of the featurization memo, so an unbounded one is memory a caller can make us keep.
 MAX_ID_LEN = 256
-# An id as callers send it; answered back exactly as given.
-CandidateId = Union[Annotated[StrictStr, Field(max_length=MAX_ID_LEN)], JsonInt]
+# An id as callers send it; answered back exactly as given. Integers are bounded too: a huge one would pass
+# validation and then fail to be written back (orjson: 64 bits at most).
+CandidateId = id_type(MAX_ID_LEN)
 MAX_TEXT = 1000
 LIMITS = RequestLimits(text=MAX_TEXT, id=MAX_ID_LEN)
 MAX_TIMEOUT_MS = 60_000.0
