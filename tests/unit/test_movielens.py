@@ -38,7 +38,7 @@ def write_grouplens(d: Path, n_users: int = 40, n_items: int = 60, seed: int = 0
         n = int(rng.integers(*events))
         items = rng.choice(np.arange(1, n_items + 1), size=n, replace=False)
         ts = 880_000_000 + np.sort(rng.integers(0, 5_000_000, n))
-        ts[1::4] = ts[0::4][: len(ts[1::4])]  # ties: the item id breaks them
+        ts[1::4] = ts[0::4][: len(ts[1::4])]  # ties: the file's row order breaks them
         rows += [f"{u}\t{i}\t{rng.integers(1, 6)}\t{t}" for i, t in zip(items, ts)]
     (d / "u.data").write_text("\n".join(rows) + "\n")
     return d
@@ -72,7 +72,8 @@ def test_both_layouts_load_to_identical_tables():
     assert gl.users.to_pylist()[2] == {
         "user_id": 3, "age": 17, "gender": "M", "occupation": "student", "zip_code": "T8H1N"
     }  # fmt: skip
-    # sorted by (user, timestamp, item id): the tie of user 1 at 874965478 is broken by the item id
+    # sorted by (user, timestamp), ties in the file's row order (both fixtures list the ratings in the same
+    # order, as the real files do): the tie of user 1 at 874965478 keeps item 1 before item 543
     assert gl.ratings.slice(0, 2).to_pylist() == [
         {"user_id": 1, "item_id": 1, "rating": 5, "timestamp": 874965478},
         {"user_id": 1, "item_id": 543, "rating": 4, "timestamp": 874965478},
@@ -85,13 +86,28 @@ def test_layout_is_found_one_level_down_and_missing_files_are_named(tmp_path):
         ml.load(tmp_path)
 
 
+def test_ties_within_one_second_keep_the_file_order(tmp_path):
+    """Two ratings in the same second: the one written later in the file is the later event, whatever the
+    item ids, so swapping the two lines swaps the test item."""
+    lines = ["7\t900\t4\t100", "7\t5\t3\t50", "7\t30\t5\t200", "7\t2\t3\t200"]
+
+    def test_item(rows):
+        ratings = pa.table(
+            {c: pa.array([int(r.split("\t")[k]) for r in rows]) for k, c in enumerate(ml.RATINGS.names)}
+        )
+        ev = ml.split_events(ratings)
+        return {s: ev["item"][ev["split"] == s].tolist() for s in ("train", "valid", "test")}
+
+    assert test_item(lines) == {"train": [5, 900], "valid": [30], "test": [2]}
+    assert test_item(lines[:2] + lines[:1:-1]) == {"train": [5, 900], "valid": [2], "test": [30]}
+
+
 def test_leave_last_out_split_and_previous_item(tmp_path):
     data, _, _ = _derived(tmp_path)
     ev = ml.split_events(data.ratings)
     for u in np.unique(ev["user"]):
         rows = np.flatnonzero(ev["user"] == u)
-        order = np.lexsort((ev["item"][rows], ev["ts"][rows]))
-        assert (rows[order] == rows).all()  # already in (timestamp, item id) order
+        assert (np.diff(ev["ts"][rows]) >= 0).all()  # in time order (ties: see the file-order test)
         assert list(ev["split"][rows][-2:]) == ["valid", "test"]
         assert set(ev["split"][rows][:-2]) <= {"train"}
         assert ev["prev"][rows[0]] == -1 and (ev["prev"][rows[1:]] == ev["item"][rows[:-1]]).all()
@@ -188,10 +204,10 @@ def test_event_order_is_the_position_within_the_user(tmp_path):
     assert inter.column_names == ["user_id", "item_id", "timestamp", "split", "event_order"]
     assert inter.schema.field("event_order").type == pa.int64()
     order = {}
-    for r in inter.to_pylist():  # 0, 1, 2, ... per user, in (timestamp, item id) order
-        order.setdefault(r["user_id"], []).append((r["timestamp"], r["item_id"], r["event_order"]))
+    for r in inter.to_pylist():  # 0, 1, 2, ... per user, in time order
+        order.setdefault(r["user_id"], []).append((r["timestamp"], r["event_order"]))
     for rows in order.values():
-        assert [o for _, _, o in rows] == list(range(len(rows))) and rows == sorted(rows)
+        assert [o for _, o in rows] == list(range(len(rows))) and rows == sorted(rows)
     position = dict(zip(zip(ev["user"].tolist(), ev["item"].tolist()), ev["pos"].tolist()))
     for t in _logs(out).values():  # every row, negatives included, carries its request's event order
         assert t.schema.field("event_order").type == pa.int64()
