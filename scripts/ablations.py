@@ -648,7 +648,11 @@ def main(argv=None) -> None:
             res = run_suite(all_suites[name], variants, *ready[name], args)
             out.mkdir(parents=True, exist_ok=True)
             (out / "ablations.json").write_text(json.dumps(res, indent=2))
+        kept = chosen_default_section(out / "ablations.md")
         write_markdown(res, out / "ablations.md")
+        if kept:  # the maintainers' decision is prose, not data: a regenerated report keeps it
+            with (out / "ablations.md").open("a") as f:
+                f.write("\n" + kept)
         print(f"wrote {out / 'ablations.md'}", flush=True)
         done.append((name, res["recommended"]))
     for name, rec in done:
@@ -656,6 +660,18 @@ def main(argv=None) -> None:
               + (f": {rec['overrides']}" if rec["overrides"] else " (no override: keep the core default)")
               + (f"; below the baseline on test for {', '.join(rec['losing'])}" if rec["losing"] else ""))  # fmt: skip
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+CHOSEN = "## Chosen default"
+
+
+def chosen_default_section(path: Path) -> str:
+    """The hand-written "Chosen default" section of an existing report (to its end), or ""."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(CHOSEN)
+    return text[at:] if at >= 0 else ""
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -151,7 +150,6 @@ def train(
     (after the suite's, the learning rate, the size and the seed)."""
     from omegaconf import OmegaConf
 
-    from unirec.data.loader import count_rows, shard_files
     from unirec.data.prepare import prepare
     from unirec.train import run
 
@@ -160,14 +158,11 @@ def train(
         return json.loads(done.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted run: start it over (its data set is cached)
-    cfg = compose(suite, tasks, lr, size, seed, extra)
-    features = prepare(cfg.data, cfg.task, cfg.seed)
-    rows = sum(count_rows(shard_files(features, "train", t)) for t in cfg.task)
-    epoch = max(1, math.ceil(rows / cfg.loader.batch_size))
-    trainer = [f"trainer.max_steps={epoch * suite.epochs}", f"trainer.eval_every={epoch}",
-               f"trainer.checkpoint_every={epoch}", "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=1",
-               "trainer.progress=false", f"trainer.log_every={max(1, epoch // 2)}"]  # fmt: skip
+    patience = [f"trainer.patience={args.patience}"] if getattr(args, "patience", None) else []
+    trainer = [f"trainer.epochs={suite.epochs}", "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=1",
+               "trainer.progress=false", "trainer.log_every=100", *patience]  # fmt: skip
     cfg = compose(suite, tasks, lr, size, seed, [*extra, *trainer])
+    features = prepare(cfg.data, cfg.task, cfg.seed)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     t0 = time.perf_counter()
@@ -183,10 +178,11 @@ def evaluate(run_dir: Path, split: str, protocols: Sequence[str]) -> Dict:
     """Per protocol -> {model, popularity} -> task -> metrics, cached beside the run."""
     from unirec.evaluate import run as eval_run
 
-    cache = run_dir / f"eval-{split}-{'-'.join(protocols)}.json"
+    baselines = split == "test" and "full" in protocols  # popularity over all canvases and BPR-MF
+    cache = run_dir / f"eval-{split}-{'-'.join(protocols)}{'-baselines' if baselines else ''}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    res = eval_run(run_dir, split, protocols, checkpoint="best")
+    res = eval_run(run_dir, split, protocols, checkpoint="best", baselines=baselines)
     cache.write_text(json.dumps(res, indent=2, sort_keys=True))
     return res
 
@@ -230,6 +226,22 @@ def bare_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------- report
+
+
+BASELINES = ("popularity_all", "bpr_mf")
+"""Baselines of the full protocol beside the task's own popularity (:mod:`unirec.baselines`)."""
+
+
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p of the paired t-test of a against b over seeds (1.0 when every difference is 0)."""
+    from scipy import stats
+
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2 or not np.any(d):
+        return 1.0
+    if np.all(d == d[0]):
+        return 0.0
+    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def mean_std(xs: Sequence[float]) -> Tuple[float, float]:
@@ -307,6 +319,10 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
                 b = [r["protocols"][protocol]["model"][t][metric] for r in test[f"bespoke-{t}"]]
                 p = [r["protocols"][protocol]["popularity"][t][metric] for r in test["unified"]]
                 table[(protocol, t, metric)] = {"unified": u, "bespoke": b, "popularity": p}
+                for base in BASELINES:  # trained on the unified run's data, so one per seed
+                    runs = [r["protocols"][protocol].get(base, {}).get(t) for r in test["unified"]]
+                    if all(runs):
+                        table[(protocol, t, metric)][base] = [x[metric] for x in runs]
     bespoke_kinds = [f"bespoke-{t}" for t in tasks]
     fp = {
         "parameters": (
@@ -335,6 +351,7 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
         "title": suite.title,
         "seeds": args.seeds,
         "epochs": suite.epochs,
+        "patience": getattr(args, "patience", None),
         "grid": {"lr": args.lrs, "size": {s: SIZES[s] for s in args.sizes}},
         "sweep_valid_ndcg@10": sweep,
         "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
@@ -355,24 +372,37 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
               f"({res['seeds']} seeds; mean ± std over seeds; test split).", ""]  # fmt: skip
     lines += [f"- {n}" for n in suite.notes]
     lines += [
-        f"- Training: every run trains {res['epochs']} epochs over its own data and keeps the checkpoint with the "
-        "best validation NDCG@10 (checked every epoch). Bespoke = the same code trained on one task's data only.",
+        f"- Training: every run trains up to {res['epochs']} epochs over its own data"
+        + (
+            f", stops after {res['patience']} epochs without a better validation mean,"
+            if res.get("patience")
+            else ""
+        )
+        + " and keeps the checkpoint with the best validation NDCG@10 (checked every epoch). Bespoke = the same "
+        "code trained on one task's data only.",
         "",
         "## Verdict on the headline metric",
         "",
         f"Headline: {'full-ranking' if suite.headline == 'full' else 'logged-impression'} NDCG@10, test.",
         "",
-        "| task | unified | bespoke | popularity | lift vs bespoke | unified ≥ bespoke | paired wins |",
-        "|---|---|---|---|---|---|---|",
+        "| task | unified | bespoke | popularity (task) | popularity (all canvases) | BPR-MF | lift vs bespoke "
+        "| unified ≥ bespoke | paired wins | p (paired t over seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tasks:
         c = res["test"][f"{suite.headline}|{t}|ndcg@10"]
         mu, mb = np.mean(c["unified"]), np.mean(c["bespoke"])
         wins = sum(u >= b for u, b in zip(c["unified"], c["bespoke"]))
+        bases = " | ".join(fmt(c[k]) if k in c else "n/a" for k in BASELINES)
         lines.append(
-            f"| {t} | {fmt(c['unified'])} | {fmt(c['bespoke'])} | {fmt(c['popularity'])} | "
-            f"{(mu - mb) / mb * 100:+.1f}% | {'yes' if mu >= mb else '**no**'} | {wins}/{len(c['unified'])} |"
+            f"| {t} | {fmt(c['unified'])} | {fmt(c['bespoke'])} | {fmt(c['popularity'])} | {bases} | "
+            f"{(mu - mb) / mb * 100:+.1f}% | {'yes' if mu >= mb else '**no**'} | {wins}/{len(c['unified'])} | "
+            f"{paired_p(c['unified'], c['bespoke']):.3f} |"
         )
+    lines += ["", "p < 0.05: the difference between unified and bespoke is significant over the seeds (paired "
+              "t-test; every seed pairs a unified and a bespoke run on the same data). BPR-MF ranks only tasks "
+              "whose requests carry a user; popularity (all canvases) counts every canvas's train engagements.",
+              ""]  # fmt: skip
     lines += ["", "## Observations (computed from the figures above)", ""]
     lines += [f"- {o}" for o in observations(res, suite)]
     for protocol in suite.protocols:
@@ -456,6 +486,12 @@ def observations(res: Dict, suite: Suite) -> List[str]:
                        f"(unified ahead in {wins}/{n}).")  # fmt: skip
         elif gap < 0:
             out.append(f"{t}: bespoke wins in every seed ({gap:+.4f}): consolidation costs this task here.")
+    for t, m in means.items():
+        bases = {k: m[k] for k in ("popularity", *BASELINES) if k in m}
+        strongest = max(bases, key=bases.get)
+        verdict = "beats" if m["unified"] > bases[strongest] else "does **not** beat"
+        out.append(f"{t}: the unified model ({m['unified']:.4f}) {verdict} the strongest baseline, "
+                   f"{strongest} ({bases[strongest]:.4f}; {m['unified'] / bases[strongest]:.2f}x).")  # fmt: skip
     below = [t for t, m in means.items() if max(m["unified"], m["bespoke"]) < m["popularity"]]
     if below:
         out.append(f"Neither model beats popularity on {', '.join(below)}: the learned models add nothing to "
@@ -531,6 +567,9 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=sorted(SIZES))
     ap.add_argument("--epochs", type=int, help="epochs per run (default: 5 for MovieLens, 3 for synthetic)")
+    ap.add_argument(
+        "--patience", type=int, help="stop a run after this many epochs without a better valid mean"
+    )
     ap.add_argument("--work", default="runs/consolidation", help="run directories (reused when finished)")
     ap.add_argument("--out", default="reports", help="reports go to <out>/<suite-dir>/")
     ap.add_argument("--cache-dir", help="prepared-data cache (default: data.cache_dir / $UNIREC_CACHE)")

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -44,9 +44,11 @@ def save(
     trainer: Dict[str, Any],
     keep: int = 2,
     best: bool = False,
+    best_of: Sequence[str] = (),
 ) -> Path:
-    """Write ``directory/step-<step>`` atomically, point ``latest`` (and ``best`` if it is the best so far)
-    at it, then prune to the newest ``keep`` plus the best."""
+    """Write ``directory/step-<step>`` atomically, point ``latest`` (and ``best`` if it is the best so far,
+    ``best-<task>`` for each task in ``best_of`` it is best for) at it, then prune to the newest ``keep``
+    plus every pointed-at checkpoint."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -71,8 +73,15 @@ def save(
     _point(directory, LATEST, final.name)
     if best:
         _point(directory, BEST, final.name)
+    for task in best_of:
+        _point(directory, best_pointer(task), final.name)
     _prune(directory, keep, step)
     return final
+
+
+def best_pointer(task: str) -> str:
+    """The pointer file naming the checkpoint best for ``task`` (``--checkpoint best:<task>``)."""
+    return f"{BEST}-{task}"
 
 
 def latest(directory: Path) -> Optional[Path]:
@@ -173,9 +182,10 @@ def _point(directory: Path, name: str, target: str) -> None:
 
 
 def _prune(directory: Path, keep: int, step: int) -> None:
-    """Keep the newest ``keep`` up to ``step`` plus ``latest`` and ``best``; never touch later steps (left by
+    """Keep the newest ``keep`` up to ``step`` plus ``latest``, ``best`` and every ``best-<task>``; never touch later steps (left by
     a run resumed from an older checkpoint, they are pruned as this run passes them)."""
-    protected = {(directory / p).read_text().strip() for p in (LATEST, BEST) if (directory / p).exists()}
+    pointers = [directory / LATEST, directory / BEST, *directory.glob(f"{BEST}-*")]
+    protected = {p.read_text().strip() for p in pointers if p.is_file()}
     upto = [p for p in sorted(directory.glob("step-*")) if int(p.name.split("-")[1]) <= step]
     for old in upto[: max(len(upto) - max(keep, 1), 0)]:
         if old.name not in protected:

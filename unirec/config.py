@@ -31,6 +31,17 @@ class MixStrategy(str, Enum):
     weights = "weights"
 
 
+class Objective(str, Enum):
+    """A task's training loss (unirec/losses.py)."""
+
+    bce = "bce"
+    """Pointwise binary cross-entropy on every logged row: for tasks with logged impressions."""
+    softmax = "softmax"
+    """Sampled softmax of each positive against in-batch candidates, log-Q corrected."""
+    bpr = "bpr"
+    """Bayesian personalised ranking: each positive above each in-batch candidate (pairwise)."""
+
+
 @dataclass
 class FieldConfig:
     """One feature field: its kind and how its vocabulary is built."""
@@ -107,6 +118,11 @@ class TaskConfig:
     """Share of batches for loader.mix=weights."""
     loss_weight: float = 1.0
     """Multiplier of this task's loss in the total."""
+    loss: Objective = Objective.bce
+    """bce (pointwise, every logged row), softmax (each positive against ``loss.negatives`` candidates of
+    the task's other rows in the batch, log-Q corrected for how often each candidate is drawn) or bpr
+    (pairwise, against the same candidates). softmax and bpr need no logged negatives, but use them as
+    in-batch candidates when the log has them."""
     train_rate: float = 1.0
     """Fraction of this task's train requests kept (stratified down-sampling)."""
     max_train_requests: Optional[int] = None
@@ -255,6 +271,12 @@ class LossConfig:
     """Adam learning rate of the GradNorm weights w_k (balancing=gradnorm)."""
     gradnorm_alpha: float = 1.5
     """GradNorm asymmetry: how strongly a task that trains slower than the others is pulled up (0: equal norms)."""
+    negatives: int = 128
+    """In-batch candidates per softmax/bpr task and step: rows of the task drawn from the batch (all when
+    the batch has fewer), shared by the task's positives. Cost: positives x negatives pair scores."""
+    logq: bool = True
+    """Subtract log q(candidate), the candidate's share of the task's train rows, from softmax logits (the
+    sampling-bias correction of Yi et al., 2019), so popular items are not over-penalised as negatives."""
 
 
 @dataclass
@@ -279,6 +301,15 @@ class TrainerConfig:
     """The step loop: length, evaluation, logging, checkpoints and device."""
 
     max_steps: int = 600
+    """Length of the run in optimizer steps (unless ``epochs`` is set)."""
+    epochs: Optional[int] = None
+    """Length in epochs instead (an epoch: every task's train rows once, ceil(rows / global batch) steps);
+    validation and checkpoints then run every ``eval_every_epochs`` epochs, and eval_every and
+    checkpoint_every are ignored."""
+    eval_every_epochs: int = 1
+    """With ``epochs``: validate (and checkpoint) every this many epochs."""
+    patience: Optional[int] = None
+    """Stop after this many validations in a row without a new best ``best_metric``; null: never stop early."""
     eval_every: int = 200
     log_every: int = 20
     eval_batch_size: int = 16_384
@@ -295,7 +326,9 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     """Newest checkpoints kept (the best one is kept as well)."""
     best_metric: str = "mean/auc"
-    """Validation metric that picks the best checkpoint, higher is better: <task or mean>/<metric>."""
+    """Validation metric that picks the best checkpoint, higher is better: <task or mean>/<metric>. Each
+    task's own best step by the same metric is tracked as well (``metrics.json``, the ``best-<task>``
+    checkpoint pointer, ``python -m unirec.export RUN --checkpoint best:<task>``)."""
     max_nonfinite: int = 5
     """Consecutive steps with a NaN/Inf loss or gradient (each skipped) after which the run stops."""
     compile: bool = False

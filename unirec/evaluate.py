@@ -262,6 +262,8 @@ def full_ranking(
         req = ranking_requests(root, split, task, catalogues[t.candidate], seen[t.candidate], user_field)
         chunk = max(1, _PAIRS_PER_CHUNK // max(1, len(catalogues[t.candidate])))
         for name, score in scorers.items():
+            if task not in getattr(score, "tasks", spec.tasks):  # a baseline that ranks some tasks only
+                continue
             parts: Dict[str, List[np.ndarray]] = {}
             for a in range(0, req.context.num_rows, chunk):
                 b = min(a + chunk, req.context.num_rows)
@@ -319,6 +321,17 @@ def popularity_matrix_scorer(
         return torch.from_numpy(base + rng.uniform(0, 1e-3, size=(context.num_rows, base.shape[1])))
 
     return score
+
+
+def baseline_scorers(features: Path, featurizer: Featurizer, catalogues, seed: int = 0) -> Dict:
+    """``popularity_all`` and ``bpr_mf`` (when some task's requests carry a user), :mod:`unirec.baselines`."""
+    from unirec.baselines import BPRConfig, fit_bpr, pooled_popularity_scorer
+
+    out = {"popularity_all": pooled_popularity_scorer(features, featurizer, catalogues, seed)}
+    bpr = fit_bpr(Path(features).parent, featurizer, catalogues, BPRConfig(seed=seed))
+    if bpr is not None:
+        out["bpr_mf"] = bpr
+    return out
 
 
 def _on(tensors: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
@@ -399,8 +412,10 @@ def run(
     batch_size: int = 8192,
     seed: int = 0,
     popularity: bool = True,
+    baselines: bool = False,
 ) -> Dict:
-    """Both protocols for the model (and the popularity baseline) on ``split``; a JSON-ready dict."""
+    """Both protocols for the model (and the popularity baseline) on ``split``; a JSON-ready dict.
+    ``baselines``: also pooled popularity and BPR-MF in the full protocol (:mod:`unirec.baselines`)."""
     loaded = load(source, checkpoint, data)
     spec, feats = loaded.featurizer.spec, loaded.features
     out: Dict = {"source": str(source), "checkpoint": loaded.checkpoint, "features": str(feats),
@@ -412,7 +427,10 @@ def run(
             scorers = {"model": model_matrix_scorer(loaded.model, loaded.featurizer, cats)}
             if popularity:
                 scorers["popularity"] = popularity_matrix_scorer(feats, loaded.featurizer, cats, seed)
+            if baselines:
+                scorers.update(baseline_scorers(feats, loaded.featurizer, cats, seed))
             out["protocols"]["full"] = full_ranking(scorers, feats.parent, spec, split, cats, k)
+            out["baselines"] = {n: s.chosen for n, s in scorers.items() if getattr(s, "chosen", None)}
         elif protocol == "sampled":
             res = {
                 "model": evaluate(
@@ -436,22 +454,29 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
     ap = argparse.ArgumentParser(prog="python -m unirec.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("source", type=Path, help="training run directory or exported artifact (vNNNNNN)")
-    ap.add_argument("--checkpoint", default="best", help="of a run: best (default), latest or step-N")
+    ap.add_argument(
+        "--checkpoint", default="best", help="of a run: best (default), best:<task>, latest or step-N"
+    )
     ap.add_argument("--split", default="test", choices=("train", "valid", "test"))
     ap.add_argument("--protocol", nargs="+", default=["full", "sampled"], choices=("full", "sampled"))
     ap.add_argument("--data", type=Path, help="features directory (default: the one the run was trained on)")
     ap.add_argument("--k", type=int, default=10, help="cut-off of ndcg@K and recall@K (full protocol)")
     ap.add_argument("--no-popularity", action="store_true", help="skip the popularity baseline")
+    ap.add_argument("--baselines", action="store_true",
+                    help="full protocol: also popularity over all canvases and BPR-MF (tuned on valid)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="write the JSON here (default: stdout)")
     args = ap.parse_args(argv)
     try:
         res = run(args.source, args.split, args.protocol, args.checkpoint, args.data, args.k,
-                  popularity=not args.no_popularity)  # fmt: skip
+                  popularity=not args.no_popularity, baselines=args.baselines)  # fmt: skip
     except (OSError, ValueError, KeyError) as e:
         ap.exit(2, f"error: {e}\n")
     for protocol, by in res["protocols"].items():
         base = by.get("popularity", by["model"])
         print(format_table(by["model"], base, f"{args.split} {protocol}"), file=sys.stderr)
+        for name in sorted(set(by) - {"model", "popularity"}):
+            cells = ", ".join(f"{t} {m[f'ndcg@{args.k}']:.4f}" for t, m in sorted(by[name].items()))
+            print(f"{name} ndcg@{args.k}: {cells}", file=sys.stderr)
     text = json.dumps(res, indent=2, sort_keys=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ Examples::
 
     python -m unirec.export runs/2026-01-01/12-00-00 --registry models/
     python -m unirec.export runs/exp --registry models/ --checkpoint best
+    python -m unirec.export runs/exp --registry models/ --checkpoint best:search   # search's own best step
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class ArtifactError(ValueError):
 
 
 def export(run_dir: Path, registry: Path, which: str = "latest") -> Path:
-    """Publish the run's checkpoint ``which`` (latest, best, or a ``step-N`` directory) as the next version.
+    """Publish the run's checkpoint ``which`` (latest, best, best:<task> or a ``step-N`` directory) as the
+    next version.
 
     The weights are loaded into a freshly built model before publishing, so a published version always loads.
     """
@@ -259,13 +261,19 @@ def checkpoint_dir(run_dir: Path, which: str) -> Path:
     ckpts = run_dir / "checkpoints"
     if which == "latest":
         path = checkpoint.latest(ckpts)
-    elif which == "best":
-        pointer = ckpts / checkpoint.BEST
+    elif which == "best" or which.startswith("best:"):
+        task = which.partition(":")[2]
+        pointer = ckpts / (checkpoint.best_pointer(task) if task else checkpoint.BEST)
         path = ckpts / pointer.read_text().strip() if pointer.exists() else None
     else:
         path = Path(which) if Path(which).is_absolute() else ckpts / which
     if path is None or not (path / WEIGHTS).exists():
-        raise ArtifactError(f"no checkpoint {which!r} with {WEIGHTS} under {ckpts}")
+        known = sorted(p.name.replace(f"{checkpoint.BEST}-", f"{checkpoint.BEST}:", 1)
+                       for p in ckpts.glob(f"{checkpoint.BEST}-*"))  # fmt: skip
+        raise ArtifactError(
+            f"no checkpoint {which!r} with {WEIGHTS} under {ckpts}; use latest, best, step-N"
+            + (f" or one of {known}" if known else "")
+        )
     return path
 
 
@@ -333,7 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m unirec.export", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", type=Path, help="training run directory (holds checkpoints/, config.yaml)")
     p.add_argument("--registry", type=Path, required=True, help="model registry directory")
-    p.add_argument("--checkpoint", default="latest", help="latest, best, or a step-N directory name")
+    p.add_argument(
+        "--checkpoint",
+        default="latest",
+        help="latest, best (by trainer.best_metric), best:<task> (the step best for one task), or step-N",
+    )
     args = p.parse_args(argv)
     path = export(args.run_dir, args.registry, args.checkpoint)
     print(f"published {path}")

@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -35,7 +36,7 @@ from unirec.data.batch import Batch
 from unirec.data.loader import MixedLoader
 from unirec.data.prepare import prepare
 from unirec.evaluate import evaluate, model_scorer, popularity_scorer
-from unirec.losses import task_losses
+from unirec.losses import Objective, task_mean
 from unirec.model import MultiTaskRanker
 from unirec.optim import build_optimizers, build_schedulers
 from unirec.report import Scores, TaskLossLog, format_table, log_scalars, metric_value, write_hparams
@@ -66,6 +67,31 @@ def setup_device(cfg: TrainerConfig, local_rank: int = 0) -> Tuple[torch.device,
     return device, bf16
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The loop's length and intervals in steps, from ``trainer`` (and the train rows, with epochs)."""
+
+    max_steps: int
+    eval_every: int
+    checkpoint_every: int
+    steps_per_epoch: Optional[int] = None
+    """Set when the run is measured in epochs."""
+
+
+def schedule(tc: TrainerConfig, train_rows: int, global_batch: int) -> Schedule:
+    """``trainer.epochs`` (if set) as steps: an epoch is ceil(train rows / global batch) steps.
+
+    Example:
+        >>> schedule(TrainerConfig(epochs=3, eval_every_epochs=2), 1000, 300)
+        Schedule(max_steps=12, eval_every=8, checkpoint_every=8, steps_per_epoch=4)
+    """
+    if tc.epochs is None:
+        return Schedule(tc.max_steps, tc.eval_every, tc.checkpoint_every)
+    epoch = max(1, math.ceil(train_rows / global_batch))
+    every = epoch * tc.eval_every_epochs
+    return Schedule(epoch * tc.epochs, every, every, epoch)
+
+
 @dataclass
 class Training:
     """Everything the step loop needs, built from the config by :func:`setup`."""
@@ -80,6 +106,9 @@ class Training:
     loss_weights: torch.Tensor
     balancer: LossBalancer
     """Combines the task losses (``loss.balancing``); trained beside the model, never exported with it."""
+    objective: Objective
+    """Each task's loss (``task.<name>.loss``)."""
+    plan: Schedule
     device: torch.device
     bf16: bool
     dist: dst.Dist
@@ -100,13 +129,45 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
         )
     if cfg.trainer.compile:
         model = torch.compile(model)
-    opts = build_optimizers(module, cfg.optim)
-    scheds = build_schedulers(opts, cfg.trainer.max_steps, cfg.optim)
     weights = {t: c.sampling_weight for t, c in cfg.task.items()}
     loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed, d.rank, d.world, str(device))
+    plan = schedule(cfg.trainer, sum(loader.rows.values()), cfg.loader.batch_size * d.world)
+    opts = build_optimizers(module, cfg.optim)
+    scheds = build_schedulers(opts, plan.max_steps, cfg.optim)
     loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in module.task_names], device=device)
     balancer = build_balancer(cfg.loss, loss_weights, module.task_names)
-    return Training(spec, module, model, opts, scheds, loader, loss_weights, balancer, device, bf16, d)
+    objective = build_objective(cfg, spec, module.task_names, features, device)
+    return Training(
+        spec, module, model, opts, scheds, loader, loss_weights, balancer, objective, plan, device, bf16, d
+    )
+
+
+def build_objective(cfg: Config, spec: FeatureSpec, names: List[str], features: Path, device) -> Objective:
+    """Each head's loss; a softmax task with ``loss.logq`` gets the log share of every candidate id among
+    its train rows (the in-batch sampling distribution)."""
+    kinds = [cfg.task[t].loss.value for t in names]
+    id_fields = [spec.candidates[spec.tasks[t].candidate].id_field for t in names]
+    logq = [
+        candidate_log_share(features, t, f, spec, device) if k == "softmax" and cfg.loss.logq else None
+        for t, k, f in zip(names, kinds, id_fields)
+    ]
+    return Objective(kinds, cfg.loss.negatives, logq, id_fields)
+
+
+def candidate_log_share(features: Path, task: str, id_field: str, spec: FeatureSpec, device) -> torch.Tensor:
+    """[V] log of each candidate id's share of ``task``'s train rows (-inf for an id never drawn)."""
+    import pyarrow.parquet as pq
+
+    from unirec.data.loader import shard_files
+
+    column = f"cand.{id_field}"
+    ids = torch.cat(
+        [torch.from_numpy(pq.read_table(f, columns=[column])[column].to_numpy().astype("int64"))
+         for f in shard_files(features, "train", task)]
+    )  # fmt: skip
+    size = max(spec.tables[spec.candidate_fields[id_field].table].size, int(ids.max()) + 1)
+    counts = torch.bincount(ids, minlength=size).double()
+    return (counts / counts.sum()).log().float().to(device)
 
 
 def shared_weight(module: MultiTaskRanker) -> torch.Tensor:
@@ -133,21 +194,28 @@ class StepResult(NamedTuple):
     """[K] ||dL_k/dW|| at :func:`shared_weight`, when computed (asked for, or the balancer needs it)."""
 
 
-def train_step(tr: Training, batch: Batch, grad_norms: bool = False) -> StepResult:
+def train_step(tr: Training, batch: Batch, grad_norms: bool = False, step: int = 0) -> StepResult:
     """One optimisation step of the model and the loss balancer on a batch on the device.
 
     ``grad_norms`` asks for the tasks' gradient norms (K extra partial backward passes; gradnorm computes
-    them on every step anyway). A step whose loss or gradient (the balancer's included) is not finite on any
+    them on every step anyway). ``step`` seeds the draw of in-batch candidates (softmax and bpr tasks), so
+    a resumed run draws the same ones. A step whose loss or gradient (the balancer's included) is not finite on any
     rank is skipped on every rank: weights, balancer, optimizer moments and the schedule stay as they were.
     """
-    with _autocast(tr.device, tr.bf16):
-        logits = tr.model(batch)
     head = tr.module.head_index(batch.task_type)
     d, world = tr.dist, tr.dist.world
+    pools = []
+    if tr.objective.sampled:
+        gen = torch.Generator().manual_seed(step * max(world, 1) + d.rank)
+        pools = tr.objective.pools(batch, head, gen)
+    with _autocast(tr.device, tr.bf16):
+        if tr.objective.sampled:
+            logits, pairs = tr.model(batch, [(rows, pool) for _, rows, pool in pools])
+        else:
+            logits, pairs = tr.model(batch), []
+    per_row, weight = tr.objective.row_losses(batch, head, logits, pools, pairs)
     all_sum = (lambda x: dst.all_sum(d, x)) if world > 1 else None
-    losses, counts = task_losses(
-        logits, batch.label, batch.weight, head, len(tr.module.task_names), all_sum, world
-    )
+    losses, counts = task_mean(per_row, weight, head, len(tr.module.task_names), all_sum, world)
     counts = dst.all_sum(d, counts)  # presence in the global batch, which the balancer needs
     norms = None
     if grad_norms or tr.balancer.needs_grad_norms:
@@ -196,6 +264,11 @@ class Progress:
     skipped_in_a_row: int = 0
     best: Optional[float] = None
     best_step: Optional[int] = None
+    task_best: Dict[str, List] = field(default_factory=dict)
+    """task -> [value, step] of its best validation by best_metric's metric."""
+    since_best: int = 0
+    """Validations in a row without a new best (trainer.patience)."""
+    stopped_early: bool = False
 
 
 def resume(tr: Training, run_dir: Path, cfg: TrainerConfig) -> Progress:
@@ -271,7 +344,8 @@ def save_checkpoint(tr: Training, run_dir: Path, progress: Progress, loader_stat
         state["cuda_rng"] = torch.cuda.get_rng_state(tr.device)
     trainer = {"loader": states, "progress": asdict(progress)}
     best = progress.best_step == progress.step
-    checkpoint.save(run_dir / "checkpoints", progress.step, tr.module, state, trainer, keep, best)
+    best_of = [t for t, (_, step) in progress.task_best.items() if step == progress.step]
+    checkpoint.save(run_dir / "checkpoints", progress.step, tr.module, state, trainer, keep, best, best_of)
 
 
 def validate(tr: Training, features: Path, batch_size: int) -> Scores:
@@ -322,6 +396,13 @@ def check(cfg: Config) -> None:
     ):
         if getattr(tc, key) < 1:
             raise ValueError(f"trainer.{key} must be >= 1, got {getattr(tc, key)}")
+    for key in ("epochs", "patience"):
+        if getattr(tc, key) is not None and getattr(tc, key) < 1:
+            raise ValueError(f"trainer.{key} must be >= 1 or null, got {getattr(tc, key)}")
+    if tc.eval_every_epochs < 1:
+        raise ValueError(f"trainer.eval_every_epochs must be >= 1, got {tc.eval_every_epochs}")
+    if cfg.loss.negatives < 1:
+        raise ValueError(f"loss.negatives must be >= 1, got {cfg.loss.negatives}")
     if not (0 < sp.valid and 0 < sp.test and sp.valid + sp.test < 1):
         raise ValueError(
             f"data.split.valid and data.split.test must be > 0 with a sum < 1, got {sp.valid}, {sp.test}"
@@ -371,7 +452,9 @@ def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
     baseline = evaluate(popularity_scorer(features, tr.spec, cfg.seed), features, tr.spec, "valid",
                         tc.eval_batch_size, tr.dist.rank, tr.dist.world)  # fmt: skip
     out = _Outputs(
-        writer, steplog, tqdm(total=tc.max_steps, initial=progress.step, disable=not (tc.progress and main))
+        writer,
+        steplog,
+        tqdm(total=tr.plan.max_steps, initial=progress.step, disable=not (tc.progress and main)),
     )
     start = time.perf_counter()
     batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
@@ -386,9 +469,17 @@ def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
     result = {
         "valid": valid,
         "popularity": baseline,
-        "steps": tc.max_steps,
+        "steps": progress.step,
+        "max_steps": tr.plan.max_steps,
+        "steps_per_epoch": tr.plan.steps_per_epoch,
+        "stopped_early": progress.stopped_early,
         "nonfinite_skipped": progress.skipped,
-        "best": {"metric": tc.best_metric, "value": progress.best, "step": progress.best_step},
+        "best": {
+            "metric": tc.best_metric,
+            "value": progress.best,
+            "step": progress.best_step,
+            "tasks": {t: {"value": v, "step": st} for t, (v, st) in progress.task_best.items()},
+        },  # fmt: skip
         "train_seconds": round(elapsed, 2),
         "samples_per_s": round(samples / max(elapsed, 1e-9), 1),
         "parameters": n_params,
@@ -397,7 +488,7 @@ def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
         "features": str(features),
     }
     if main:
-        write_hparams(writer, _hparams(cfg), valid, tc.max_steps)
+        write_hparams(writer, _hparams(cfg), valid, progress.step)
         writer.close()
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
         print(format_table(valid, baseline))
@@ -421,25 +512,33 @@ def _steps(
     main, writer = tr.dist.main, out.writer
     losses_log = TaskLossLog(tr.module.task_names, tr.device)
     start, samples, valid = time.perf_counter(), 0, {}
-    for step in range(progress.step + 1, tc.max_steps + 1):
+    plan = tr.plan
+    for step in range(progress.step + 1, 0 if progress.stopped_early else plan.max_steps + 1):
         batch, loader_state = next(batches)
-        last = step == tc.max_steps
+        last = step == plan.max_steps
         log_step = step % tc.log_every == 0 or last
-        res = train_step(tr, batch.to(tr.device, non_blocking=True), grad_norms=log_step)
+        res = train_step(tr, batch.to(tr.device, non_blocking=True), grad_norms=log_step, step=step)
         progress.step, samples = step, samples + len(batch) * tr.dist.world
         _count_nonfinite(progress, res.stepped, step, tc, writer)
         if res.stepped:
             losses_log.add(res.losses, res.counts)
         if main and log_step:
             _log_step(out, tr, step, res, losses_log.flush(), samples / (time.perf_counter() - start))
-        if step % tc.eval_every == 0 or last:
+        if step % plan.eval_every == 0 or last:
             valid = validate(tr, features, tc.eval_batch_size)
             _track_best(progress, valid, tc.best_metric, step)
             if main:
                 log_scalars(writer, "valid", valid, step)
-        if step % tc.checkpoint_every == 0 or last or progress.best_step == step:
+            if tc.patience is not None and progress.since_best >= tc.patience:
+                progress.stopped_early = last = True
+                log.info("step %d: %d validations without a better %s (best %.4f at step %d); stopping early",
+                         step, progress.since_best, tc.best_metric, progress.best, progress.best_step)  # fmt: skip
+        new_best = progress.best_step == step or any(s == step for _, s in progress.task_best.values())
+        if step % plan.checkpoint_every == 0 or last or new_best:
             save_checkpoint(tr, run_dir, progress, loader_state, tc.keep_checkpoints)
         out.bar.update(1)
+        if progress.stopped_early:
+            break
     return valid, samples
 
 
@@ -481,9 +580,18 @@ def _count_nonfinite(progress: Progress, stepped: bool, step: int, tc: TrainerCo
 
 
 def _track_best(progress: Progress, valid: Scores, key: str, step: int) -> None:
+    """The run's best by ``key`` (and the validations since), and each task's best by its metric."""
     value = metric_value(valid, key)
     if progress.best is None or value > progress.best:
-        progress.best, progress.best_step = value, step
+        progress.best, progress.best_step, progress.since_best = value, step, 0
+    else:
+        progress.since_best += 1
+    metric = key.partition("/")[2]
+    for task, scores in valid.items():
+        if metric in scores and (
+            task not in progress.task_best or scores[metric] > progress.task_best[task][0]
+        ):
+            progress.task_best[task] = [scores[metric], step]
 
 
 def _hparams(cfg: Config) -> Dict[str, object]:
@@ -506,13 +614,15 @@ register_configs()
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base=None)
-def main(cfg: DictConfig) -> Dict:
+def main(cfg: DictConfig) -> Optional[float]:
+    """The run's best validation ``trainer.best_metric``: the objective a Hydra sweeper maximises
+    (``hparams_search=...``, Optuna); the full results are in the run directory's metrics.json."""
     from hydra.core.hydra_config import HydraConfig
 
     config = to_object(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    return run(config, run_dir)
+    return run(config, run_dir)["best"]["value"]
 
 
 if __name__ == "__main__":

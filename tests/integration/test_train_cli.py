@@ -93,6 +93,25 @@ def test_multirun_sweep(tmp_path, cache):
     assert len(runs) == 2
 
 
+def test_optuna_search_maximises_the_best_validation_metric(tmp_path, cache):
+    """hparams_search=ml100k's Optuna sweeper on the toy data: each trial returns its best validation
+    mean ndcg@10, and the recorded best is the largest of them."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = run_train(
+        ["-m", "hparams_search=ml100k", "debug=toy", f"data.cache_dir={cache}", f"hydra.sweep.dir={tmp_path}/sweep",
+         "hydra.sweeper.n_trials=3", "trainer.epochs=1", "loader.batch_size=512"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
+    assert len(trials) == 3 and all(t["best"]["metric"] == "mean/ndcg@10" for t in trials)
+    import yaml
+
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(t["best"]["value"] for t in trials))
+    assert {"optim.lr", "loss.negatives", "model.sequence_pooling"} <= set(best["best_params"])
+
+
 def test_misspelt_key_fails_naming_it(tmp_path, cache):
     proc = run_train(["debug=toy", f"data.cache_dir={cache}", "model.embeding_dim=32"], tmp_path, timeout=60)
     assert proc.returncode != 0

@@ -25,7 +25,7 @@ from that row), so every parameter is in every step's graph, as DDP needs.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -164,15 +164,39 @@ class MultiTaskRanker(nn.Module):
         return self.context_embedding.memories(context, self.tables, present)
 
     def all_logits(self, batch) -> torch.Tensor:
-        c = self.encode_context(batch.context, batch.present, batch.task_type)
-        v = self.encode_rows(batch.candidate, batch.task_type)
-        for name, mem in self.context_memory(batch.context, batch.present).items():
-            c = c + self.context_embedding.fields[name].attend_rows(mem, v)
-        return self.interact(c, v, batch.task_type)
+        return self._row_logits(*self._encode(batch), batch.task_type)
 
-    def forward(self, batch) -> torch.Tensor:
-        logits = self.all_logits(batch)
-        return logits.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
+    def _encode(self, batch):
+        c = self.encode_context(batch.context, batch.present, batch.task_type)
+        return (
+            c,
+            self.encode_rows(batch.candidate, batch.task_type),
+            self.context_memory(batch.context, batch.present),
+        )
+
+    def _row_logits(self, c: torch.Tensor, v: torch.Tensor, memory: Memory, task_type: torch.Tensor):
+        for name, mem in memory.items():
+            c = c + self.context_embedding.fields[name].attend_rows(mem, v)
+        return self.interact(c, v, task_type)
+
+    def forward(self, batch, pools: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None):
+        """Each row's own-task logit [B]; with ``pools``, also the pair logits of a sampled softmax.
+
+        ``pools``: (rows [P], pool [M]) index pairs into the batch, all rows of one pair of one task: each
+        row's context is scored against every pool row's candidate (the batch's other candidates, for
+        in-batch negatives), encoded once with the rest of the batch. Returns then (logits [B], a list of
+        [P, M] logits). One call through ``forward`` keeps DDP's gradient hooks on every parameter.
+        """
+        c, v, memory = self._encode(batch)
+        own = self._row_logits(c, v, memory, batch.task_type)
+        own = own.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
+        if pools is None:
+            return own
+        pairs = []
+        for rows, pool in pools:
+            mem = {name: (e[rows], mask[rows]) for name, (e, mask) in memory.items()}
+            pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem))
+        return own, pairs
 
     def score_candidates(
         self,

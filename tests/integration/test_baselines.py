@@ -1,0 +1,67 @@
+"""The baselines of the full-ranking protocol on a MovieLens-layout data set with a planted structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.unit.test_movielens import write_grouplens
+from unirec.baselines import BPRConfig, fit_bpr, pooled_popularity_scorer
+from unirec.config import compose
+from unirec.data.features import Featurizer
+from unirec.data.prepare import popularity_counts, prepare
+from unirec.evaluate import full_ranking
+
+ML_TASKS = "task=[" + ",".join(f"movielens/{t}" for t in ("home", "related", "search", "genre")) + "]"
+
+
+def _two_tastes(d, n_users=80, n_items=60, per_user=18, seed=0):
+    """Odd users rate only items 1..30, even users only 31..60: a factorisation finds it, popularity cannot."""
+    write_grouplens(d, n_users=n_users, n_items=n_items)  # the item and user files
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(1, n_users + 1):
+        pool = np.arange(1, 31) if u % 2 else np.arange(31, 61)
+        items = rng.choice(pool, size=per_user, replace=False)
+        ts = 880_000_000 + np.sort(rng.integers(0, 5_000_000, per_user))
+        rows += [f"{u}\t{i}\t4\t{t}" for i, t in zip(items, ts)]
+    (d / "u.data").write_text("\n".join(rows) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    src = _two_tastes(tmp_path_factory.mktemp("ml") / "ml-100k")
+    cfg = compose(["data=movielens", f"data.raw_dir={src}", ML_TASKS,
+                   f"data.cache_dir={tmp_path_factory.mktemp('cache')}"])  # fmt: skip
+    features = prepare(cfg.data, cfg.task, cfg.seed)
+    featurizer = Featurizer.load(features)
+    return features, featurizer, {c: featurizer.catalogue_ids(c) for c in featurizer.spec.candidates}
+
+
+def test_pooled_popularity_sums_every_task_train_counts(prepared):
+    features, featurizer, cats = prepared
+    spec = featurizer.spec
+    scorer = pooled_popularity_scorer(features, featurizer, cats)
+    counts = popularity_counts(pq.read_table(features / "popularity.parquet"), spec)
+    idx = featurizer.candidates("item", cats["item"])["cand.item"].to_numpy()
+    expected = sum(counts[t] for t in spec.tasks)[idx]
+    got = scorer("home", pq.read_table(features.parent / "labeled" / "split=test" / "task=home").slice(0, 3))
+    assert got.shape == (3, len(cats["item"]))
+    assert np.abs(got.numpy() - expected[None, :]).max() < 1e-3  # the seeded jitter only
+    assert expected.sum() == sum(counts[t].sum() for t in spec.tasks) > counts["home"].sum()
+
+
+def test_bpr_mf_finds_the_planted_tastes_and_ranks_only_tasks_with_a_user(prepared):
+    features, featurizer, cats = prepared
+    bpr = fit_bpr(
+        features.parent, featurizer, cats, BPRConfig(dims=(8,), l2=(1e-4,), lr=0.02, batch_size=128)
+    )
+    assert bpr.tasks == {"home", "search", "genre"}  # related requests carry no user
+    assert bpr.chosen["dim"] == 8 and bpr.chosen["epochs"] >= 2
+    pop = pooled_popularity_scorer(features, featurizer, cats)
+    res = full_ranking({"bpr": bpr, "pop": pop}, features.parent, featurizer.spec, "test", cats)
+    assert set(res["bpr"]) == {"home", "search", "genre"} and set(res["pop"]) == set(featurizer.spec.tasks)
+    # Half the catalogue is out of a user's taste: a factorisation that found it ranks far above popularity.
+    assert res["bpr"]["home"]["ndcg@10"] > 1.5 * res["pop"]["home"]["ndcg@10"], res

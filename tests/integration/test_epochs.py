@@ -1,0 +1,51 @@
+"""Training by epochs with early stopping, each task's best step, and exporting one task's best."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from unirec import checkpoint
+from unirec.config import compose
+from unirec.export import ArtifactError, export, read_json
+from unirec.train import run
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, toy_features):
+    # lr 0 never improves on the first validation, so patience 2 stops after the third epoch of 10.
+    cfg = compose(["debug=toy", "trainer.epochs=10", "trainer.patience=2", "optim.lr=0",
+                   "optim.warmup_steps=0", "trainer.best_metric=mean/ndcg@10", "loader.batch_size=2048"])  # fmt: skip
+    run_dir = tmp_path_factory.mktemp("epochs")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # as the CLI writes it
+    return cfg, run_dir, run(cfg, run_dir, toy_features)
+
+
+def test_epochs_set_the_length_and_patience_stops_the_run(stopped):
+    cfg, run_dir, m = stopped
+    epoch = m["steps_per_epoch"]
+    assert m["max_steps"] == 10 * epoch and m["stopped_early"] is True
+    assert m["steps"] == 3 * epoch and m["best"]["step"] == epoch
+    logged = [json.loads(ln)["step"] for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert max(logged) == 3 * epoch
+
+
+def test_each_task_best_step_is_recorded_and_pointed_at(stopped):
+    cfg, run_dir, m = stopped
+    tasks = m["best"]["tasks"]
+    assert set(tasks) == set(cfg.task)
+    ckpts = run_dir / "checkpoints"
+    for task, best in tasks.items():
+        pointer = ckpts / checkpoint.best_pointer(task)
+        assert pointer.read_text().strip() == f"step-{best['step']:08d}"
+        assert (ckpts / pointer.read_text().strip() / "model.safetensors").exists()
+
+
+def test_export_best_of_one_task_and_a_clear_error_for_an_unknown_one(stopped, tmp_path):
+    _, run_dir, m = stopped
+    version = export(run_dir, tmp_path / "registry", "best:home")
+    assert read_json(version / "manifest.json")["source"]["step"] == m["best"]["tasks"]["home"]["step"]
+    with pytest.raises(ArtifactError, match=r"best:nope.*best:home"):
+        export(run_dir, tmp_path / "registry", "best:nope")

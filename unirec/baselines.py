@@ -1,0 +1,204 @@
+"""Baselines beside the model in the full-ranking protocol: pooled popularity and BPR-MF.
+
+- **popularity, all canvases** (:func:`pooled_popularity_scorer`): every request of a task gets the train
+  engagement counts of its candidate type summed over every task that ranks that type, the list a team
+  would ship before any model (the per-task popularity of :mod:`unirec.evaluate` counts one canvas only).
+- **BPR-MF** (:func:`fit_bpr`): matrix factorisation with the BPR loss (Rendle et al., 2009) over every
+  train interaction of every user (``raw/interactions.parquet`` when the data set has one, else the
+  positives of the tasks whose requests carry a user), uniform negatives, early stopping on the valid
+  split's full-ranking ndcg@10 of those tasks, and a small grid of widths and L2 strengths picked on valid.
+  It scores only tasks whose requests carry a user: a request without one has no row to factorise.
+
+Both are :data:`unirec.evaluate.MatrixScorer` s, so they rank exactly the requests, catalogue and
+exclusions the model does (:func:`unirec.evaluate.full_ranking`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from unirec.data.features import Featurizer
+from unirec.data.ids import normalise_ids
+from unirec.data.prepare import popularity_counts
+from unirec.evaluate import rank_metrics, ranking_requests, seen_items
+
+log = logging.getLogger("unirec.baselines")
+
+
+class TaskScorer:
+    """A matrix scorer that ranks only some tasks (``tasks``); full ranking skips the others."""
+
+    def __init__(self, tasks: Sequence[str], score):
+        self.tasks, self._score = frozenset(tasks), score
+
+    def __call__(self, task: str, context: pa.Table) -> torch.Tensor:
+        return self._score(task, context)
+
+
+def pooled_popularity_scorer(
+    features: Path, featurizer: Featurizer, catalogues: Dict[str, pa.Array], seed: int = 0
+) -> TaskScorer:
+    """Every request gets its candidate type's train engagement counts over all tasks (tiny seeded jitter
+    breaks ties, as the per-task popularity does)."""
+    spec = featurizer.spec
+    counts = popularity_counts(pq.read_table(Path(features) / "popularity.parquet"), spec)
+    pooled: Dict[str, np.ndarray] = {}
+    for task, t in spec.tasks.items():
+        pooled[t.candidate] = pooled.get(t.candidate, 0) + counts[task]
+    per_task = {}
+    for task, t in spec.tasks.items():
+        id_field = spec.candidates[t.candidate].id_field
+        idx = featurizer.candidates(t.candidate, catalogues[t.candidate])[f"cand.{id_field}"].to_numpy()
+        per_task[task] = pooled[t.candidate][idx]
+    rng = np.random.default_rng(seed)
+
+    def score(task: str, context: pa.Table) -> torch.Tensor:
+        base = per_task[task][None, :]
+        return torch.from_numpy(base + rng.uniform(0, 1e-3, size=(context.num_rows, base.shape[1])))
+
+    return TaskScorer(spec.tasks, score)
+
+
+@dataclass(frozen=True)
+class BPRConfig:
+    """BPR-MF training; ``dims`` x ``l2`` is the grid picked on valid."""
+
+    dims: Tuple[int, ...] = (32, 64, 128)
+    l2: Tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    """L2 penalty on the factors of each pair's user and items (per pair, as in the BPR paper)."""
+    lr: float = 5e-3
+    batch_size: int = 1024
+    max_epochs: int = 200
+    patience: int = 5
+    """Epochs without a better valid ndcg@10 before stopping (validation every ``eval_every`` epochs)."""
+    eval_every: int = 2
+    seed: int = 0
+
+
+class _MF(torch.nn.Module):
+    def __init__(self, users: int, items: int, dim: int):
+        super().__init__()
+        self.user = torch.nn.Embedding(users, dim)
+        self.item = torch.nn.Embedding(items, dim)
+        self.bias = torch.nn.Embedding(items, 1)
+        for e in (self.user, self.item):
+            torch.nn.init.normal_(e.weight, std=0.1)
+        torch.nn.init.zeros_(self.bias.weight)
+
+
+def _interactions(root: Path, catalogue: pa.Array, user_field: str) -> Tuple[Dict[str, int], np.ndarray]:
+    """(raw user id -> row, [N, 2] (user row, catalogue row) train interactions)."""
+    seen = seen_items(root, catalogue, user_field, "valid")  # what a valid request excludes: train items
+    users = {u: i for i, u in enumerate(sorted(seen))}
+    pairs = [np.stack([np.full(len(rows), users[u]), rows], 1) for u, rows in seen.items()]
+    return users, (np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))
+
+
+def fit_bpr(
+    root: Path,
+    featurizer: Featurizer,
+    catalogues: Dict[str, pa.Array],
+    cfg: Optional[BPRConfig] = None,
+    user_field: str = "user",
+) -> Optional[TaskScorer]:
+    """BPR-MF for the tasks whose requests carry ``user_field``, the grid point best on valid; None when no
+    task has a user or the candidate types differ (one factorisation ranks one catalogue)."""
+    cfg = cfg or BPRConfig()
+    spec = featurizer.spec
+    tasks = [t for t, ts in spec.tasks.items() if user_field in ts.fields]
+    types = {spec.tasks[t].candidate for t in tasks}
+    if not tasks or len(types) != 1:
+        return None
+    ctype = types.pop()
+    users, pairs = _interactions(Path(root), catalogues[ctype], user_field)
+    if not len(pairs):
+        return None
+    valid = _valid_requests(Path(root), featurizer, catalogues, tasks, user_field)
+    n_items = len(catalogues[ctype])
+    best: Tuple[float, Optional[TaskScorer], dict] = (-1.0, None, {})
+    for dim in cfg.dims:
+        for l2 in cfg.l2:
+            value, scorer, epochs = _fit_one(valid, n_items, tasks, users, pairs, dim, l2, cfg)
+            log.info("bpr-mf dim %d l2 %g: valid ndcg@10 %.4f after %d epochs", dim, l2, value, epochs)
+            if value > best[0]:
+                best = (value, scorer, {"dim": dim, "l2": l2, "epochs": epochs, "valid_ndcg@10": value})
+    scorer = best[1]
+    scorer.chosen = best[2]  # the grid point, reported beside the figures
+    return scorer
+
+
+def _fit_one(valid, n_items: int, tasks, users, pairs, dim: int, l2: float, cfg: BPRConfig):
+    """One grid point, early-stopped on ``valid``: (best valid ndcg@10, its scorer, epochs run)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    mf = _MF(len(users), n_items, dim)
+    opt = torch.optim.Adam(mf.parameters(), lr=cfg.lr)
+    data = torch.from_numpy(pairs).long()
+    best_value, best_state, since, epoch = -1.0, None, 0, 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        for b in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
+            u, i = data[b, 0], data[b, 1]
+            j = torch.randint(0, n_items, (len(b),), generator=gen)
+            pu, qi, qj = mf.user(u), mf.item(i), mf.item(j)
+            x = (pu * (qi - qj)).sum(1) + mf.bias(i).squeeze(1) - mf.bias(j).squeeze(1)
+            reg = l2 * (pu.pow(2).sum(1) + qi.pow(2).sum(1) + qj.pow(2).sum(1)).mean()
+            loss = torch.nn.functional.softplus(-x).mean() + reg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch % cfg.eval_every:
+            continue
+        value = _valid_ndcg(valid, _scorer(mf, users, tasks))
+        if value > best_value:
+            best_value, since = value, 0
+            best_state = {k: v.clone() for k, v in mf.state_dict().items()}
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    mf.load_state_dict(best_state)
+    return best_value, _scorer(mf, users, tasks), epoch
+
+
+def _valid_ndcg(valid, scorer) -> float:
+    """Mean over ``valid``'s tasks of the mean ndcg@10 of their requests (see :func:`_valid_requests`)."""
+    per_task = []
+    for task, req in valid.items():
+        scores = scorer(task, req.context)
+        per_task.append(rank_metrics(scores, req.positives, req.exclude, 10)["ndcg@10"].mean())
+    return float(np.mean(per_task))
+
+
+def _valid_requests(root: Path, featurizer: Featurizer, catalogues, tasks, user_field: str = "user"):
+    """Each task's valid requests, read once for the many validations of early stopping."""
+    spec = featurizer.spec
+    out = {}
+    for task in tasks:
+        cat = catalogues[spec.tasks[task].candidate]
+        out[task] = ranking_requests(
+            root, "valid", task, cat, seen_items(root, cat, user_field, "valid"), user_field
+        )
+    return out
+
+
+def _scorer(mf: _MF, users: Dict[str, int], tasks: Sequence[str], user_field: str = "user") -> TaskScorer:
+    """Scores [R, C]; a user unseen in train gets the item biases alone."""
+    with torch.no_grad():
+        mean_user = torch.zeros(1, mf.user.embedding_dim)
+        item, bias = mf.item.weight.detach().clone(), mf.bias.weight.detach().clone()
+        user = torch.cat([mf.user.weight.detach(), mean_user])
+
+    def score(task: str, context: pa.Table) -> torch.Tensor:
+        raw = normalise_ids(context[user_field]).to_pylist()
+        rows = torch.tensor([users.get(u, len(users)) for u in raw], dtype=torch.long)
+        return (user[rows] @ item.T + bias.T).double()
+
+    return TaskScorer(tasks, score)
