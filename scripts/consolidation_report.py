@@ -174,11 +174,11 @@ def train(
     return metrics
 
 
-def evaluate(run_dir: Path, split: str, protocols: Sequence[str]) -> Dict:
+def evaluate(run_dir: Path, split: str, protocols: Sequence[str], baselines: bool = False) -> Dict:
     """Per protocol -> {model, popularity} -> task -> metrics, cached beside the run."""
     from unirec.evaluate import run as eval_run
 
-    baselines = split == "test" and "full" in protocols  # popularity over all canvases and BPR-MF
+    baselines = baselines and "full" in protocols  # popularity over all canvases and BPR-MF
     cache = run_dir / f"eval-{split}-{'-'.join(protocols)}{'-baselines' if baselines else ''}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -292,7 +292,8 @@ def run_suite(suite: Suite, args) -> Dict:
             lr, size = chosen[kind]
             d = run_dir(kind, lr, size, seed)
             m = train(suite, ts, lr, size, seed, d, args)
-            test.setdefault(kind, []).append(evaluate(d, "test", suite.protocols))
+            # The baselines depend on the data only, which the seed's unified run holds in full.
+            test.setdefault(kind, []).append(evaluate(d, "test", suite.protocols, baselines=kind == "unified"))
             meta.setdefault(kind, []).append(
                 {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
             )
