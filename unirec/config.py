@@ -303,6 +303,24 @@ class TrainerConfig:
 
 
 @dataclass
+class AdviseConfig:
+    """The consolidation advisor (``python -m unirec.advise``, unirec/advise.py): one short joint run that
+    measures how the tasks help or hurt each other, before any unified or bespoke model is trained."""
+
+    fraction: float = 0.1
+    """Share of trainer.max_steps (the full run's length) that the advisor trains, with the full run's
+    schedule: the first ``ceil(fraction * max_steps)`` steps of that run."""
+    measure_every: int = 2
+    """Steps between affinity measurements; each costs K gradients and K lookahead forwards (K tasks)."""
+    lookahead_lr: Optional[float] = None
+    """Step size of the lookahead ``theta - lr * grad L_i`` at the shared parameters; null: optim.lr."""
+    max_group_tasks: int = 6
+    """Most tasks the exhaustive grouping search takes (203 groupings at 6, 4,140 at 8)."""
+    out_dir: Optional[str] = None
+    """Where advice.json, advice.md and advice.png go; null: the Hydra run directory."""
+
+
+@dataclass
 class Config:
     """Root of the composed configuration."""
 
@@ -314,6 +332,8 @@ class Config:
     """Multi-task loss balancing."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    advise: AdviseConfig = field(default_factory=AdviseConfig)
+    """The consolidation advisor (read only by ``python -m unirec.advise``)."""
     seed: int = 0
     """Seed for data sampling, initialisation and batching."""
 
