@@ -85,9 +85,24 @@ def advise_steps(cfg: Config) -> int:
     return max(1, math.ceil(cfg.advise.fraction * cfg.trainer.max_steps))
 
 
+def skip_steps(cfg: Config) -> int:
+    """Steps before the first measurement: ``advise.skip_steps``, or (null) ``optim.warmup_steps`` but at
+    most half of :func:`advise_steps`."""
+    if cfg.advise.skip_steps is None:
+        return min(cfg.optim.warmup_steps, advise_steps(cfg) // 2)
+    return cfg.advise.skip_steps
+
+
 def check_advise(cfg: Config) -> None:
     """Fail before any work, naming the key, on settings the advisor cannot use."""
     check(cfg)
+    if skip_steps(cfg) >= advise_steps(cfg):
+        raise ValueError(
+            f"the advisor trains {advise_steps(cfg)} steps (advise.fraction={cfg.advise.fraction} of "
+            f"trainer.max_steps={cfg.trainer.max_steps}) and measures none of them after skipping "
+            f"{skip_steps(cfg)} (advise.skip_steps): raise advise.fraction or "
+            "lower advise.skip_steps"
+        )
     if len(cfg.task) < 2:
         raise ValueError(
             f"the advisor compares tasks: select at least two with task=[...], got {sorted(cfg.task)}"
@@ -102,9 +117,9 @@ def check_advise(cfg: Config) -> None:
 
 
 def measure(cfg: Config, tr: Training) -> AffinityLog:
-    """The short joint run: train_step on every step, a lookahead measurement before every
-    ``advise.measure_every``-th one (the first step included)."""
-    steps, every = advise_steps(cfg), cfg.advise.measure_every
+    """The short joint run: train_step on every step; after :func:`skip_steps`, a lookahead measurement
+    before every ``advise.measure_every``-th one, on its batch."""
+    steps, every, skip = advise_steps(cfg), cfg.advise.measure_every, skip_steps(cfg)
     lr = cfg.advise.lookahead_lr or cfg.optim.lr
     acc = AffinityLog(len(tr.module.task_names))
     batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
@@ -112,7 +127,7 @@ def measure(cfg: Config, tr: Training) -> AffinityLog:
         for step in range(steps):
             batch, _ = next(batches)
             batch = batch.to(tr.device, non_blocking=True)
-            if step % every == 0:
+            if step >= skip and (step - skip) % every == 0:
                 acc.add(ranker_lookahead(tr.module, batch, lr))
             train_step(tr, batch)
     finally:
@@ -243,6 +258,7 @@ def run(cfg: Config, out_dir: Path, features: Optional[Path] = None) -> Dict:
     t2 = time.perf_counter()
     adv.update(
         steps=advise_steps(cfg),
+        skipped_steps=skip_steps(cfg),
         full_run_steps=cfg.trainer.max_steps,
         fraction=cfg.advise.fraction,
         lookahead_lr=cfg.advise.lookahead_lr or cfg.optim.lr,

@@ -81,7 +81,7 @@ def lookahead(
             torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
             for p, g in zip(params, grads)
         ]
-        flat.append(torch.cat([g.reshape(-1) for g in grads]).float())
+        flat.append(torch.cat([g.reshape(-1) for g in grads]).double())
         with torch.no_grad():
             moved = {n: p.detach() - lr * g for n, p, g in zip(names, params, grads)}
             after = losses_at(moved)
@@ -92,7 +92,7 @@ def lookahead(
     if flat:
         unit = torch.nn.functional.normalize(torch.stack(flat), dim=1)
         idx = torch.tensor(tasks)
-        cosine[idx.unsqueeze(1), idx.unsqueeze(0)] = (unit @ unit.T).cpu()
+        cosine[idx.unsqueeze(1), idx.unsqueeze(0)] = (unit @ unit.T).float().cpu()
     return Lookahead(affinity, cosine, present.bool().cpu())
 
 
