@@ -153,6 +153,17 @@ def measure_suite(cr, suite, args, work: Path) -> Dict:
     return res
 
 
+def add_reference_costs(res: Dict, reports: Path) -> None:
+    """Beside each suite's measured cost, the wall time of the committed consolidation report of the same
+    suite (its full protocol: the whole grid and its seeds), where ``reports`` holds one."""
+    cr = _consolidation_report()
+    for name, c in res["costs"].items():
+        path = reports / cr.suite_dir(name) / "consolidation.json"
+        if path.exists():
+            ref = json.loads(path.read_text())
+            c["reference_seconds"], c["reference_command"] = ref["seconds"], ref["command"]
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -186,6 +197,15 @@ def write_report(res: Dict, out: Path) -> None:
     lines.append(
         f"- Advisor wall time / measurement wall time: worst {s['max_cost_ratio']:.1%} (target ≤ 10%)."
     )
+    refs = {
+        n: c["advise_seconds"] / c["reference_seconds"]
+        for n, c in res["costs"].items()
+        if "reference_seconds" in c
+    }
+    if refs:
+        lines.append(f"- Against the committed consolidation reports' full protocol (`reports/*/consolidation.json`, "
+                     f"its grid and seeds, run earlier): worst {max(refs.values()):.1%} ("
+                     + ", ".join(f"{n} {r:.1%}" for n, r in refs.items()) + ").")  # fmt: skip
     lines += ["", "## Points", "",
               "| suite | task | predicted benefit | verdict | unified | bespoke | lift | beyond spread |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -251,6 +271,9 @@ def main(argv=None) -> None:
         "--advise-set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the advisor only"
     )
     ap.add_argument(
+        "--reference", default="reports", help="committed consolidation reports, for their wall time"
+    )
+    ap.add_argument(
         "--render", action="store_true", help="only rewrite the .md and .png from the saved .json"
     )
     args = ap.parse_args(argv)
@@ -258,6 +281,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.render:
         res = json.loads((out / "validation.json").read_text())
+        add_reference_costs(res, Path(args.reference))
         write_report(res, out)
         write_scatter(res, out / "validation.png")
         return
@@ -285,6 +309,7 @@ def main(argv=None) -> None:
         res["costs"][name] = {"advise_seconds": adv["wall_seconds"], "measure_seconds": measured["seconds"],
                               "advise_steps": adv["steps"], "full_run_steps": adv["full_run_steps"]}  # fmt: skip
         res["summary"] = summary(res["points"], res["costs"])
+        add_reference_costs(res, Path(args.reference))
         (out / "validation.json").write_text(json.dumps(res, indent=2, sort_keys=True))
         write_report(res, out)
         write_scatter(res, out / "validation.png")
