@@ -49,3 +49,15 @@ def test_points_and_summary_count_what_the_acceptance_reads():
     assert s["losers_at_0"] == [{"task": "c", "flagged": False, "verdict": "gains"}]
     assert s["max_cost_ratio"] == pytest.approx(0.05)
     assert s["spearman"] == pytest.approx(v.spearman([0.3, -0.1, 0.2], [by[t]["lift"] for t in "abc"]))
+
+
+def test_the_consolidation_report_takes_any_relatedness_as_a_suite():
+    cr = load_script("consolidation_report")
+    args = cr.parser().parse_args(["--suites", "synthetic-0.25"])
+    suite = cr.suites(args)["synthetic-0.25"]
+    assert "data.synthetic.relatedness=0.25" in suite.overrides
+    assert cr.suite_dir("synthetic-0.25") == "synthetic/relatedness-0.25"
+    assert cr.suite_dir("synthetic-1.0") == "synthetic/relatedness-1.0" and cr.suite_dir("ml100k") == "ml100k"
+    assert cr.relatedness("1") == "1.0"
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        cr.relatedness("1.5")
