@@ -189,6 +189,13 @@ def write_report(res: Dict, out: Path) -> None:
         f"{s['clear_points']}**" + (f" (disagree: {', '.join(s['sign_disagreements'])})" if s["sign_disagreements"] else "")
         + " (target: all).",
     ]  # fmt: skip
+    per = {
+        n: spearman(*zip(*[(p["predicted"], p["lift"]) for p in pts if p["suite"] == n]))
+        for n in res["suites"]
+    }
+    lines.append("- Within each suite (4 points each, so only a hint): " + ", ".join(f"{n} {r:+.2f}" for n, r in per.items())
+                 + "; synthetic suites only: " + f"{spearman(*zip(*[(p['predicted'], p['lift']) for p in pts if p['suite'] != 'ml100k'])):+.3f}"
+                 + f" over {sum(p['suite'] != 'ml100k' for p in pts)} points.")  # fmt: skip
     if "synthetic-0.0" in res["suites"]:
         flagged = [f"{x['task']} ({'flagged' if x['flagged'] else 'not flagged'}, verdict {x['verdict']})"
                    for x in s["losers_at_0"]]  # fmt: skip
