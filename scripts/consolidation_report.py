@@ -1,6 +1,7 @@
 """The consolidation report: one unified model against four bespoke models, task by task, and their footprint.
 
-For each suite (MovieLens-100K, and the synthetic canvases at relatedness 1.0 and 0.0):
+For each suite (MovieLens-100K, and the synthetic canvases at relatedness 1.0 and 0.0 by default; any
+relatedness r in [0, 1] is the suite ``synthetic-<r>``):
 
 1. **Equal tuning.** Every grid point (learning rate x model size) trains the unified model (all tasks) and
    one bespoke model per task (``task=[<that task>]``: the same code, one task's data, its own vocabulary)
@@ -27,6 +28,7 @@ Usage::
     python scripts/fetch_movielens.py data/ml-100k
     python scripts/consolidation_report.py --raw-dir data/ml-100k          # every suite, ~30 min on 2 cores
     python scripts/consolidation_report.py --suites ml100k --raw-dir data/ml-100k
+    python scripts/consolidation_report.py --suites synthetic-0.5     # -> reports/synthetic/relatedness-0.5
 
 Finished runs are reused (``--work``, default ``runs/consolidation``), so an interrupted report resumes;
 ``--fresh`` starts over.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -66,8 +69,9 @@ class Suite:
 
 
 def suites(args) -> Dict[str, Suite]:
+    """MovieLens-100K and the synthetic canvases at relatedness 1.0, 0.0 and any other named in
+    ``args.suites`` (``synthetic-<r>``)."""
     raw = str(Path(args.raw_dir).resolve()) if args.raw_dir else None
-    syn = [f"data.synthetic.{k}={v}" for k, v in SYNTHETIC_SIZE[args.quick].items()]
     cache = [f"data.cache_dir={Path(args.cache_dir).resolve()}"] if args.cache_dir else []
     common = [f"loader.batch_size={args.batch_size}", *cache, *args.set]
     ml_notes = [
@@ -78,6 +82,8 @@ def suites(args) -> Dict[str, Suite]:
         "Sampled: the positive plus 100 items the user never interacted with (NCF protocol; "
         "HR@10 = recall@10 with one positive).",
     ]
+    named = [n[len(SYNTHETIC) :] for n in getattr(args, "suites", ()) if n.startswith(SYNTHETIC)]
+    rs = dict.fromkeys(["1.0", "0.0", *(relatedness(r) for r in named)])
     return {
         "ml100k": Suite(
             "ml100k",
@@ -89,31 +95,51 @@ def suites(args) -> Dict[str, Suite]:
             args.epochs or (1 if args.quick else 5),
             ml_notes,
         ),
-        **{
-            f"synthetic-{r}": Suite(
-                f"synthetic-{r}",
-                f"synthetic canvases, relatedness {r}",
-                [f"data.synthetic.relatedness={r}", *syn, *common],
-                {t: t for t in ML_TASKS},
-                "sampled",
-                ("sampled",),
-                args.epochs or (1 if args.quick else 3),
-                [
-                    f"Data: the generated canvases (`unirec/data/synthetic.py`) with relatedness {r} "
-                    + (
-                        "(one latent taste shared by every canvas)."
-                        if r == "1.0"
-                        else "(the canvases share nothing)."
-                    )
-                    + " Sizes: "
-                    + ", ".join(syn)
-                    + ".",
-                    "Protocol: the logged impressions of each test request (clicks among the shown slate).",
-                ],
-            )
-            for r in ("1.0", "0.0")
-        },
+        **{f"{SYNTHETIC}{r}": synthetic_suite(r, args, common) for r in rs},
     }
+
+
+SYNTHETIC = "synthetic-"
+"""Prefix of the synthetic suites' names: ``synthetic-<relatedness>``."""
+
+
+def relatedness(text: str) -> str:
+    """A suite name's relatedness, spelt as a float ("1" -> "1.0"); outside [0, 1] is an error."""
+    try:
+        r = float(text)
+    except ValueError:
+        raise ValueError(f"suite {SYNTHETIC}{text}: the relatedness must be a number in [0, 1]") from None
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"suite {SYNTHETIC}{text}: the relatedness must be in [0, 1]")
+    return str(r)
+
+
+def synthetic_suite(r: str, args, common: Sequence[str]) -> Suite:
+    """The synthetic canvases at relatedness ``r`` (data.synthetic.relatedness)."""
+    syn = [f"data.synthetic.{k}={v}" for k, v in SYNTHETIC_SIZE[args.quick].items()]
+    shared = {"1.0": "(one latent taste shared by every canvas).", "0.0": "(the canvases share nothing)."}
+    return Suite(
+        f"{SYNTHETIC}{r}",
+        f"synthetic canvases, relatedness {r}",
+        [f"data.synthetic.relatedness={r}", *syn, *common],
+        {t: t for t in ML_TASKS},
+        "sampled",
+        ("sampled",),
+        args.epochs or (1 if args.quick else 3),
+        [
+            f"Data: the generated canvases (`unirec/data/synthetic.py`) with relatedness {r} "
+            + shared.get(r, f"(a share {r} of each user's taste variance is common to every canvas).")
+            + " Sizes: "
+            + ", ".join(syn)
+            + ".",
+            "Protocol: the logged impressions of each test request (clicks among the shown slate).",
+        ],
+    )
+
+
+def suite_dir(name: str) -> str:
+    """Where a suite's report goes under --out: ml100k, or synthetic/relatedness-<r>."""
+    return name if name == "ml100k" else f"synthetic/relatedness-{name[len(SYNTHETIC) :]}"
 
 
 SYNTHETIC_SIZE = {
@@ -134,6 +160,19 @@ def compose(
     model = [f"model.{k}={v}" for k, v in SIZES[size].items()]
     task = [] if tasks is None else [f"task=[{','.join(suite.tasks[t] for t in tasks)}]"]
     return compose_cfg([*suite.overrides, *task, f"optim.lr={lr}", *model, f"seed={seed}", *extra])
+
+
+def trainer_overrides(suite: Suite, cfg, features: Path) -> List[str]:
+    """``suite.epochs`` epochs of a run's own train rows as steps, checked (validation, checkpoint) every
+    epoch: the length the advisor takes its fraction of (``advise.fraction`` of ``trainer.max_steps``); the
+    report's own runs set ``trainer.epochs`` (and ``trainer.patience``) instead."""
+    from unirec.data.loader import count_rows, shard_files
+
+    rows = sum(count_rows(shard_files(features, "train", t)) for t in cfg.task)
+    epoch = max(1, math.ceil(rows / cfg.loader.batch_size))
+    return [f"trainer.max_steps={epoch * suite.epochs}", f"trainer.eval_every={epoch}",
+            f"trainer.checkpoint_every={epoch}", "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=1",
+            "trainer.progress=false", f"trainer.log_every={max(1, epoch // 2)}"]  # fmt: skip
 
 
 def train(
@@ -552,7 +591,8 @@ def write_chart(res: Dict, suite: Suite, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (scripts/advisor_validation.py builds its measurement settings from it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", nargs="+", default=["ml100k", "synthetic-1.0", "synthetic-0.0"])
     ap.add_argument(
@@ -586,11 +626,21 @@ def main(argv=None) -> None:
         "--render", action="store_true", help="only rewrite the .md and .png from the saved .json"
     )
     ap.add_argument("--quick", action="store_true", help="tiny synthetic data and 1 epoch (the slow test)")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.seeds < 2:
         ap.error("--seeds must be at least 2 (the report gives mean ± std)")
     if args.fresh and Path(args.work).exists():
         shutil.rmtree(args.work)
+    try:  # "synthetic-1" names the suite synthetic-1.0
+        args.suites = [SYNTHETIC + relatedness(n[len(SYNTHETIC) :]) if n.startswith(SYNTHETIC) else n
+                       for n in args.suites]  # fmt: skip
+    except ValueError as e:
+        ap.error(str(e))
     all_suites = suites(args)
     unknown = [s for s in args.suites if s not in all_suites]
     if unknown:
@@ -600,8 +650,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     for name in args.suites:
         suite = all_suites[name]
-        out = Path(args.out) / {"ml100k": "ml100k", "synthetic-1.0": "synthetic/relatedness-1.0",
-                                "synthetic-0.0": "synthetic/relatedness-0.0"}[name]  # fmt: skip
+        out = Path(args.out) / suite_dir(name)
         if args.render:
             res = json.loads((out / "consolidation.json").read_text())
         else:

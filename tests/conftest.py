@@ -28,6 +28,18 @@ def run_train(args: List[str], cwd: Path, timeout: float = 300) -> subprocess.Co
     )
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (scripts/ is not a package), loaded once per session."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses in the script look their module up here
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def toy_cfg(tmp_path_factory) -> Config:
     cache = tmp_path_factory.mktemp("cache")

@@ -336,6 +336,41 @@ class TrainerConfig:
 
 
 @dataclass
+class AdviseConfig:
+    """The consolidation advisor (``python -m unirec.advise``, unirec/advise.py): one short joint run that
+    measures how the tasks help or hurt each other, before any unified or bespoke model is trained."""
+
+    fraction: float = 0.1
+    """Share of trainer.max_steps (the full run's length) that the advisor trains, with the full run's
+    schedule: the first ``ceil(fraction * max_steps)`` steps of that run."""
+    skip_steps: Optional[int] = None
+    """Steps trained before the first measurement; null: optim.warmup_steps, at most half of the advisor's
+    steps. During the warm-up the model
+    is near its initialisation and its raw affinities are about ten times those of later steps, with the
+    opposite sign for some tasks (a first probe at relatedness 0.0), so they would outweigh the rest."""
+    measure_every: int = 1
+    """Steps between affinity measurements after skip_steps; each costs K gradients and K lookahead
+    forwards (K tasks), about 2K training steps' worth of work."""
+    lookahead_lr: Optional[float] = None
+    """Step size of the lookahead ``theta - lr * grad L_i`` at the shared parameters; null: optim.lr."""
+    max_group_tasks: int = 6
+    """Most tasks the exhaustive grouping search takes (203 groupings at 6, 4,140 at 8)."""
+    out_dir: Optional[str] = None
+    """Where advice.json, advice.md and advice.png go; null: the Hydra run directory."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"advise.fraction must be in (0, 1], got {self.fraction}")
+        for key in ("measure_every", "max_group_tasks"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"advise.{key} must be >= 1, got {getattr(self, key)}")
+        if self.skip_steps is not None and self.skip_steps < 0:
+            raise ValueError(f"advise.skip_steps must be >= 0 or null, got {self.skip_steps}")
+        if self.lookahead_lr is not None and not self.lookahead_lr > 0:
+            raise ValueError(f"advise.lookahead_lr must be > 0 or null, got {self.lookahead_lr}")
+
+
+@dataclass
 class Config:
     """Root of the composed configuration."""
 
@@ -347,6 +382,8 @@ class Config:
     """Multi-task loss balancing."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    advise: AdviseConfig = field(default_factory=AdviseConfig)
+    """The consolidation advisor (read only by ``python -m unirec.advise``)."""
     seed: int = 0
     """Seed for data sampling, initialisation and batching."""
 

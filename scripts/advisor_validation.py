@@ -1,0 +1,330 @@
+"""Validate the consolidation advisor against measured truth: predicted benefit against measured lift.
+
+For each suite (the synthetic canvases at each ``--relatedness``, and MovieLens-100K with ``--raw-dir``):
+
+1. **Advice.** ``unirec.advise`` on the suite's four tasks, with the configuration and the length of the
+   unified run of the consolidation measurement (the first grid point: ``--lrs[0]``, ``--sizes[0]``,
+   seed 0), before anything else is trained; its wall time includes preparing the data.
+2. **Measurement.** ``scripts/consolidation_report.py``'s ``run_suite`` (the same machinery: equal tuning
+   over the grid, ``--seeds`` seeds, test split, the suite's headline NDCG@10): the lift of the unified
+   model over the bespoke one, per task, and its seed spread.
+
+Writes ``<out>/validation.md``, ``validation.json`` and ``validation.png`` (the scatter): the Spearman
+correlation over all (task, suite) points with their number, the sign agreement on the points whose
+measured difference exceeds the seed spread, what the advisor says where a task measurably loses, and the
+advisor's wall time against the measurement's. The report is rewritten after every suite, so a partial
+sweep still reports what it has (and says it is partial).
+
+Usage::
+
+    python scripts/advisor_validation.py                                  # relatedness 0, .25, .5, .75, 1
+    python scripts/advisor_validation.py --raw-dir data/ml-100k           # + MovieLens-100K
+    python scripts/advisor_validation.py --render                         # only rewrite from the .json
+
+Finished runs and advice are reused from ``--work`` (default ``runs/advisor-validation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+RELATEDNESS = ("0.0", "0.25", "0.5", "0.75", "1.0")
+
+
+def _consolidation_report():
+    """scripts/consolidation_report.py as a module (scripts/ is not a package)."""
+    name = "consolidation_report"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def ranks(x: Sequence[float]) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank.
+
+    >>> ranks([0.3, 0.1, 0.3, 0.2]).tolist()
+    [3.5, 1.0, 3.5, 2.0]
+    """
+    a = np.asarray(x, dtype=float)
+    order = np.argsort(a, kind="stable")
+    r = np.empty(len(a))
+    r[order] = np.arange(1, len(a) + 1)
+    for v in np.unique(a):
+        r[a == v] = r[a == v].mean()
+    return r
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's on the ranks, ties averaged); NaN under 3 points.
+
+    >>> round(spearman([1, 2, 3, 4], [10, 20, 40, 30]), 4)
+    0.8
+    """
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def points(suite: str, tasks: Sequence[str], advice: Dict, measured: Dict, headline: str) -> List[Dict]:
+    """One point per task: the advisor's predicted benefit and the measured lift (unified vs bespoke)."""
+    out = []
+    for t in tasks:
+        c = measured["test"][f"{headline}|{t}|ndcg@10"]
+        u, b = np.asarray(c["unified"]), np.asarray(c["bespoke"])
+        spread = max(u.std(ddof=1), b.std(ddof=1)) if len(u) > 1 else 0.0
+        a = advice["advice"][t]
+        out.append({
+            "suite": suite, "task": t, "predicted": a["benefit"], "stderr": a["stderr"], "verdict": a["verdict"],
+            "group": a["group"], "unified": float(u.mean()), "bespoke": float(b.mean()),
+            "lift": float((u.mean() - b.mean()) / b.mean()), "difference": float(u.mean() - b.mean()),
+            "spread": float(spread), "clear": bool(abs(u.mean() - b.mean()) > spread),
+            "loses_every_seed": bool((u < b).all()),
+        })  # fmt: skip
+    return out
+
+
+def summary(pts: List[Dict], costs: Dict[str, Dict[str, float]]) -> Dict:
+    """The acceptance figures, computed from the points and the wall times."""
+    clear = [p for p in pts if p["clear"]]
+    agree = [p for p in clear if (p["predicted"] > 0) == (p["difference"] > 0)]
+    losers = [p for p in pts if p["suite"] == "synthetic-0.0" and p["clear"] and p["difference"] < 0]
+    ratios = {s: c["advise_seconds"] / c["measure_seconds"] for s, c in costs.items()}
+    return {
+        "n": len(pts),
+        "spearman": spearman([p["predicted"] for p in pts], [p["lift"] for p in pts]),
+        "clear_points": len(clear),
+        "sign_agreement": len(agree),
+        "sign_disagreements": [f"{p['suite']}/{p['task']}" for p in clear if p not in agree],
+        "losers_at_0": [
+            {"task": p["task"], "flagged": p["predicted"] < 0, "verdict": p["verdict"]} for p in losers
+        ],
+        "cost_ratio": ratios,
+        "max_cost_ratio": max(ratios.values()) if ratios else float("nan"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def advise_suite(cr, suite, args, work: Path) -> Dict:
+    """The advisor on the suite's tasks, as long as (a fraction of) the measurement's unified run."""
+    from unirec import advise
+    from unirec.data.prepare import prepare
+
+    out = work / "advice" / suite.name
+    if (out / "advice.json").exists():
+        return json.loads((out / "advice.json").read_text())
+    lr, size, tasks = args.lrs[0], args.sizes[0], list(suite.tasks)
+    t0 = time.perf_counter()
+    cfg = cr.compose(suite, tasks, lr, size, 0)
+    features = prepare(cfg.data, cfg.task, cfg.seed)
+    cfg = cr.compose(
+        suite, tasks, lr, size, 0, [*cr.trainer_overrides(suite, cfg, features), *args.advise_set]
+    )
+    adv = advise.run(cfg, out, features)
+    adv["wall_seconds"] = round(time.perf_counter() - t0, 2)  # preparing the data included
+    (out / "advice.json").write_text(json.dumps(adv, indent=2, sort_keys=True))
+    return adv
+
+
+def measure_suite(cr, suite, args, work: Path) -> Dict:
+    """``run_suite`` of the consolidation report, its result kept beside the runs (reused when present)."""
+    done = work / "measured" / f"{suite.name}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    res = cr.run_suite(suite, args)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(res, indent=2, sort_keys=True))
+    return res
+
+
+def add_reference_costs(res: Dict, reports: Path) -> None:
+    """Beside each suite's measured cost, the wall time of the committed consolidation report of the same
+    suite (its full protocol: the whole grid and its seeds), where ``reports`` holds one."""
+    cr = _consolidation_report()
+    for name, c in res["costs"].items():
+        path = reports / cr.suite_dir(name) / "consolidation.json"
+        if path.exists():
+            ref = json.loads(path.read_text())
+            c["reference_seconds"], c["reference_command"] = ref["seconds"], ref["command"]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def write_report(res: Dict, out: Path) -> None:
+    s, pts = res["summary"], res["points"]
+    missing = [n for n in res["planned"] if n not in res["suites"]]
+    lines = ["# Consolidation advisor: predicted benefit against measured lift", ""]
+    if missing:
+        lines += [f"**Partial**: {len(res['suites'])} of {len(res['planned'])} suites measured; missing: "
+                  f"{', '.join(missing)}.", ""]  # fmt: skip
+    lines += [
+        f"Generated by `{res['command']}`. Measurement: the consolidation report's machinery "
+        f"(`scripts/consolidation_report.py` run_suite) with lr {res['grid']['lr']}, sizes {res['grid']['size']}, "
+        f"{res['seeds']} seeds, each run its suite's epochs; lift = (unified − bespoke) / bespoke of the test "
+        "headline NDCG@10, mean over seeds. Advice: `python -m unirec.advise` with the first grid point and the "
+        "unified run's length (advise.fraction of its steps), before anything else is trained.",
+        "",
+        "## Acceptance figures",
+        "",
+        f"- Spearman rank correlation of predicted benefit with measured lift: **{s['spearman']:+.3f}** over "
+        f"**{s['n']}** (task, data set) points (target ≥ 0.7).",
+        f"- Sign agreement where the measured difference exceeds the seed spread: **{s['sign_agreement']}/"
+        f"{s['clear_points']}**" + (f" (disagree: {', '.join(s['sign_disagreements'])})" if s["sign_disagreements"] else "")
+        + " (target: all).",
+    ]  # fmt: skip
+    per = {
+        n: spearman(*zip(*[(p["predicted"], p["lift"]) for p in pts if p["suite"] == n]))
+        for n in res["suites"]
+    }
+    lines.append("- Within each suite (4 points each, so only a hint): " + ", ".join(f"{n} {r:+.2f}" for n, r in per.items())
+                 + "; synthetic suites only: " + f"{spearman(*zip(*[(p['predicted'], p['lift']) for p in pts if p['suite'] != 'ml100k'])):+.3f}"
+                 + f" over {sum(p['suite'] != 'ml100k' for p in pts)} points.")  # fmt: skip
+    if "synthetic-0.0" in res["suites"]:
+        flagged = [f"{x['task']} ({'flagged' if x['flagged'] else 'not flagged'}, verdict {x['verdict']})"
+                   for x in s["losers_at_0"]]  # fmt: skip
+        lines.append("- Relatedness 0.0, tasks that measurably lose (difference beyond the seed spread): "
+                     + (", ".join(flagged) if flagged else "none in this measurement") + "; the advisor ran no full unified run.")  # fmt: skip
+    lines.append(
+        f"- Advisor wall time / measurement wall time: worst {s['max_cost_ratio']:.1%} (target ≤ 10%)."
+    )
+    refs = {
+        n: c["advise_seconds"] / c["reference_seconds"]
+        for n, c in res["costs"].items()
+        if "reference_seconds" in c
+    }
+    if refs:
+        lines.append(f"- Against the committed consolidation reports' full protocol (`reports/*/consolidation.json`, "
+                     f"its grid and seeds, run earlier): worst {max(refs.values()):.1%} ("
+                     + ", ".join(f"{n} {r:.1%}" for n, r in refs.items()) + ").")  # fmt: skip
+    lines += ["", "## Points", "",
+              "| suite | task | predicted benefit | verdict | unified | bespoke | lift | beyond spread |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in pts:
+        lines.append(f"| {p['suite']} | {p['task']} | {p['predicted']:+.3f} ± {p['stderr']:.3f} | {p['verdict']} | "
+                     f"{p['unified']:.4f} | {p['bespoke']:.4f} | {p['lift']:+.1%} | {'yes' if p['clear'] else 'no'} |")  # fmt: skip
+    lines += ["", "## Cost", "", "| suite | advisor, s | measurement, s | ratio | advisor steps / unified run steps |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, c in res["costs"].items():
+        lines.append(f"| {name} | {c['advise_seconds']:.1f} | {c['measure_seconds']:.1f} | "
+                     f"{c['advise_seconds'] / c['measure_seconds']:.1%} | {c['advise_steps']} / {c['full_run_steps']} |")  # fmt: skip
+    lines += ["", "The advisor's time includes preparing its data set (from a cold cache when it runs first); the "
+              "measurement's is `run_suite`'s wall time (sweep, seeds, test evaluation, footprint).", "",
+              "![predicted benefit against measured lift](validation.png)", ""]  # fmt: skip
+    (out / "validation.md").write_text("\n".join(lines))
+
+
+def write_scatter(res: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name in res["suites"]:
+        ps = [p for p in res["points"] if p["suite"] == name]
+        ax.errorbar([p["predicted"] for p in ps], [100 * p["lift"] for p in ps], xerr=[p["stderr"] for p in ps],
+                    fmt="o", label=name, capsize=2, markersize=5)  # fmt: skip
+        for p in ps:
+            ax.annotate(
+                p["task"],
+                (p["predicted"], 100 * p["lift"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.axhline(0, color="#999", lw=0.8)
+    ax.axvline(0, color="#999", lw=0.8)
+    s = res["summary"]
+    ax.set_title(f"Spearman {s['spearman']:+.2f} over {s['n']} points", fontsize=9)
+    ax.set_xlabel("advisor: predicted benefit (± standard error)", fontsize=8)
+    ax.set_ylabel("measured lift of unified over bespoke, % (test NDCG@10)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--relatedness", nargs="+", default=list(RELATEDNESS))
+    ap.add_argument("--raw-dir", help="MovieLens-100K directory: adds the ml100k suite")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
+    ap.add_argument("--sizes", nargs="+", default=["S"])
+    ap.add_argument("--epochs", type=int, help="epochs per run (default: the consolidation report's)")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--work", default="runs/advisor-validation")
+    ap.add_argument("--out", default="reports/advisor")
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--quick", action="store_true", help="tiny synthetic data, 1 epoch (a smoke run)")
+    ap.add_argument(
+        "--advise-set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the advisor only"
+    )
+    ap.add_argument(
+        "--reference", default="reports", help="committed consolidation reports, for their wall time"
+    )
+    ap.add_argument(
+        "--render", action="store_true", help="only rewrite the .md and .png from the saved .json"
+    )
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        res = json.loads((out / "validation.json").read_text())
+        add_reference_costs(res, Path(args.reference))
+        write_report(res, out)
+        write_scatter(res, out / "validation.png")
+        return
+    cr = _consolidation_report()
+    names = [f"synthetic-{cr.relatedness(r)}" for r in args.relatedness] + (
+        ["ml100k"] if args.raw_dir else []
+    )
+    cr_args = cr.parser().parse_args(
+        ["--suites", *names, "--seeds", str(args.seeds), "--lrs", *map(str, args.lrs), "--sizes", *args.sizes,
+         "--batch-size", str(args.batch_size), "--work", str(Path(args.work) / "consolidation")]
+        + (["--raw-dir", args.raw_dir] if args.raw_dir else []) + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+        + (["--epochs", str(args.epochs)] if args.epochs else []) + (["--quick"] if args.quick else [])
+    )  # fmt: skip
+    all_suites = cr.suites(cr_args)
+    res = {"planned": names, "suites": [], "points": [], "costs": {}, "seeds": args.seeds,
+           "grid": {"lr": args.lrs, "size": args.sizes},
+           "command": " ".join(["python", "scripts/advisor_validation.py", *sys.argv[1:]])}  # fmt: skip
+    work = Path(args.work)
+    for name in names:
+        suite = all_suites[name]
+        adv = advise_suite(cr, suite, args, work)
+        measured = measure_suite(cr, suite, cr_args, work)
+        res["suites"].append(name)
+        res["points"] += points(name, list(suite.tasks), adv, measured, suite.headline)
+        res["costs"][name] = {"advise_seconds": adv["wall_seconds"], "measure_seconds": measured["seconds"],
+                              "advise_steps": adv["steps"], "full_run_steps": adv["full_run_steps"]}  # fmt: skip
+        res["summary"] = summary(res["points"], res["costs"])
+        add_reference_costs(res, Path(args.reference))
+        (out / "validation.json").write_text(json.dumps(res, indent=2, sort_keys=True))
+        write_report(res, out)
+        write_scatter(res, out / "validation.png")
+        print(
+            f"[{name}] spearman so far {res['summary']['spearman']:+.3f} over {res['summary']['n']} points",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

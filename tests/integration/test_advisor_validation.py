@@ -1,0 +1,63 @@
+"""The advisor validation script's statistics on fixed inputs (fast; the sweep itself is a script run)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.conftest import load_script
+
+
+def _script():
+    return load_script("advisor_validation")
+
+
+def test_spearman_with_ties_against_hand_computed_values():
+    v = _script()
+    assert v.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(0.8207826816681233)
+    assert v.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(v.spearman([1, 2], [1, 2]))
+
+
+def _advice(benefits):
+    return {"advice": {t: {"benefit": b, "stderr": 0.01, "verdict": "gains" if b > 0 else "loses", "group": [t]}
+                       for t, b in benefits.items()}}  # fmt: skip
+
+
+def _measured(cells):
+    return {"test": {f"sampled|{t}|ndcg@10": {"unified": u, "bespoke": b} for t, (u, b) in cells.items()}}
+
+
+def test_points_and_summary_count_what_the_acceptance_reads():
+    v = _script()
+    cells = {
+        "a": ([0.62, 0.64], [0.60, 0.60]),
+        "b": ([0.50, 0.52], [0.51, 0.51]),
+        "c": ([0.40, 0.40], [0.45, 0.44]),
+    }
+    pts = v.points(
+        "synthetic-0.0", list(cells), _advice({"a": 0.3, "b": -0.1, "c": 0.2}), _measured(cells), "sampled"
+    )
+    by = {p["task"]: p for p in pts}
+    assert by["a"]["lift"] == pytest.approx(0.63 / 0.60 - 1) and by["a"]["clear"]
+    assert not by["b"]["clear"]  # +0.00 against a spread of 0.014
+    assert by["c"]["clear"] and by["c"]["loses_every_seed"]
+    s = v.summary(pts, {"synthetic-0.0": {"advise_seconds": 5.0, "measure_seconds": 100.0}})
+    assert (s["n"], s["clear_points"], s["sign_agreement"]) == (3, 2, 1)
+    assert s["sign_disagreements"] == ["synthetic-0.0/c"]
+    assert s["losers_at_0"] == [{"task": "c", "flagged": False, "verdict": "gains"}]
+    assert s["max_cost_ratio"] == pytest.approx(0.05)
+    assert s["spearman"] == pytest.approx(v.spearman([0.3, -0.1, 0.2], [by[t]["lift"] for t in "abc"]))
+
+
+def test_the_consolidation_report_takes_any_relatedness_as_a_suite():
+    cr = load_script("consolidation_report")
+    args = cr.parser().parse_args(["--suites", "synthetic-0.25"])
+    suite = cr.suites(args)["synthetic-0.25"]
+    assert "data.synthetic.relatedness=0.25" in suite.overrides
+    assert cr.suite_dir("synthetic-0.25") == "synthetic/relatedness-0.25"
+    assert cr.suite_dir("synthetic-1.0") == "synthetic/relatedness-1.0" and cr.suite_dir("ml100k") == "ml100k"
+    assert cr.relatedness("1") == "1.0"
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        cr.relatedness("1.5")

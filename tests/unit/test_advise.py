@@ -1,0 +1,172 @@
+"""The advisor's measurements: lookahead affinity against hand-computed and reference values, the grouping
+search on fixed matrices, the per-task benefit, and the settings it refuses."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from unirec.advise import check_advise, ranker_lookahead, shared_parameters
+from unirec.affinity import AffinityLog, Lookahead, benefit, best_grouping, lookahead, normalised, partitions
+from unirec.config import LoaderConfig, ModelConfig, compose
+from unirec.data.batch import to_batch
+from unirec.data.loader import MixedLoader
+from unirec.losses import task_losses
+from unirec.model import MultiTaskRanker
+from unirec.schema import FeatureSpec
+
+
+class _Tiny(torch.nn.Module):
+    """One shared weight w and task b's head bias h: L_a = (w - 1)^2, L_b = (2w + h)^2."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.h = torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self):
+        return torch.stack([(self.w - 1) ** 2, (2 * self.w + self.h) ** 2])
+
+
+def test_lookahead_on_a_tiny_model_matches_the_hand_computed_values():
+    m = _Tiny()
+
+    def losses_at(p):
+        return torch.func.functional_call(m, dict(p), ()) if p else m()
+
+    res = lookahead(losses_at, {"w": m.w}, 0.1, torch.tensor([True, True]))
+    # At w = 0.5: L_a = 0.25, dL_a/dw = -1; L_b = 1, dL_b/dw = 4.
+    # a's step: w = 0.6, L_a = 0.16, L_b = 1.44 -> Z_aa = 1 - 0.16/0.25 = 0.36, Z_ab = 1 - 1.44 = -0.44.
+    # b's step: w = 0.1, L_a = 0.81, L_b = 0.04 -> Z_ba = 1 - 0.81/0.25 = -2.24, Z_bb = 0.96.
+    # (Had the head h moved with b's step, h = -0.2 and L_b = 0: Z_bb would be 1.)
+    expected = torch.tensor([[0.36, -0.44], [-2.24, 0.96]])
+    assert torch.allclose(res.affinity, expected, atol=1e-5)
+    assert torch.allclose(res.cosine, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), atol=1e-6)
+    assert m.w.item() == 0.5 and m.h.item() == 0.0  # the lookahead leaves the model as it was
+
+
+def test_an_absent_task_gets_nan_and_no_lookahead():
+    m = _Tiny()
+    calls = []
+
+    def losses_at(p):
+        calls.append(dict(p))
+        return torch.func.functional_call(m, dict(p), ()) if p else m()
+
+    res = lookahead(losses_at, {"w": m.w}, 0.1, torch.tensor([True, False]))
+    assert len(calls) == 2  # the base forward and a's lookahead only
+    assert res.affinity[0, 0].item() == pytest.approx(0.36, abs=1e-5)
+    assert math.isnan(res.affinity[0, 1]) and math.isnan(res.affinity[1, 0]) and math.isnan(res.cosine[1, 1])
+
+
+def _toy_model(features):
+    spec = FeatureSpec.load(features / "feature_spec.json")
+    torch.manual_seed(0)
+    model = MultiTaskRanker(spec, ModelConfig(embedding_dim=8, hidden_dim=16, head_hidden=8))
+    ld = MixedLoader(features, spec, LoaderConfig(batch_size=256, prefetch=0, mix="uniform"), {}, 0)
+    return model, to_batch(ld.next_arrays(), spec).to(torch.device("cpu"))
+
+
+def test_ranker_lookahead_matches_an_explicit_sgd_step_on_a_copy(toy_features):
+    """Reference: for each task, backward on a copy, step its non-head parameters by -lr * grad, re-evaluate."""
+    model, batch = _toy_model(toy_features)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, k = 0.05, len(model.task_names)
+    got = ranker_lookahead(model, batch, lr)
+    head = model.head_index(batch.task_type)
+    base = task_losses(model(batch), batch.label, batch.weight, head, k)[0].detach()
+    for i in range(k):
+        ref = copy.deepcopy(model)
+        task_losses(ref(batch), batch.label, batch.weight, head, k)[0][i].backward()
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if not n.startswith("heads.") and p.grad is not None:
+                    p -= lr * p.grad
+            after = task_losses(ref(batch), batch.label, batch.weight, head, k)[0]
+        assert torch.allclose(got.affinity[i], (1 - after / base).float(), atol=1e-5, rtol=1e-4), i
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert got.present.all() and set(shared_parameters(model)) == {
+        n for n, _ in model.named_parameters() if not n.startswith("heads.")
+    }
+
+
+def test_partitions_are_the_bell_numbers_each_once():
+    for n, bell in ((1, 1), (4, 15), (6, 203)):
+        ps = list(partitions([f"t{i}" for i in range(n)]))
+        assert len(ps) == bell
+        assert len({tuple(sorted(tuple(sorted(g)) for g in p)) for p in ps}) == bell
+
+
+def _matrix(names, pairs):
+    a = {i: {j: (1.0 if i == j else 0.0) for j in names} for i in names}
+    for (i, j), v in pairs.items():
+        a[i][j] = v
+    return a
+
+
+def test_grouping_search_on_a_fixed_affinity_matrix():
+    names = ["a", "b", "c", "d", "e"]
+    # a and b help each other, c and d help each other, the two pairs hurt each other; e hurts whoever
+    # shares with it (c by 0.3, a by 0.1) and gains little (0.15 from a): alone it is better for all.
+    pairs = {("a", "b"): 0.4, ("b", "a"): 0.3, ("c", "d"): 0.2, ("d", "c"): 0.25,
+             ("a", "c"): -0.2, ("c", "a"): -0.1, ("b", "d"): -0.3, ("d", "b"): -0.2,
+             ("e", "a"): -0.1, ("a", "e"): 0.05, ("e", "c"): -0.3, ("c", "e"): 0.1}  # fmt: skip
+    g = best_grouping(_matrix(names, pairs))
+    assert sorted(sorted(x) for x in g.groups) == [["a", "b"], ["c", "d"], ["e"]]
+    assert g.score == pytest.approx(0.4 + 0.3 + 0.2 + 0.25)
+    assert g.onto == pytest.approx({"a": 0.3, "b": 0.4, "c": 0.25, "d": 0.2, "e": 0.0})
+    assert g.searched == 52
+    # Raise e's effect on a to +0.2: with a and b, e now adds 0.2 onto a and gets 0.05 from a: it joins.
+    pairs[("e", "a")] = 0.2
+    g = best_grouping(_matrix(names, pairs))
+    assert sorted(sorted(x) for x in g.groups) == [["a", "b", "e"], ["c", "d"]]
+    assert g.score == pytest.approx(0.4 + 0.3 + 0.2 + 0.25 + 0.2 + 0.05)
+
+
+def test_grouping_ties_go_to_fewer_models_and_unknown_pairs_count_zero():
+    names = ["a", "b", "c"]
+    g = best_grouping(_matrix(names, {("a", "b"): math.nan}))
+    assert g.groups == [["a", "b", "c"]] and g.score == 0.0
+
+
+def test_grouping_search_refuses_more_tasks_than_it_may_enumerate():
+    names = [f"t{i}" for i in range(7)]
+    with pytest.raises(ValueError, match="advise.max_group_tasks=6"):
+        best_grouping(_matrix(names, {}), max_tasks=6)
+
+
+def test_normalised_and_benefit_by_hand():
+    steps = [torch.tensor([[0.2, 0.1], [0.0, 0.4]]), torch.tensor([[0.2, 0.3], [-0.2, 0.4]])]
+    log = AffinityLog(2)
+    for z in steps:
+        log.add(Lookahead(z, torch.eye(2), torch.tensor([True, True])))
+    z = log.mean_affinity()
+    assert torch.allclose(z, torch.tensor([[0.2, 0.2], [-0.1, 0.4]], dtype=torch.float64))
+    assert torch.allclose(normalised(z), torch.tensor([[1.0, 0.5], [-0.5, 1.0]], dtype=torch.float64))
+    b, se = benefit(log.steps, z)
+    # task 0: per step 0.0/0.2 and -0.2/0.2 -> mean -0.5, std 0.7071, se 0.5; task 1: 0.25, 0.75 -> 0.5, 0.25
+    assert b.tolist() == pytest.approx([-0.5, 0.5])
+    assert se.tolist() == pytest.approx([0.5, 0.25])
+
+
+def test_a_task_whose_own_step_does_not_help_has_no_normalised_column():
+    a = normalised(torch.tensor([[-0.1, 0.2], [0.3, 0.4]]))
+    assert math.isnan(a[0, 0]) and math.isnan(a[1, 0]) and a[0, 1].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["advise.fraction=0"], "advise.fraction must be in"),
+        (["advise.measure_every=0"], "advise.measure_every must be >= 1"),
+        (["advise.skip_steps=15"], "raise advise.fraction or lower advise.skip_steps"),
+        (["task=[home]"], "select at least two"),
+        (["advise.max_group_tasks=4"], "advise.max_group_tasks=4"),
+    ],
+)
+def test_settings_the_advisor_refuses_name_the_key(overrides, match):
+    with pytest.raises(Exception, match=match):
+        check_advise(compose(["debug=toy", *overrides]))

@@ -1,0 +1,295 @@
+"""``python -m unirec.advise``: before training a grid, which tasks gain from sharing one model.
+
+Takes the same Hydra overrides as ``python -m unirec.train``. It trains the unified model for the first
+``advise.fraction`` of ``trainer.max_steps`` (the full run's own schedule, loader and step), and every
+``advise.measure_every`` steps measures, before that step and on its batch, for every pair of tasks:
+
+- the lookahead affinity Z_{i→j} of TAG (Fifty et al., NeurIPS 2021) at the shared parameters (everything
+  but the task heads), see :mod:`unirec.affinity`;
+- the cosine of the two tasks' gradients there;
+
+and once, from the prepared data, the overlap of their context fields, candidate types and candidate sets.
+
+Examples::
+
+    python -m unirec.advise                                   # the default tasks on the synthetic canvases
+    python -m unirec.advise debug=toy                         # seconds on a CPU
+    python -m unirec.advise data.synthetic.relatedness=0.0 task=[home,related,search,genre]
+
+Writes ``advice.json``, ``advice.md`` and ``advice.png`` (heatmaps) to ``advise.out_dir`` or the Hydra run
+directory: per task, the predicted benefit of one model for all tasks with its standard error, the
+recommended grouping (exhaustive search, :func:`unirec.affinity.best_grouping`) and the evidence for it.
+One process, no DDP: the short run is cheap on one device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import hydra
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from omegaconf import DictConfig
+
+from unirec.advice_report import write_heatmap, write_markdown
+from unirec.affinity import AffinityLog, Lookahead, benefit, best_grouping, lookahead, normalised
+from unirec.config import Config, conf_dir, register_configs, to_object
+from unirec.data.batch import CANDIDATE, Batch
+from unirec.data.loader import shard_files
+from unirec.data.prepare import prepare
+from unirec.losses import task_losses
+from unirec.model import MultiTaskRanker
+from unirec.schema import FeatureSpec
+from unirec.train import Training, check, setup, train_step
+
+log = logging.getLogger("unirec.advise")
+
+
+def shared_parameters(module: MultiTaskRanker) -> Dict[str, torch.nn.Parameter]:
+    """Every parameter outside the per-task heads: what one model shares and bespoke models would not.
+
+    Rows of a table that one task alone reads (its task_type embedding) are included; only that task's
+    gradient moves them, so they add nothing to another task's affinity."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("heads.")}
+
+
+def ranker_lookahead(module: MultiTaskRanker, batch: Batch, lr: float) -> Lookahead:
+    """:func:`unirec.affinity.lookahead` of the ranker on one batch (on its device), in eval mode and fp32
+    so that the loss before and after a lookahead differ only by the step."""
+    k = len(module.task_names)
+    head = module.head_index(batch.task_type)
+    present = torch.zeros(k, dtype=torch.bool, device=head.device).index_fill(0, head.unique(), True)
+
+    def losses_at(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits = torch.func.functional_call(module, dict(params), (batch,)) if params else module(batch)
+        return task_losses(logits, batch.label, batch.weight, head, k)[0]
+
+    was_training = module.training
+    module.eval()
+    try:
+        return lookahead(losses_at, shared_parameters(module), lr, present)
+    finally:
+        module.train(was_training)
+
+
+def advise_steps(cfg: Config) -> int:
+    """Steps of the short run: ``ceil(advise.fraction * trainer.max_steps)``."""
+    return max(1, math.ceil(cfg.advise.fraction * cfg.trainer.max_steps))
+
+
+def skip_steps(cfg: Config) -> int:
+    """Steps before the first measurement: ``advise.skip_steps``, or (null) ``optim.warmup_steps`` but at
+    most half of :func:`advise_steps`."""
+    if cfg.advise.skip_steps is None:
+        return min(cfg.optim.warmup_steps, advise_steps(cfg) // 2)
+    return cfg.advise.skip_steps
+
+
+def check_advise(cfg: Config) -> None:
+    """Fail before any work, naming the key, on settings the advisor cannot use."""
+    check(cfg)
+    if skip_steps(cfg) >= advise_steps(cfg):
+        raise ValueError(
+            f"the advisor trains {advise_steps(cfg)} steps (advise.fraction={cfg.advise.fraction} of "
+            f"trainer.max_steps={cfg.trainer.max_steps}) and measures none of them after skipping "
+            f"{skip_steps(cfg)} (advise.skip_steps): raise advise.fraction or "
+            "lower advise.skip_steps"
+        )
+    if len(cfg.task) < 2:
+        raise ValueError(
+            f"the advisor compares tasks: select at least two with task=[...], got {sorted(cfg.task)}"
+        )
+    if len(cfg.task) > cfg.advise.max_group_tasks:
+        raise ValueError(
+            f"{len(cfg.task)} tasks selected but the exhaustive grouping search takes at most "
+            f"advise.max_group_tasks={cfg.advise.max_group_tasks}; select fewer with task=[...] or raise it"
+        )
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the advisor draws advice.png with matplotlib: pip install 'unirec[report]'")
+
+
+def measure(cfg: Config, tr: Training) -> AffinityLog:
+    """The short joint run: train_step on every step; after :func:`skip_steps`, a lookahead measurement
+    before every ``advise.measure_every``-th one, on its batch."""
+    steps, every, skip = advise_steps(cfg), cfg.advise.measure_every, skip_steps(cfg)
+    lr = cfg.advise.lookahead_lr or cfg.optim.lr
+    acc = AffinityLog(len(tr.module.task_names))
+    batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
+    try:
+        for step in range(steps):
+            batch, _ = next(batches)
+            batch = batch.to(tr.device, non_blocking=True)
+            if step >= skip and (step - skip) % every == 0:
+                acc.add(ranker_lookahead(tr.module, batch, lr))
+            train_step(tr, batch)
+    finally:
+        batches.close()  # stops the prefetch thread
+    return acc
+
+
+def overlaps(spec: FeatureSpec, features: Path) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Kind -> task -> task -> overlap in [0, 1] of what two tasks see.
+
+    context: Jaccard of their context field sets. candidate_type: 1 when they rank the same entity type.
+    candidate_set: Jaccard of the candidate ids in their train rows (0 across types)."""
+    names = list(spec.tasks)
+    fields = {t: set(spec.tasks[t].fields) for t in names}
+    ctype = {t: spec.tasks[t].candidate for t in names}
+    ids = {}
+    for t in names:
+        col = CANDIDATE + spec.candidates[ctype[t]].id_field
+        table = pq.read_table(shard_files(features, "train", t), columns=[col])
+        ids[t] = set(np.unique(table[col].to_numpy()).tolist())
+
+    def jaccard(a: set, b: set) -> float:
+        return len(a & b) / len(a | b) if a | b else 0.0
+
+    return {
+        "context": {i: {j: jaccard(fields[i], fields[j]) for j in names} for i in names},
+        "candidate_type": {i: {j: float(ctype[i] == ctype[j]) for j in names} for i in names},
+        "candidate_set": {
+            i: {j: jaccard(ids[i], ids[j]) if ctype[i] == ctype[j] else 0.0 for j in names} for i in names
+        },
+    }
+
+
+def _matrix(x: torch.Tensor, names: List[str]) -> Dict[str, Dict[str, Optional[float]]]:
+    """[K, K] -> i -> j -> value (None for NaN, so the JSON stays standard)."""
+    return {
+        i: {j: (None if math.isnan(v) else v) for j, v in zip(names, row)}
+        for i, row in zip(names, x.tolist())
+    }
+
+
+def verdict(b: float, se: float) -> str:
+    """gains / loses when the predicted benefit is two standard errors clear of 0, else unclear."""
+    if math.isnan(b):
+        return "unmeasured"
+    if math.isnan(se):
+        return "gains" if b > 0 else "loses"
+    return "gains" if b - 2 * se > 0 else "loses" if b + 2 * se < 0 else "unclear"
+
+
+def build_advice(names: List[str], acc: AffinityLog, ov: Dict, max_tasks: int) -> Dict:
+    """The advice as plain data (see :func:`recommendation` for each task's entry)."""
+    z = acc.mean_affinity()
+    a = normalised(z)
+    b, se = benefit(acc.steps, z)
+    am = _matrix(a, names)
+    grouping = best_grouping(
+        {i: {j: (math.nan if v is None else v) for j, v in r.items()} for i, r in am.items()}, max_tasks
+    )
+    cos = _matrix(acc.mean_cosine(), names)
+    tasks = {}
+    for k, t in enumerate(names):
+        group = next(g for g in grouping.groups if t in g)
+        tasks[t] = recommendation(t, group, float(b[k]), float(se[k]), grouping.onto[t], am, cos, ov)
+    one = best_grouping_score(am, [names])
+    return {
+        "tasks": names,
+        "affinity": _matrix(z, names),
+        "normalised_affinity": am,
+        "cosine": cos,
+        "overlap": ov,
+        "measured_steps": len(acc.steps),
+        "grouping": {
+            "groups": grouping.groups,
+            "score": grouping.score,
+            "searched": grouping.searched,
+            "one_model_score": one,
+            "bespoke_score": 0.0,
+        },  # fmt: skip
+        "advice": tasks,
+    }
+
+
+def best_grouping_score(am: Mapping[str, Mapping[str, Optional[float]]], groups: List[List[str]]) -> float:
+    """Total normalised affinity onto each task from its group, for a given grouping (unknown pairs: 0)."""
+    return sum(am[i][j] or 0.0 for g in groups for j in g for i in g if i != j)
+
+
+def recommendation(
+    t: str, group: List[str], b: float, se: float, onto: float, am: Dict, cos: Dict, ov: Dict
+) -> Dict:
+    """One task's entry: where it goes, why, and how sure the measurement is."""
+    others = [i for i in am if i != t and am[i][t] is not None]
+    helps = max(others, key=lambda i: am[i][t], default=None)
+    hurts = min(others, key=lambda i: am[i][t], default=None)
+    mates = [i for i in group if i != t]
+    v = verdict(b, se)
+    if mates:
+        rec = f"share one model with {', '.join(mates)}"
+    else:
+        rec = "keep bespoke: no group lifts it above what it gets alone"
+    evidence = [
+        f"predicted benefit of one model for all tasks {b:+.3f} ± {se:.3f} (standard error over measured "
+        f"steps): {v}",
+        f"affinity onto {t} from its recommended group {onto:+.3f}",
+    ]
+    if helps is not None:
+        evidence.append(f"helped most by {helps} ({am[helps][t]:+.3f}, gradient cosine {cos[helps][t]:+.2f}); "
+                        f"hurt most by {hurts} ({am[hurts][t]:+.3f}, gradient cosine {cos[hurts][t]:+.2f})")  # fmt: skip
+    for m in mates:
+        evidence.append(f"with {m}: context fields overlap {ov['context'][t][m]:.2f}, same candidate type "
+                        f"{'yes' if ov['candidate_type'][t][m] else 'no'}, candidate set overlap {ov['candidate_set'][t][m]:.2f}")  # fmt: skip
+    return {"group": group, "recommendation": rec, "benefit": b, "stderr": se, "verdict": v,
+            "onto_from_group": onto, "helped_most_by": helps, "hurt_most_by": hurts, "evidence": evidence}  # fmt: skip
+
+
+def run(cfg: Config, out_dir: Path, features: Optional[Path] = None) -> Dict:
+    """Prepare (or find) the data, run the short joint run, write and return the advice."""
+    check_advise(cfg)
+    t0 = time.perf_counter()
+    features = features or prepare(cfg.data, cfg.task, cfg.seed)
+    t1 = time.perf_counter()
+    tr = setup(cfg, features)
+    acc = measure(cfg, tr)
+    names = tr.module.task_names
+    ov = overlaps(tr.spec, features)
+    adv = build_advice(names, acc, ov, cfg.advise.max_group_tasks)
+    t2 = time.perf_counter()
+    adv.update(
+        steps=advise_steps(cfg),
+        skipped_steps=skip_steps(cfg),
+        full_run_steps=cfg.trainer.max_steps,
+        fraction=cfg.advise.fraction,
+        lookahead_lr=cfg.advise.lookahead_lr or cfg.optim.lr,
+        seconds={"prepare": round(t1 - t0, 2), "advise": round(t2 - t1, 2), "total": round(t2 - t0, 2)},
+        features=str(features),
+        command=" ".join(["python -m unirec.advise", *sys.argv[1:]]),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "advice.json").write_text(json.dumps(adv, indent=2, sort_keys=True))
+    write_heatmap(adv, out_dir / "advice.png")
+    write_markdown(adv, out_dir / "advice.md")
+    log.info("advice in %s", out_dir)
+    return adv
+
+
+register_configs()
+
+
+@hydra.main(config_path=conf_dir(), config_name="train", version_base=None)
+def main(cfg: DictConfig) -> Dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    config = to_object(cfg)
+    out = Path(config.advise.out_dir or HydraConfig.get().runtime.output_dir)
+    adv = run(config, out)
+    for t in adv["tasks"]:
+        a = adv["advice"][t]
+        print(f"{t}: {a['verdict']} ({a['benefit']:+.3f} ± {a['stderr']:.3f}); {a['recommendation']}")
+    print(f"advice: {out / 'advice.md'}")
+    return adv
+
+
+if __name__ == "__main__":
+    main()
