@@ -109,6 +109,9 @@ class ServerConfig:
     """Largest request head (request line and headers); a larger one gets 431."""
     torch_threads: int = 1
     """torch intra-op threads (requests are parallel across scoring threads instead)."""
+    keep_freed_memory: bool = True
+    """Raise glibc's mmap and trim thresholds so freed activations are reused, not page-faulted in afresh on
+    every request (:mod:`unirec.serve.memory`); the process then keeps its peak working set."""
     log_level: str = "warning"
 
 
