@@ -92,6 +92,22 @@ def test_each_request_keeps_its_own_timeout_and_fallback(registry: Path):
     )
 
 
+def test_requests_arriving_while_every_thread_is_busy_join_one_batch(registry: Path):
+    def slow(requests):
+        time.sleep(0.5)
+        return real.score_encoded(requests)
+
+    with live(registry, _overrides(window_ms=1, max_batch=8)) as server:  # one scoring thread
+        real, sizes = _spy(server, score_encoded=slow)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_post_all, server.url, [_body("7")])
+            time.sleep(0.2)  # the first batch holds the only thread: the next three wait past their window
+            rest = _post_all(server.url, [_body("8"), _body("9"), _body("10")])
+            assert not first.result()[0]["degraded"]["degraded"]
+    assert sizes == [1, 3]
+    assert not any(a["degraded"]["degraded"] for a in rest)
+
+
 def test_a_request_that_times_out_in_the_window_is_left_out_of_the_batch(registry: Path):
     with live(registry, _overrides(window_ms=800, max_batch=8)) as server:
         _, sizes = _spy(server)

@@ -6,8 +6,9 @@ hundred candidates and more, run once over the rows of every request in the batc
 (:meth:`Scorer.score_encoded`). That pays the per-forward cost (operator dispatch, thread hand-offs) once
 per batch instead of once per request.
 
-A batch starts when it holds ``max_batch`` requests or when its first request has waited ``window_s``,
-whichever comes first; it runs on the environment's scoring threads, never on the event loop. Each
+A batch starts on a free scoring thread when it holds ``max_batch`` requests or when its first request has
+waited ``window_s``, whichever comes first; while every thread is busy it keeps growing (up to ``max_batch``)
+and starts the moment one frees. It runs on the environment's scoring threads, never on the event loop. Each
 request keeps its own time budget and fallback: it awaits its own future, and one that times out is
 answered by its fallback at once while the batch runs on (its rows, if not yet encoded, are skipped). An
 input error (:class:`RequestError`) fails only its own request; an error of the merged forward fails every
@@ -41,16 +42,21 @@ class MicroBatcher:
 
     Args:
         pool: the environment's scoring threads.
-        window_s: the longest a request waits for others to join its batch.
-        max_batch: requests in a batch at most; a full batch starts at once.
+        threads: how many threads ``pool`` has.
+        window_s: the longest a request waits for others to join its batch while a thread is free.
+        max_batch: requests in a batch at most; a full batch starts at once on a free thread.
+
+    While every scoring thread is busy, arriving requests keep joining the next batch and it starts the
+    moment a thread frees, so batches grow with the load instead of queueing behind one another.
 
     Shapes: ``score`` -> [N] post-sigmoid scores of one request, as :meth:`Scorer.score` returns them.
     """
 
-    def __init__(self, pool: Executor, window_s: float, max_batch: int):
-        self.pool, self.window_s, self.max_batch = pool, window_s, max_batch
+    def __init__(self, pool: Executor, threads: int, window_s: float, max_batch: int):
+        self.pool, self.threads, self.window_s, self.max_batch = pool, threads, window_s, max_batch
         self._pending: List[_Pending] = []
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._running = 0
 
     async def score(
         self, scorer: Scorer, task: str, context: Mapping[str, object], ids: Sequence
@@ -63,16 +69,38 @@ class MicroBatcher:
         if len(self._pending) >= self.max_batch:
             self._start(loop)
         elif self._timer is None:
-            self._timer = loop.call_later(self.window_s, self._start, loop)
+            self._timer = loop.call_later(self.window_s, self._window_over, loop)
         return await future
 
+    def _window_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._start(loop)  # or, with every thread busy, when one frees (_finished)
+
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._running >= self.threads or not self._pending:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending, []
-        if batch:
-            self.pool.submit(_run, batch, loop)
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        self._running += 1
+        self.pool.submit(_run_then, batch, loop, self._finished)
+
+    def _finished(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A thread is free: the pending requests start now if their window is over or their batch full."""
+        self._running -= 1
+        if self._timer is None or len(self._pending) >= self.max_batch:
+            self._start(loop)
+
+
+def _run_then(batch: List[_Pending], loop: asyncio.AbstractEventLoop, finished) -> None:
+    try:
+        _run(batch, loop)
+    finally:
+        try:
+            loop.call_soon_threadsafe(finished, loop)
+        except RuntimeError:  # the loop has closed (shutdown): nothing is waiting any more
+            pass
 
 
 def _run(batch: List[_Pending], loop: asyncio.AbstractEventLoop) -> None:

@@ -59,7 +59,7 @@ class Environment:
         self.cache = ScoreCache(cfg.cache.size, cfg.cache.ttl_s, cfg.cache.max_bytes)
         self.pool = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"score-{name}")
         self.batcher = (
-            MicroBatcher(self.pool, cfg.batch_window_ms / 1000, cfg.max_batch)
+            MicroBatcher(self.pool, cfg.threads, cfg.batch_window_ms / 1000, cfg.max_batch)
             if cfg.batch_window_ms > 0
             else None
         )
