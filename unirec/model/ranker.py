@@ -7,6 +7,7 @@
                                (one embedding group and encoder per candidate type, + a type vector)
     c += attend(history, v)    (only with target-aware pooling of a sequence field: [B, H] or [R, N, H])
     x0 = [c, v, c * v] [B, 3H] --tower--> [B, 3H] or [B, K, 3H] --TaskHeads--> [B, K] -> own task's logit
+                               (serving: only each row's own head runs, TaskHeads.pick -> [B])
 
 Embedding tables live apart from the fields (``tables``): every field names one, and fields that name the
 same table (the user's history, ``source_item`` and the candidate item id) share its rows.
@@ -56,6 +57,7 @@ class MultiTaskRanker(nn.Module):
     Shapes (B rows, K tasks):
         forward(batch) -> [B] logits of each row's own task
         all_logits(batch) -> [B, K] logits of every head
+        head_logits(c, v, head) -> [M] each row's own head only (serving, micro-batches)
 
     Example:
         >>> from unirec.schema import FeatureSpec, FieldSpec, TaskSpec, CandidateSpec, TableSpec
