@@ -2,7 +2,8 @@
 
 Prints p50/p99 of ``POST /v1/rank`` at 100 and 1000 candidates beside the bare model forward
 (``encode_context`` + ``score_candidates`` on already featurized tensors) and the in-process Scorer, then
-throughput at concurrency 16 and the latency of a score-cache hit. Timing assertions live nowhere else.
+throughput and p50/p99 at concurrency 1, 16 and 64 (100 candidates), without and with micro-batching, and
+the latency of a score-cache hit. Timing assertions live nowhere else.
 
     python scripts/bench_serve.py                        # trains a toy model with 2000 items first (~40 s)
     python scripts/bench_serve.py --registry models/     # an existing registry
@@ -10,7 +11,10 @@ throughput at concurrency 16 and the latency of a score-cache hit. Timing assert
                                                          # every request sends its own 50-id history
 
 The server runs as ``python -m unirec.serve serve=[home,genre]`` in a subprocess (torch_threads=1, the
-home score cache off so every timed request is scored, genre's cache on for the hit measurement).
+home score cache off so every timed request is scored, genre's cache on for the hit measurement), then once
+more with home's micro-batching on (``--batch-window-ms``, ``--max-batch``) for the concurrent load
+again. The concurrent load comes from one asyncio client with one
+keep-alive connection per concurrent caller, so the client's own threads do not take the cores.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,9 +58,10 @@ def toy_registry(tmp: Path, history: str = "") -> Path:
     return tmp / "registry"
 
 
-def start_server(registry: Path, port: int) -> subprocess.Popen:
+def start_server(registry: Path, port: int, extra: Sequence[str] = ()) -> subprocess.Popen:
     args = ["serve=[home,genre]", f"server.registry={registry}", f"server.port={port}", "server.freshness_s=0",
-            "serve.home.cache.size=0", "serve.home.timeout_ms=5000", "serve.genre.timeout_ms=5000"]  # fmt: skip
+            "serve.home.cache.size=0", "serve.home.timeout_ms=5000", "serve.genre.timeout_ms=5000",
+            "serve.home.max_concurrent=128", *extra]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "unirec.serve", *args], env=ENV, cwd=tempfile.gettempdir())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -72,18 +77,9 @@ def start_server(registry: Path, port: int) -> subprocess.Popen:
 
 
 def http_latencies(port: int, bodies: list, repeat: int) -> np.ndarray:
-    """Seconds per request over one keep-alive connection (bodies pre-encoded: client JSON work not timed)."""
-    c = http.client.HTTPConnection("127.0.0.1", port)
-    out = []
-    for i in range(repeat):
-        body = bodies[i % len(bodies)]
-        t = time.perf_counter()
-        c.request("POST", "/v1/rank", body, {"content-type": "application/json"})
-        r = c.getresponse()
-        data = r.read()
-        out.append(time.perf_counter() - t)
-        assert r.status == 200 and b'"degraded":false' in data, data[:300]
-    return np.array(out)
+    """Seconds per request, one after another over one keep-alive connection, from the lean client of
+    :func:`load` (bodies pre-encoded; http.client's own header parsing would add about a millisecond)."""
+    return load(port, bodies, 1, repeat)[1]
 
 
 def bare_latencies(scorer, contexts: list, ids: list, repeat: int, full: bool) -> np.ndarray:
@@ -109,17 +105,41 @@ def bare_latencies(scorer, contexts: list, ids: list, repeat: int, full: bool) -
     return np.array(out)
 
 
-def throughput(port: int, bodies: list, concurrency: int, per_client: int) -> float:
-    def client():
-        http_latencies(port, bodies, per_client)
+def load(port: int, bodies: list, concurrency: int, requests: int) -> Tuple[float, np.ndarray]:
+    """(requests/s, seconds per request) with ``concurrency`` callers, each on its own keep-alive connection
+    sending its next request as soon as its answer is in, until ``requests`` are answered in all."""
+    import asyncio
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return concurrency * per_client / (time.perf_counter() - t)
+    messages = [
+        f"POST /v1/rank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(b)}\r\n\r\n".encode()
+        + b.encode()
+        for b in bodies
+    ]
+    latencies: list = []
+    left = [requests]
+
+    async def caller(k: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        while left[0] > 0:
+            left[0] -= 1
+            t = time.perf_counter()
+            writer.write(messages[i % len(messages)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            data = await reader.readexactly(size)
+            latencies.append(time.perf_counter() - t)
+            assert head.startswith(b"HTTP/1.1 200") and b'"degraded":false' in data, (head, data[:300])
+            i += concurrency
+        writer.close()
+
+    async def run() -> float:
+        t = time.perf_counter()
+        await asyncio.gather(*(caller(k) for k in range(concurrency)))
+        return time.perf_counter() - t
+
+    elapsed = asyncio.run(run())
+    return requests / elapsed, np.array(latencies)
 
 
 def ms(x: np.ndarray) -> str:
@@ -130,11 +150,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--registry", type=Path, help="model registry (default: train and export a toy model)")
     p.add_argument("--repeat", type=int, default=500)
+    p.add_argument(
+        "--batch-window-ms", type=float, default=2.0, help="home's micro-batching window, 2nd server"
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="home's max_batch, 2nd server")
     p.add_argument("--history", choices=("mean", "attention", "transformer"),
                    help="train the toy model with the history field pooled so; each request sends a history")  # fmt: skip
     args = p.parse_args()
+    from unirec.serve.memory import keep_freed_memory
+
     print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  torch threads: 1")
     torch.set_num_threads(1)
+    # The server keeps freed memory (server.keep_freed_memory); the bare loops here do too, so both sides
+    # of every comparison run on the same allocator settings.
+    print(f"keep_freed_memory here and in the server: {keep_freed_memory()}")
     registry = args.registry or toy_registry(
         Path(tempfile.mkdtemp(prefix="bench-serve-")), args.history or ""
     )
@@ -177,7 +206,10 @@ def main() -> None:
             json.dumps({"environment": "home", "context": c, "candidates": {"ids": catalogue[:100]}})
             for c in contexts
         ]
-        print(f"throughput at concurrency 16, N=100: {throughput(port, bodies, 16, 60):.0f} requests/s")
+        print(
+            f"concurrent load, N=100 (batched: window {args.batch_window_ms} ms, max_batch {args.max_batch}):"
+        )
+        concurrent_load(port, bodies, "one by one")
         hit = [
             json.dumps(
                 {
@@ -192,6 +224,23 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    batching = [
+        f"serve.home.batch_window_ms={args.batch_window_ms}",
+        f"serve.home.max_batch={args.max_batch}",
+    ]
+    proc = start_server(registry, port, batching)
+    try:
+        concurrent_load(port, bodies, "micro-batched")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def concurrent_load(port: int, bodies: list, name: str) -> None:
+    load(port, bodies, 16, 300)  # warm-up: every context featurized once
+    for concurrency in (1, 16, 64):
+        rps, lat = load(port, bodies, concurrency, max(300, 20 * concurrency))
+        print(f"  {name:13s} concurrency {concurrency:2d}: {rps:6.0f} requests/s   {ms(lat)}")
 
 
 if __name__ == "__main__":

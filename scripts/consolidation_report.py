@@ -77,8 +77,11 @@ def suites(args) -> Dict[str, Suite]:
     ml_notes = [
         "Data: MovieLens-100K, the documented canvas derivation (README, `unirec/data/movielens.py`): "
         "leave-last-out per user; every valid/test event is one request on each of the four canvases.",
-        "Full ranking: the positive against all 1,682 items, minus the user's train items when the "
-        "request has a user (home, search, genre; `related` requests carry no user). "
+        "Split: each user's ratings sorted stably by timestamp, ties in the file's order (the standard "
+        "leave-one-out split, pinned by its sha256 in tests); the last is test, the second-to-last valid. "
+        "Full ranking: a test request's item against all 1,682 items minus the user's train and valid items "
+        "(a valid request: minus the train items) when the request has a user (home, search, genre; "
+        "`related` requests carry no user). "
         "Sampled: the positive plus 100 items the user never interacted with (NCF protocol; "
         "HR@10 = recall@10 with one positive).",
     ]

@@ -319,7 +319,9 @@ class TrainerConfig:
     precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a live bar on a terminal, else a plain line every ``progress_every_s`` seconds."""
+    progress_every_s: float = 30.0
+    """Seconds between plain progress lines when stderr is not a terminal (a captured log)."""
     resume: str = "auto"
     """auto: continue from the run directory's newest complete checkpoint if there is one (set a fixed
     hydra.run.dir for restartable jobs); never: start fresh; or the path of a checkpoint directory."""

@@ -39,6 +39,7 @@ from unirec.evaluate import evaluate, model_scorer, popularity_scorer
 from unirec.losses import Objective, task_mean
 from unirec.model import MultiTaskRanker
 from unirec.optim import build_optimizers, build_schedulers
+from unirec.progress import progress_bar
 from unirec.report import Scores, TaskLossLog, format_table, log_scalars, metric_value, write_hparams
 from unirec.schema import FeatureSpec
 
@@ -403,6 +404,10 @@ def check(cfg: Config) -> None:
         raise ValueError(f"trainer.eval_every_epochs must be >= 1, got {tc.eval_every_epochs}")
     if cfg.loss.negatives < 1:
         raise ValueError(f"loss.negatives must be >= 1, got {cfg.loss.negatives}")
+    if tc.progress_every_s < 0:
+        raise ValueError(
+            f"trainer.progress_every_s must be >= 0 (0: a line every step), got {tc.progress_every_s}"
+        )
     if not (0 < sp.valid and 0 < sp.test and sp.valid + sp.test < 1):
         raise ValueError(
             f"data.split.valid and data.split.test must be > 0 with a sum < 1, got {sp.valid}, {sp.test}"
@@ -434,7 +439,6 @@ def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
 
 def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
 
     tc, main = cfg.trainer, tr.dist.main
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -451,11 +455,8 @@ def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
              tr.device, tr.bf16, tr.dist.world, tr.loader.rows, {t: round(p, 3) for t, p in tr.loader.probs.items()})  # fmt: skip
     baseline = evaluate(popularity_scorer(features, tr.spec, cfg.seed), features, tr.spec, "valid",
                         tc.eval_batch_size, tr.dist.rank, tr.dist.world)  # fmt: skip
-    out = _Outputs(
-        writer,
-        steplog,
-        tqdm(total=tr.plan.max_steps, initial=progress.step, disable=not (tc.progress and main)),
-    )
+    bar = progress_bar(tr.plan.max_steps, progress.step, tc.progress and main, tc.progress_every_s)
+    out = _Outputs(writer, steplog, bar)
     start = time.perf_counter()
     batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
     try:

@@ -22,9 +22,9 @@ def cache(tmp_path_factory):
 def default_run(tmp_path_factory, cache):
     cwd = tmp_path_factory.mktemp("cwd")
     run_dir = cwd / "run"
-    proc = run_train(
-        ["debug=toy", f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", "model.embedding_dim=32"], cwd
-    )
+    # Progress on (debug=toy turns it off), a plain line every step: the output is captured, not a terminal.
+    args = ["trainer.progress=true", "trainer.progress_every_s=0", "model.embedding_dim=32"]
+    proc = run_train(["debug=toy", f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", *args], cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, run_dir
 
@@ -58,6 +58,14 @@ def test_metrics_json_table_and_checkpoint(default_run):
         assert f"\n{task}" in proc.stdout
     assert (run_dir / "checkpoints" / "latest").exists()
     assert "embedding_dim: 32" in (run_dir / "config.yaml").read_text()
+
+
+def test_captured_log_has_plain_progress_lines_not_bar_redraws(default_run):
+    proc, _ = default_run
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr  # tqdm redraws with carriage returns
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("progress ")]
+    assert len(lines) == 30, proc.stderr[-2000:]  # trainer.progress_every_s=0: one per step of debug=toy
+    assert lines[-1].startswith("progress 30/30 (100%)") and "loss=" in lines[-1]
 
 
 def test_two_tasks_only(tmp_path, cache):

@@ -112,6 +112,20 @@ def test_a_lone_surrogate_is_a_422_naming_the_field_and_counted_so(client, text,
     assert _rank_count(client, "home", "500") == before["500"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b'["\\ud800"]', b'["\\udfff"]', b'["\\udc00\\ud800"]', b'["x\\ud800y"]', b'["\xed\xa0\x80"]'],
+)
+def test_orjson_refuses_every_lone_surrogate_so_its_bodies_skip_the_walk(body):
+    """STRICT_JSON skips the request model's Unicode walk for bodies orjson parsed: sound only while orjson
+    refuses each of these (escaped high, low, reversed pair, inside text, raw UTF-8 bytes of one)."""
+    import orjson
+
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(body)
+    assert orjson.loads('["\\ud83d\\ude00"]') == ["\U0001f600"]  # a real pair is fine
+
+
 def test_an_answer_that_fails_to_be_written_is_counted_as_the_500_it_is(server, client):
     holder = server.app.state.holder
     real = holder.scorer

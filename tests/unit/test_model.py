@@ -138,3 +138,22 @@ def test_each_row_is_encoded_as_its_own_candidate_type(toy_features):
         assert not torch.equal(moved[genre_rows], base[genre_rows])
     with pytest.raises(ValueError, match="name the candidate type"):
         model.encode_candidates({"item": torch.tensor([2])})
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_single_head_scores_equal_the_all_head_path(toy_features, tower):
+    """Serving runs only the request's own head (TaskHeads.pick); its logits are the all-K-heads logits
+    (``interact``, as training computes them) at each row's own head, bit for bit on the same rows."""
+    spec, model, batch = _setup(toy_features, batch=256, tower=tower)
+    model.eval()
+    with torch.inference_mode():
+        c = model.encode_context(batch.context, batch.present, batch.task_type)
+        v = model.encode_rows(batch.candidate, batch.task_type)
+        head = model.head_index(batch.task_type)
+        every = model.interact(c, v, batch.task_type)  # [B, K]
+        assert len(head.unique()) > 1  # rows of several tasks: pick runs each named head on its rows
+        picked = model.head_logits(c, v, head)
+        assert torch.allclose(picked, every.gather(1, head[:, None]).squeeze(1), atol=1e-6, rtol=0)
+        for k, name in enumerate(model.task_names):  # one task's rows, as a request: exactly equal
+            one = model.head_logits(c, v, torch.full_like(head, k))
+            assert torch.equal(one, every[:, k]), name

@@ -7,6 +7,7 @@
                                (one embedding group and encoder per candidate type, + a type vector)
     c += attend(history, v)    (only with target-aware pooling of a sequence field: [B, H] or [R, N, H])
     x0 = [c, v, c * v] [B, 3H] --tower--> [B, 3H] or [B, K, 3H] --TaskHeads--> [B, K] -> own task's logit
+                               (serving: only each row's own head runs, TaskHeads.pick -> [B])
 
 Embedding tables live apart from the fields (``tables``): every field names one, and fields that name the
 same table (the user's history, ``source_item`` and the candidate item id) share its rows.
@@ -56,6 +57,7 @@ class MultiTaskRanker(nn.Module):
     Shapes (B rows, K tasks):
         forward(batch) -> [B] logits of each row's own task
         all_logits(batch) -> [B, K] logits of every head
+        head_logits(c, v, head) -> [M] each row's own head only (serving, micro-batches)
 
     Example:
         >>> from unirec.schema import FeatureSpec, FieldSpec, TaskSpec, CandidateSpec, TableSpec
@@ -222,6 +224,28 @@ class MultiTaskRanker(nn.Module):
         """R requests' context vectors [R, H] against the same N encoded candidates [N, H] -> [R, N] logits,
         each row from its own request's task head (task_type [R]); full-catalogue ranking uses this."""
         r, n = c.shape[0], v.shape[0]
+        head = self.head_index(task_type)
+        if r == 1:  # the serving path: no copies of v
+            return self.head_logits(self.request_rows(c, v, memory), v, head.expand(n)).view(1, n)
+        attended = self._attended(v, memory)
+        cs = c.unsqueeze(1).expand(r, n, -1)
+        cs = (cs if attended is None else cs + attended).reshape(r * n, -1)
+        return self.head_logits(cs, v.repeat(r, 1), head.repeat_interleave(n)).view(r, n)
+
+    def request_rows(self, c: torch.Tensor, v: torch.Tensor, memory: Memory = None) -> torch.Tensor:
+        """One request's context vector [1, H] as each of its N candidates [N, H] sees it -> [N, H]: the
+        same vector broadcast (a view), plus the target-aware attention of the request's ``memory``."""
+        attended = self._attended(v, memory)
+        return c.expand(v.shape[0], -1) if attended is None else c + attended[0]
+
+    def head_logits(self, c: torch.Tensor, v: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Rows' context [M, H] and candidate [M, H] vectors and head indices [M] -> [M] logits of each row's
+        own head; only the heads the rows name run (one when the rows are one task's), unlike :meth:`interact`.
+        Serving merges several requests of one task into one call (their :meth:`request_rows` stacked)."""
+        return self.heads.pick(self.tower(torch.cat([c, v, c * v], dim=1), head), head)
+
+    def _attended(self, v: torch.Tensor, memory: Memory) -> Optional[torch.Tensor]:
+        """The target-aware fields' attention of N candidates [N, H] over R requests' memory -> [R, N, H]."""
         if memory is None and self.context_embedding.target_aware:
             # Without it the target-aware part would be silently left out of the scores.
             raise ValueError(
@@ -232,12 +256,4 @@ class MultiTaskRanker(nn.Module):
         for name, mem in (memory or {}).items():
             a = self.context_embedding.fields[name].attend_all(mem, v)  # [R, N, H]
             attended = a if attended is None else attended + a
-        if r == 1 and attended is None:  # the serving path: a broadcast view, no copies
-            logits = self.interact(c.expand(n, -1), v, task_type.expand(n)).view(1, n, -1)
-        else:
-            rows = task_type.repeat_interleave(n)
-            cs = c.unsqueeze(1).expand(r, n, -1)
-            cs = (cs if attended is None else cs + attended).reshape(r * n, -1)
-            logits = self.interact(cs, v.repeat(r, 1), rows).view(r, n, -1)
-        head = self.head_index(task_type).view(r, 1, 1).expand(r, n, 1)
-        return logits.gather(2, head).squeeze(2)
+        return attended

@@ -26,8 +26,11 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     from unirec.serve.app import create_app
+    from unirec.serve.memory import keep_freed_memory
 
     torch.set_num_threads(cfg.server.torch_threads)
+    if cfg.server.keep_freed_memory:
+        keep_freed_memory()
     app = create_app(cfg)
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, **uvicorn_options(cfg.server))
 

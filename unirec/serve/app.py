@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from unirec.serve.api import ErrorResponse, RankResponse, rank_request_model
+from unirec.serve.api import STRICT_JSON, ErrorResponse, RankResponse, rank_request_model
 from unirec.serve.config import ServeConfig, check
 from unirec.serve.environments import Answer, Environment
 from unirec.serve.limits import BodyLimit
@@ -97,9 +97,11 @@ class _OrjsonRequest(Request):
             body = await self.body()
             try:
                 self._json = orjson.loads(body)
+                STRICT_JSON.set(True)
             except orjson.JSONDecodeError:
                 # The standard library's leniency and errors, as before: NaN, huge integers and lone
                 # surrogates parse, for the request model to refuse naming the field.
+                STRICT_JSON.set(False)
                 self._json = json.loads(body)
         return self._json
 
@@ -187,18 +189,35 @@ def _answer(env: Environment, task: str, scorer: Scorer, a: Answer) -> Response:
         return _error(
             code, f"scoring failed ({a.reason}) and environment fallback is error", None, degraded=degraded
         )
-    body = {
+    head = {
         "environment": env.name,
         "task": task,
         "model_version": scorer.version,
-        # Scores are finite here (environments turn non-finite ones into a fallback); orjson writes any
-        # stray NaN as null, never as the invalid JSON token NaN.
-        "candidates": [{"id": i, "type": a.ctype, "score": s} for i, s in zip(a.ids, a.scores)],
         "degraded": degraded,
         "cached": a.cached,
         "ignored_context": a.ignored,
     }
-    return Response(orjson.dumps(body), media_type="application/json")
+    body = orjson.dumps(head)[:-1] + b',"candidates":' + candidates_json(a.ids, a.ctype, a.scores) + b"}"
+    return Response(body, media_type="application/json")
+
+
+def candidates_json(ids: list, ctype: str, scores: list) -> bytes:
+    """``[{"id": ..., "type": ..., "score": ...}, ...]`` written from the columns, with no Python dict per
+    candidate: orjson writes each id and all scores at once, one join interleaves them; the bytes are those
+    of ``orjson.dumps`` of the dicts. Scores are finite here (environments turn non-finite ones into a
+    fallback); a stray NaN is written as null, never as the invalid JSON token NaN.
+
+    >>> candidates_json(["a", 7], "item", [0.5, None])
+    b'[{"id":"a","type":"item","score":0.5},{"id":7,"type":"item","score":null}]'
+    """
+    if not ids:
+        return b"[]"
+    between = b',"type":' + orjson.dumps(ctype) + b',"score":'
+    # Numbers and null hold no comma, so the scores' array splits into its items safely; ids may, so each
+    # id is written on its own.
+    score_items = orjson.dumps(scores)[1:-1].split(b",")
+    items = map(between.join, zip(map(orjson.dumps, ids), score_items))
+    return b'[{"id":' + b'},{"id":'.join(items) + b"}]"
 
 
 def _error(

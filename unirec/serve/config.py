@@ -60,6 +60,11 @@ class EnvironmentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     threads: int = 2
     """Scoring worker threads (each request's scoring runs on one; torch intra-op threads: server.torch_threads)."""
+    batch_window_ms: float = 0.0
+    """Micro-batching: the longest a request waits for concurrent requests of its task to share its forward
+    pass (each keeps its own timeout and fallback); 0 scores every request on its own."""
+    max_batch: int = 16
+    """Micro-batching: requests merged into one forward pass at most; a batch this full starts at once."""
     max_concurrent: int = 32
     """Requests in flight beyond which a new one gets 503 with Retry-After at once."""
     retry_after_s: int = 1
@@ -104,6 +109,9 @@ class ServerConfig:
     """Largest request head (request line and headers); a larger one gets 431."""
     torch_threads: int = 1
     """torch intra-op threads (requests are parallel across scoring threads instead)."""
+    keep_freed_memory: bool = True
+    """Raise glibc's mmap and trim thresholds so freed activations are reused, not page-faulted in afresh on
+    every request (:mod:`unirec.serve.memory`); the process then keeps its peak working set."""
     log_level: str = "warning"
 
 
@@ -144,9 +152,20 @@ def check(cfg: ServeConfig) -> None:
             "no environment selected: choose one or more, e.g. serve=home or serve=[home,search]"
         )
     for name, env in cfg.serve.items():
-        for key in ("timeout_ms", "threads", "max_concurrent", "max_candidates", "default_top_k"):
+        for key in (
+            "timeout_ms",
+            "threads",
+            "max_concurrent",
+            "max_candidates",
+            "default_top_k",
+            "max_batch",
+        ):
             if getattr(env, key) <= 0:
                 raise ValueError(f"serve.{name}.{key} must be > 0, got {getattr(env, key)}")
+        if env.batch_window_ms < 0:
+            raise ValueError(
+                f"serve.{name}.batch_window_ms must be >= 0 (0: no micro-batching), got {env.batch_window_ms}"
+            )
     for key in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections", "max_head_bytes"):
         if getattr(cfg.server, key) <= 0:
             raise ValueError(f"server.{key} must be > 0, got {getattr(cfg.server, key)}")

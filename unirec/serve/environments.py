@@ -1,7 +1,8 @@
 """One environment = the artifact deployed for one use case with its own knobs (``conf/serve/<env>.yaml``).
 
 :class:`Environment` turns a validated request into an answer: candidate rules (limits, type filter,
-exclude seen), the score cache, scoring on the environment's own threads under its time budget, and the
+exclude seen), the score cache, scoring on the environment's own threads under its time budget (each request
+alone, or micro-batched with concurrent ones: :mod:`unirec.serve.batching`), and the
 fallback (popularity, given order, or an error) when scoring times out, raises or returns non-finite
 scores. It knows nothing of HTTP; :mod:`unirec.serve.app` maps its results and errors to responses.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from unirec.data.ids import normalise_ids
+from unirec.serve.batching import MicroBatcher
 from unirec.serve.cache import ScoreCache
 from unirec.serve.config import EnvironmentConfig, Fallback, HistorySource
 from unirec.serve.scorer import RequestError, Scorer
@@ -56,6 +58,11 @@ class Environment:
         self.name, self.cfg = name, cfg
         self.cache = ScoreCache(cfg.cache.size, cfg.cache.ttl_s, cfg.cache.max_bytes)
         self.pool = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"score-{name}")
+        self.batcher = (
+            MicroBatcher(self.pool, cfg.threads, cfg.batch_window_ms / 1000, cfg.max_batch)
+            if cfg.batch_window_ms > 0
+            else None
+        )
         self.inflight = 0
 
     def warm_up(self, scorer: Scorer) -> None:
@@ -138,8 +145,10 @@ class Environment:
     async def _score(self, scorer: Scorer, task: str, context, ids: Sequence, timeout_ms: Optional[float]):
         """(scores, None, None) or (None, reason, detail): a slow, failing or NaN scorer never escapes as an error."""
         budget = (timeout_ms or self.cfg.timeout_ms) / 1000
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.pool, scorer.score, task, context, ids)
+        if self.batcher is not None:
+            future = self.batcher.score(scorer, task, context, ids)
+        else:
+            future = asyncio.get_running_loop().run_in_executor(self.pool, scorer.score, task, context, ids)
         try:
             scores = await asyncio.wait_for(future, budget)
         except asyncio.TimeoutError:

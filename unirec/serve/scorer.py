@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,18 @@ ContextValue = object  # str | int | float | None, as JSON gives it
 # length-limited by the request model, so the byte bound is what keeps a stream of unique values in check.
 _MEMO_SIZE = 100_000
 _MEMO_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One request, encoded (:meth:`Scorer.encode`): its context as each candidate sees it, the candidates."""
+
+    rows: torch.Tensor
+    """[N, H] the request's context vector per candidate (broadcast, plus any target-aware attention)."""
+    candidates: torch.Tensor
+    """[N, H] the candidate vectors."""
+    head: int
+    """The index of the request's task head."""
 
 
 class RequestError(ValueError):
@@ -253,14 +265,30 @@ class Scorer:
 
     def score(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> np.ndarray:
         """Post-sigmoid scores [N] of ``ids`` (candidates of the task's type) for this request."""
+        return self.score_encoded([self.encode(task, context, ids)])[0]
+
+    def encode(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> Encoded:
+        """One request featurized and encoded, ready for :meth:`score_encoded`; RequestError names bad input."""
         ctx, present, task_type = self.context_tensors(task, context)
         ctype = self.spec.tasks[task].candidate
         with torch.inference_mode():
             c = self.model.encode_context(ctx, present, task_type)
             memory = self.model.context_memory(ctx, present)
             v = self._candidate_vectors(ctype, pa.array([str(i) for i in ids], pa.string()))
-            logits = self.model.score_vectors(c, v, task_type, memory)
-        return torch.sigmoid(logits.double()).numpy()
+            rows = self.model.request_rows(c, v, memory)
+        return Encoded(rows, v, int(self.model.head_index(task_type)[0]))
+
+    def score_encoded(self, requests: Sequence[Encoded]) -> List[np.ndarray]:
+        """Post-sigmoid scores of encoded requests, all rows in one pass of the tower and the requests' own
+        heads (micro-batching merges concurrent requests of one task so); [N_i] per request, in order."""
+        sizes = [len(r.candidates) for r in requests]
+        with torch.inference_mode():
+            rows = _cat([r.rows for r in requests])
+            v = _cat([r.candidates for r in requests])
+            head = _cat([torch.full((n,), r.head) for n, r in zip(sizes, requests)])
+            logits = self.model.head_logits(rows, v, head)
+        scores = torch.sigmoid(logits.double()).numpy()
+        return np.split(scores, np.cumsum(sizes[:-1]))
 
     def popular(self, task: str, limit: int) -> list:
         """The task's most engaged candidate ids in train, most first."""
@@ -302,6 +330,11 @@ class Scorer:
         order = order[per_id[order] > 0]
         total = per_id.sum() or 1.0
         return [ids[i].as_py() for i in order], per_id[order] / total
+
+
+def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """One request's tensor as it is (no copy), several concatenated."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _approx_bytes(value) -> int:

@@ -1,0 +1,23 @@
+"""The rank answer's candidates are written from columns; the bytes must be those of the per-candidate dicts."""
+
+import math
+
+import orjson
+import pytest
+
+from unirec.serve.app import candidates_json
+
+
+@pytest.mark.parametrize(
+    "ids, scores",
+    [
+        (["1", "2", "3"], [0.9, 0.5, 1e-7]),
+        ([17, "x,y", 'q"uo\\te', "é😀", "a\\u0000"], [0.25, None, 1.0, 0.0, 3.5e-300]),
+        (["only"], [None]),
+        (["n"], [math.nan]),  # never produced (non-finite scores fall back), but still valid JSON
+        ([], []),
+    ],
+)
+def test_candidates_json_equals_orjson_of_the_dicts(ids, scores):
+    expected = orjson.dumps([{"id": i, "type": "item", "score": s} for i, s in zip(ids, scores)])
+    assert candidates_json(ids, "item", scores) == expected
