@@ -155,11 +155,12 @@ def task_mean(
     world: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean of a per-row loss over each task's rows: see :func:`task_losses` (whose BCE it
-    generalises); returns losses [K] and the task's rows in the batch [K]."""
+    generalises); returns losses [K] and each task's rows that carry weight in the batch [K]."""
     per_row = per_row * weight
     sums = torch.zeros(num_tasks, device=per_row.device).index_add(0, head, per_row)
     wsum = torch.zeros(num_tasks, device=per_row.device).index_add(0, head, weight.float())
-    counts = torch.zeros(num_tasks, device=per_row.device).index_add(0, head, torch.ones_like(per_row))
+    # A task is present where it has rows that carry a loss (a softmax task's negatives carry none).
+    counts = torch.zeros(num_tasks, device=per_row.device).index_add(0, head, (weight > 0).to(per_row.dtype))
     if all_sum is not None:
         wsum = all_sum(wsum)
     return sums / wsum.clamp_min(1e-12) * world, counts

@@ -65,7 +65,8 @@ def test_every_balancing_trains_and_logs_weights_and_grad_norms(data, tmp_path):
     for task, ws in static.items():
         # uncertainty starts at lw_k * exp(0); gradnorm at lw_k rescaled to sum K.
         for balancing, initial in (("uncertainty", ws[0]), ("gradnorm", ws[0] * k / lw_sum)):
-            assert all(abs(w - initial) > 1e-4 for w in logged[balancing][task]), (balancing, task, initial)
+            # Learned weights move (a weight may pass back through its initial value on one logged step).
+            assert max(abs(w - initial) for w in logged[balancing][task]) > 1e-3, (balancing, task, initial)
     for step in range(len(LOG_STEPS)):
         assert sum(ws[step] for ws in logged["gradnorm"].values()) == pytest.approx(k, rel=1e-5)
 
