@@ -450,7 +450,7 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
     lines += [f"- {o}" for o in observations(res, suite)]
     for protocol in suite.protocols:
         name = {
-            "full": "Full ranking (all items minus the user's train items)",
+            "full": "Full ranking (all items minus the user's earlier items: train and valid for a test request)",
             "sampled": "Sampled / logged candidates",
         }
         lines += [
