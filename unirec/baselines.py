@@ -1,6 +1,7 @@
 """Baselines beside the model in the full-ranking protocol: pooled popularity and BPR-MF.
 
-- **popularity, all canvases** (:func:`pooled_popularity_scorer`): every request of a task gets the train
+- **popularity, all canvases** (:func:`unirec.evaluate.popularity_matrix_scorer` with ``pooled``): every
+  request of a task gets the train
   engagement counts of its candidate type summed over every task that ranks that type, the list a team
   would ship before any model (the per-task popularity of :mod:`unirec.evaluate` counts one canvas only).
 - **BPR-MF** (:func:`fit_bpr`): matrix factorisation with the BPR loss (Rendle et al., 2009) over every
@@ -22,12 +23,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from unirec.data.features import Featurizer
 from unirec.data.ids import normalise_ids
-from unirec.data.prepare import popularity_counts
 from unirec.evaluate import rank_metrics, ranking_requests, seen_items
 
 log = logging.getLogger("unirec.baselines")
@@ -41,30 +40,6 @@ class TaskScorer:
 
     def __call__(self, task: str, context: pa.Table) -> torch.Tensor:
         return self._score(task, context)
-
-
-def pooled_popularity_scorer(
-    features: Path, featurizer: Featurizer, catalogues: Dict[str, pa.Array], seed: int = 0
-) -> TaskScorer:
-    """Every request gets its candidate type's train engagement counts over all tasks (tiny seeded jitter
-    breaks ties, as the per-task popularity does)."""
-    spec = featurizer.spec
-    counts = popularity_counts(pq.read_table(Path(features) / "popularity.parquet"), spec)
-    pooled: Dict[str, np.ndarray] = {}
-    for task, t in spec.tasks.items():
-        pooled[t.candidate] = pooled.get(t.candidate, 0) + counts[task]
-    per_task = {}
-    for task, t in spec.tasks.items():
-        id_field = spec.candidates[t.candidate].id_field
-        idx = featurizer.candidates(t.candidate, catalogues[t.candidate])[f"cand.{id_field}"].to_numpy()
-        per_task[task] = pooled[t.candidate][idx]
-    rng = np.random.default_rng(seed)
-
-    def score(task: str, context: pa.Table) -> torch.Tensor:
-        base = per_task[task][None, :]
-        return torch.from_numpy(base + rng.uniform(0, 1e-3, size=(context.num_rows, base.shape[1])))
-
-    return TaskScorer(spec.tasks, score)
 
 
 @dataclass(frozen=True)
@@ -94,9 +69,9 @@ class _MF(torch.nn.Module):
         torch.nn.init.zeros_(self.bias.weight)
 
 
-def _interactions(root: Path, catalogue: pa.Array, user_field: str) -> Tuple[Dict[str, int], np.ndarray]:
-    """(raw user id -> row, [N, 2] (user row, catalogue row) train interactions)."""
-    seen = seen_items(root, catalogue, user_field, "valid")  # what a valid request excludes: train items
+def _interactions(seen: Dict[str, np.ndarray]) -> Tuple[Dict[str, int], np.ndarray]:
+    """Each user's train items (:func:`unirec.evaluate.seen_items` for valid) -> (raw user id -> row,
+    [N, 2] (user row, catalogue row) train interactions)."""
     users = {u: i for i, u in enumerate(sorted(seen))}
     pairs = [np.stack([np.full(len(rows), users[u]), rows], 1) for u, rows in seen.items()]
     return users, (np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))
@@ -118,10 +93,12 @@ def fit_bpr(
     if not tasks or len(types) != 1:
         return None
     ctype = types.pop()
-    users, pairs = _interactions(Path(root), catalogues[ctype], user_field)
+    # A valid request excludes the user's train items: the interactions BPR-MF trains on, read once.
+    seen = seen_items(Path(root), catalogues[ctype], user_field, "valid")
+    users, pairs = _interactions(seen)
     if not len(pairs):
         return None
-    valid = _valid_requests(Path(root), featurizer, catalogues, tasks, user_field)
+    valid = {t: ranking_requests(Path(root), "valid", t, catalogues[ctype], seen, user_field) for t in tasks}
     n_items = len(catalogues[ctype])
     best: Tuple[float, Optional[TaskScorer], dict] = (-1.0, None, {})
     for dim in cfg.dims:
@@ -175,18 +152,6 @@ def _valid_ndcg(valid, scorer) -> float:
         scores = scorer(task, req.context)
         per_task.append(rank_metrics(scores, req.positives, req.exclude, 10)["ndcg@10"].mean())
     return float(np.mean(per_task))
-
-
-def _valid_requests(root: Path, featurizer: Featurizer, catalogues, tasks, user_field: str = "user"):
-    """Each task's valid requests, read once for the many validations of early stopping."""
-    spec = featurizer.spec
-    out = {}
-    for task in tasks:
-        cat = catalogues[spec.tasks[task].candidate]
-        out[task] = ranking_requests(
-            root, "valid", task, cat, seen_items(root, cat, user_field, "valid"), user_field
-        )
-    return out
 
 
 def _scorer(mf: _MF, users: Dict[str, int], tasks: Sequence[str], user_field: str = "user") -> TaskScorer:

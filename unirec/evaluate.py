@@ -303,12 +303,22 @@ def model_matrix_scorer(
 
 
 def popularity_matrix_scorer(
-    features: Path, featurizer: Featurizer, catalogues: Dict[str, pa.Array], seed: int = 0
+    features: Path,
+    featurizer: Featurizer,
+    catalogues: Dict[str, pa.Array],
+    seed: int = 0,
+    pooled: bool = False,
 ) -> MatrixScorer:
     """Every request of a task gets the task's train engagement counts over the catalogue (tiny seeded
-    jitter, as in :func:`popularity_scorer`)."""
+    jitter, as in :func:`popularity_scorer`); ``pooled``: the counts of every task that ranks the same
+    candidate type, summed (popularity over all canvases)."""
     spec = featurizer.spec
     counts = popularity_counts(pq.read_table(Path(features) / "popularity.parquet"), spec)
+    if pooled:
+        by_type: Dict[str, np.ndarray] = {}
+        for task, t in spec.tasks.items():
+            by_type[t.candidate] = by_type.get(t.candidate, 0) + counts[task]
+        counts = {task: by_type[t.candidate] for task, t in spec.tasks.items()}
     per_row = {}
     for task, t in spec.tasks.items():
         id_field = spec.candidates[t.candidate].id_field
@@ -325,9 +335,9 @@ def popularity_matrix_scorer(
 
 def baseline_scorers(features: Path, featurizer: Featurizer, catalogues, seed: int = 0) -> Dict:
     """``popularity_all`` and ``bpr_mf`` (when some task's requests carry a user), :mod:`unirec.baselines`."""
-    from unirec.baselines import BPRConfig, fit_bpr, pooled_popularity_scorer
+    from unirec.baselines import BPRConfig, fit_bpr
 
-    out = {"popularity_all": pooled_popularity_scorer(features, featurizer, catalogues, seed)}
+    out = {"popularity_all": popularity_matrix_scorer(features, featurizer, catalogues, seed, pooled=True)}
     bpr = fit_bpr(Path(features).parent, featurizer, catalogues, BPRConfig(seed=seed))
     if bpr is not None:
         out["bpr_mf"] = bpr

@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.unit.test_movielens import write_grouplens
-from unirec.baselines import BPRConfig, fit_bpr, pooled_popularity_scorer
+from unirec.baselines import BPRConfig, fit_bpr
 from unirec.config import compose
 from unirec.data.features import Featurizer
 from unirec.data.prepare import popularity_counts, prepare
-from unirec.evaluate import full_ranking
+from unirec.evaluate import full_ranking, popularity_matrix_scorer
 
 ML_TASKS = "task=[" + ",".join(f"movielens/{t}" for t in ("home", "related", "search", "genre")) + "]"
 
@@ -43,7 +43,7 @@ def prepared(tmp_path_factory):
 def test_pooled_popularity_sums_every_task_train_counts(prepared):
     features, featurizer, cats = prepared
     spec = featurizer.spec
-    scorer = pooled_popularity_scorer(features, featurizer, cats)
+    scorer = popularity_matrix_scorer(features, featurizer, cats, pooled=True)
     counts = popularity_counts(pq.read_table(features / "popularity.parquet"), spec)
     idx = featurizer.candidates("item", cats["item"])["cand.item"].to_numpy()
     expected = sum(counts[t] for t in spec.tasks)[idx]
@@ -60,7 +60,7 @@ def test_bpr_mf_finds_the_planted_tastes_and_ranks_only_tasks_with_a_user(prepar
     )
     assert bpr.tasks == {"home", "search", "genre"}  # related requests carry no user
     assert bpr.chosen["dim"] == 8 and bpr.chosen["epochs"] >= 2
-    pop = pooled_popularity_scorer(features, featurizer, cats)
+    pop = popularity_matrix_scorer(features, featurizer, cats, pooled=True)
     res = full_ranking({"bpr": bpr, "pop": pop}, features.parent, featurizer.spec, "test", cats)
     assert set(res["bpr"]) == {"home", "search", "genre"} and set(res["pop"]) == set(featurizer.spec.tasks)
     # Half the catalogue is out of a user's taste: a factorisation that found it ranks far above popularity.
