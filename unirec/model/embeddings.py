@@ -75,12 +75,13 @@ class FieldEmbeddings(nn.Module):
         return torch.where(present.unsqueeze(-1) > 0, emb, self.missing.to(emb.dtype))
 
     def memories(self, inputs: Dict[str, torch.Tensor], tables: nn.ModuleDict, present: torch.Tensor):
-        """What the target-aware fields attend over: field -> (rows [R, L, D], mask [R, L]); an absent
-        field's mask is all false, so it contributes nothing."""
+        """What the target-aware fields attend over: field -> (tensors [R, L, ...]..., mask [R, L]), the
+        mask last (the field's module says what comes before it); an absent field's mask is all false, so
+        it contributes nothing."""
         out = {}
         for n in self.target_aware:
-            rows, mask = self.fields[n].memory(inputs[n], self._table(tables, n))
-            out[n] = (rows, mask & (present[:, self.names.index(n)] > 0).unsqueeze(1))
+            *rows, mask = self.fields[n].memory(inputs[n], self._table(tables, n))
+            out[n] = (*rows, mask & (present[:, self.names.index(n)] > 0).unsqueeze(1))
         return out
 
     def _table(self, tables: nn.ModuleDict, name: str):

@@ -107,31 +107,37 @@ class TargetAttention(nn.Module):
     """Target-aware pooling (DIN-style). In the context slot: the masked mean (candidate-independent, so the
     context is still encoded once per request). Per candidate: :meth:`attend` weighs the history by its
     affinity to the candidate's vector, for N candidates in one batched operation against the history
-    encoded once (:meth:`memory`)."""
+    encoded once (:meth:`memory`).
+
+    The keys carry each slot's recency (a learned vector per position; the sequence is right-aligned, so a
+    position is "the k-th most recent"): a candidate can weigh the last few events above older ones, which
+    a bag of item vectors cannot express."""
 
     def __init__(self, max_len: int, opts: EmbeddingOptions):
         super().__init__()
         self.query = nn.Linear(opts.hidden, opts.dim)
         self.key = nn.Linear(opts.dim, opts.dim)
+        self.recency = nn.Parameter(torch.randn(max_len, opts.dim) * INIT_STD)
         self.out = nn.Linear(opts.dim, opts.hidden)
 
     def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
         return _masked_mean(table(x), x != SENTINEL)
 
-    def memory(self, x: torch.Tensor, table: nn.Embedding) -> Tuple[torch.Tensor, torch.Tensor]:
-        """History ids [R, L] -> (rows [R, L, D], mask [R, L])."""
-        return table(x), x != SENTINEL
+    def memory(self, x: torch.Tensor, table: nn.Embedding) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """History ids [R, L] -> (rows [R, L, D], keys [R, L, D], mask [R, L])."""
+        e = table(x)
+        return e, self.key(e + self.recency), x != SENTINEL
 
-    def attend_rows(self, memory: Tuple[torch.Tensor, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    def attend_rows(self, memory: Tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
         """Each row's candidate vector [R, H] against its own history -> a context correction [R, H]."""
-        e, mask = memory
-        logits = torch.einsum("rd,rld->rl", self.query(v), self.key(e)) / math.sqrt(e.shape[-1])
+        e, k, mask = memory
+        logits = torch.einsum("rd,rld->rl", self.query(v), k) / math.sqrt(e.shape[-1])
         return self.out(torch.einsum("rl,rld->rd", _masked_softmax(logits, mask), e))
 
-    def attend_all(self, memory: Tuple[torch.Tensor, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    def attend_all(self, memory: Tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
         """The same N candidate vectors [N, H] against each of R histories -> corrections [R, N, H]."""
-        e, mask = memory
-        logits = torch.einsum("nd,rld->rnl", self.query(v), self.key(e)) / math.sqrt(e.shape[-1])
+        e, k, mask = memory
+        logits = torch.einsum("nd,rld->rnl", self.query(v), k) / math.sqrt(e.shape[-1])
         return self.out(torch.einsum("rnl,rld->rnd", _masked_softmax(logits, mask.unsqueeze(1)), e))
 
 

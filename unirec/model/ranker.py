@@ -40,7 +40,8 @@ from unirec.model.towers import build_tower
 from unirec.schema import FeatureSpec
 
 Memory = Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
-"""Target-aware field -> (history rows [R, L, D], mask [R, L]), see :meth:`MultiTaskRanker.context_memory`."""
+"""Target-aware field -> its history encoded once per request (tensors [R, L, ...], the mask [R, L] last),
+see :meth:`MultiTaskRanker.context_memory`."""
 
 
 def _mlp(inp: int, out: int) -> nn.Sequential:
@@ -196,7 +197,7 @@ class MultiTaskRanker(nn.Module):
             return own
         pairs = []
         for rows, pool in pools:
-            mem = {name: (e[rows], mask[rows]) for name, (e, mask) in memory.items()}
+            mem = {name: tuple(t[rows] for t in m) for name, m in memory.items()}
             pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem))
         return own, pairs
 
