@@ -335,7 +335,9 @@ def run_suite(suite: Suite, args) -> Dict:
             d = run_dir(kind, lr, size, seed)
             m = train(suite, ts, lr, size, seed, d, args)
             # The baselines depend on the data only, which the seed's unified run holds in full.
-            test.setdefault(kind, []).append(evaluate(d, "test", suite.protocols, baselines=kind == "unified"))
+            test.setdefault(kind, []).append(
+                evaluate(d, "test", suite.protocols, baselines=kind == "unified")
+            )
             meta.setdefault(kind, []).append(
                 {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
             )

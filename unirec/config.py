@@ -232,8 +232,9 @@ class ModelConfig:
     """Hidden width of each per-task head."""
     dropout: float = 0.0
     sequence_pooling: str = "attention"
-    """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style) or transformer
-    (causal self-attention, SASRec-style; the last position is the user's state). unirec/model/pooling.py.
+    """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style, with recency-aware
+    keys) or transformer (causal self-attention, SASRec-style; the last position is the user's state).
+    unirec/model/pooling.py.
     attention is the default: the best or tied on most tasks of both data sets (reports/ml100k/history.md,
     BENCHMARKS.md); transformer was slower and weaker in a first MovieLens probe."""
     sequence_layers: int = 1
