@@ -37,6 +37,7 @@ Finished runs are reused (``--work``, default ``runs/consolidation``), so an int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -216,6 +217,21 @@ def train(
     return metrics
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """An exclusive lock on one run (a file beside its directory), so processes sharing a work directory
+    (``--only-seeds``) never train or evaluate the same run at once."""
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def evaluate(run_dir: Path, split: str, protocols: Sequence[str], baselines: bool = False) -> Dict:
     """Per protocol -> {model, popularity} -> task -> metrics, cached beside the run."""
     from unirec.evaluate import run as eval_run
@@ -329,20 +345,24 @@ def run_suite(suite: Suite, args) -> Dict:
     # 2. seeds, 3. test
     test: Dict[str, List[Dict]] = {}
     meta: Dict[str, List[Dict]] = {}
-    for seed in range(args.seeds):
+    for seed in getattr(args, "only_seeds", None) or range(args.seeds):
         for kind, ts in kinds():
             lr, size = chosen[kind]
             d = run_dir(kind, lr, size, seed)
-            m = train(suite, ts, lr, size, seed, d, args)
-            # The baselines depend on the data only, which the seed's unified run holds in full.
-            test.setdefault(kind, []).append(
-                evaluate(d, "test", suite.protocols, baselines=kind == "unified")
-            )
+            with run_lock(d):  # another process of the same report may be on this run: wait, then reuse it
+                m = train(suite, ts, lr, size, seed, d, args)
+                # The baselines depend on the data only, which the seed's unified run holds in full.
+                test.setdefault(kind, []).append(
+                    evaluate(d, "test", suite.protocols, baselines=kind == "unified")
+                )
             meta.setdefault(kind, []).append(
                 {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
             )
             log(f"seed {seed} {kind}: test {suite.headline} ndcg@10 "
                 + " ".join(f"{t}={headline(test[kind][-1], suite, t):.4f}" for t in ts))  # fmt: skip
+    if getattr(args, "only_seeds", None):
+        log(f"seeds {args.only_seeds} done; the report is written by the process that runs them all")
+        return None
     # 4. footprint of seed 0's chosen runs
     registry = work / "registry"
     foot = {kind: footprint(Path(meta[kind][0]["run"]), registry / kind) for kind, _ in kinds()}
@@ -621,6 +641,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", help="prepared-data cache (default: data.cache_dir / $UNIREC_CACHE)")
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
     ap.add_argument(
+        "--only-seeds",
+        type=int,
+        nargs="+",
+        help="train and evaluate only these seeds and write no report: a second process on the same --work "
+        "takes some seeds off the one that writes it (each run is locked, finished runs are reused)",
+    )
+    ap.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -660,6 +687,8 @@ def main(argv=None) -> None:
             res = json.loads((out / "consolidation.json").read_text())
         else:
             res = run_suite(suite, args)
+            if res is None:  # --only-seeds
+                continue
             out.mkdir(parents=True, exist_ok=True)
             (out / "consolidation.json").write_text(json.dumps(res, indent=2, sort_keys=True))
         write_markdown(res, suite, out / "consolidation.md")

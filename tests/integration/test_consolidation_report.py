@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,3 +48,27 @@ def test_reduced_consolidation_report(tmp_path):
         assert (out / sub / "consolidation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ml = (out / "ml100k" / "consolidation.md").read_text()
     assert "Full ranking" in ml and "HR@10" in ml
+
+
+def test_the_run_lock_keeps_two_processes_off_one_run(tmp_path):
+    """``--only-seeds`` workers share a work directory: a second process waits on a run another holds."""
+    run = tmp_path / "work" / "unified-s0"
+    order = tmp_path / "order.txt"
+    code = (
+        "import importlib.util, sys, time\n"
+        f"spec = importlib.util.spec_from_file_location('cr', {str(ROOT / 'scripts' / 'consolidation_report.py')!r})\n"
+        "cr = sys.modules['cr'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(cr)\n"
+        "from pathlib import Path\n"
+        f"with cr.run_lock(Path({str(run)!r})):\n"
+        f"    open({str(order)!r}, 'a').write(sys.argv[1] + ' in\\n')\n"
+        "    time.sleep(float(sys.argv[2]))\n"
+        f"    open({str(order)!r}, 'a').write(sys.argv[1] + ' out\\n')\n"
+    )
+    first = subprocess.Popen([sys.executable, "-c", code, "a", "1.5"], cwd=ROOT)
+    for _ in range(200):  # until the first holds the lock
+        if order.exists():
+            break
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-c", code, "b", "0"], cwd=ROOT, timeout=60)
+    assert first.wait(timeout=60) == 0 and second.returncode == 0
+    assert order.read_text().split("\n")[:4] == ["a in", "a out", "b in", "b out"]
