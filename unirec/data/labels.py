@@ -125,6 +125,12 @@ def drop_duplicates(cleaned: Cleaned, raw_columns: list) -> Cleaned:
     return Cleaned(good.filter(pa.array(keep)), rejects)
 
 
+def duplicate_rejects(raw: pa.Table) -> pa.Table:
+    """The rejects of rows known to repeat a kept row (an engine's duplicate removal found them)."""
+    n = raw.num_rows
+    return _rejects(raw, np.ones(n, dtype=bool), np.full(n, "duplicate", dtype=object))
+
+
 def to_examples(good: pa.Table, task: TaskConfig, ctx_fields: Mapping[str, FieldConfig]) -> pa.Table:
     """Map cleaned rows to unified columns; fields this task lacks stay null (their sentinel comes later)."""
     a = task.adapter
