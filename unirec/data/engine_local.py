@@ -118,8 +118,7 @@ def build(raw_dir: Path, out: Path, plan: Plan) -> Dict:
         for raw in raw_batches(resolve(raw_dir, plan.history.source)):
             ev = plan.source_events(raw)
             events.write(ev, history.user_buckets(ev["user"], n_users))
-    for s in (*examples.values(), events):
-        s.close()
+    events.close()
     (out / "rejects.json").write_text(json.dumps(reject_counts, indent=2, sort_keys=True))
 
     values, counts = _merge_histogram(times)
@@ -160,9 +159,7 @@ def build(raw_dir: Path, out: Path, plan: Plan) -> Dict:
     return reject_counts
 
 
-def _labels(
-    plan, name, raw_dir, out, spill, n_raw, examples: Spill, events: Spill, times, draws
-) -> Dict[str, int]:
+def _labels(plan, name, raw_dir, out, spill, n_raw, examples: Spill, events: Spill, times) -> Dict[str, int]:
     """Passes 1 and 2 of one task: clean into request partitions, then per partition the request steps."""
     task = plan.tasks[name]
     partitions = max(1, math.ceil(n_raw / plan.data.partition_rows))
@@ -192,15 +189,12 @@ def _labels(
         req = ex.group_by(labels.REQUEST, use_threads=False).aggregate([(labels.FIRST_TIME, "min")])
         first = req[f"{labels.FIRST_TIME}_min"].to_numpy()
         times.append(np.unique(first, return_counts=True))
-        if labels.keep_count(1, task) is not None:
-            draws.setdefault(name, []).append(
-                (first, labels.request_draw(req[labels.REQUEST], task, plan.seed))
-            )
         examples.write(ex, plan.user_buckets(name, ex, examples.n))
         if events_of_task:
             ev = plan.events(ex)
             events.write(ev, history.user_buckets(ev["user"], events.n))
     rejects.close(_NO_REJECTS.schema)
+    examples.close()
     shutil.rmtree(by_request.directory)
     counts = labels.count_reasons(pq.read_table(rejects.path))
     if n_examples == 0:
