@@ -198,8 +198,9 @@ class SparkConfig:
     """The Spark session of ``data.engine=spark`` (unirec/data/engine_spark.py). Where and how preparation
     runs, never what it prepares: not part of the prepared data's key."""
 
-    master: str = "local[*]"
-    """``spark.master``: local[N] on one machine; under ``spark-submit`` the submitted master wins."""
+    master: Optional[str] = "local[*]"
+    """``spark.master``: local[N] on one machine; null under ``spark-submit``, whose ``--master`` then holds
+    (a master set here would override it)."""
     shuffle_partitions: int = 16
     """``spark.sql.shuffle.partitions``: partitions of every shuffle (dedupe, split, history, counts)."""
     driver_memory: str = "2g"

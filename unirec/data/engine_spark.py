@@ -60,21 +60,24 @@ GROUP_ROWS = 1_000_000
 
 def session(cfg: SparkConfig) -> SparkSession:
     """The Spark session of ``data.spark`` (an existing one is reused, with these SQL settings)."""
-    builder = (
-        SparkSession.builder.master(cfg.master)
-        .appName("unirec-prepare")
-        .config("spark.driver.memory", cfg.driver_memory)
-        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(BATCH_ROWS))
-        .config("spark.sql.execution.arrow.useLargeVarTypes", "false")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.pyspark.driver.python", sys.executable)
-    )
-    for k, v in cfg.conf.items():
+    builder = SparkSession.builder.appName("unirec-prepare")
+    settings = {
+        "spark.sql.shuffle.partitions": cfg.shuffle_partitions,
+        "spark.sql.execution.arrow.maxRecordsPerBatch": BATCH_ROWS,
+        "spark.sql.execution.arrow.useLargeVarTypes": "false",
+        "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.ui.showConsoleProgress": "false",
+    }
+    if cfg.master is not None:  # started here, not by spark-submit: this interpreter runs the workers
+        builder = builder.master(cfg.master)
+        settings |= {
+            "spark.driver.memory": cfg.driver_memory,
+            "spark.ui.enabled": "false",
+            "spark.pyspark.python": sys.executable,
+            "spark.pyspark.driver.python": sys.executable,
+        }
+    for k, v in {**settings, **cfg.conf}.items():
         builder = builder.config(k, str(v))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
