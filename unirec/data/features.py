@@ -196,38 +196,30 @@ def fit_from_counts(
         not the id counts each catalogue row whose id is in train once.
     """
     impute = {name: dict((impute or {}).get(name, {})) for name in tasks}
-    summed = counts.group_by(["field", "value"], use_threads=False).aggregate([("count", "sum")])
-    by_field: Dict[str, Tuple[pa.Array, np.ndarray]] = {}
-    for fname in set(summed["field"].to_pylist()):
-        mine = summed.filter(pc.equal(summed["field"], fname))
-        by_field[fname] = (mine["value"].combine_chunks(), mine["count_sum"].to_numpy())
-    empty = (pa.array([], pa.string()), np.zeros(0, np.int64))
+    by_field = _by_field(counts)
     configs: Dict[str, FieldConfig] = dict(ctx_fields)
-    field_counts = {f: by_field.get(f, empty) for f in ctx_fields}
+    field_counts = {f: by_field.get(f, _NONE) for f in ctx_fields}
     stats_of = {f: _expand(*field_counts[f]) for f in ctx_fields}
     cand_spec: Dict[str, CandidateSpec] = {}
     columns: Dict[str, Optional[str]] = {f: None for f in ctx_fields}
     for ctype, ccfg in candidates.items():
         id_field = _id_field(ccfg)
-        seen = by_field.get(id_field, empty)[0]
         cat = catalogues[ctype]
-        in_train = cat.filter(pc.is_in(normalise_ids(cat[ccfg.key]), value_set=seen))
+        in_train = cat.filter(
+            pc.is_in(normalise_ids(cat[ccfg.key]), value_set=by_field.get(id_field, _NONE)[0])
+        )
         for fname, fcfg in ccfg.fields.items():
             configs[fname], columns[fname] = fcfg, fcfg.column
-            if fname == id_field:
-                field_counts[fname], stats_of[fname] = (
-                    by_field.get(fname, empty),
-                    _expand(*by_field.get(fname, empty)),
-                )
-            else:
-                col = _as_array(in_train[fcfg.column])
+            if fname == id_field:  # every train occurrence of a candidate counts
+                field_counts[fname] = by_field.get(fname, _NONE)
+                stats_of[fname] = _expand(*field_counts[fname])
+            else:  # each catalogue row in train counts once
+                stats_of[fname] = _as_array(in_train[fcfg.column])
                 kind = kind_of(fcfg)
-                flat = kind.vocabulary_values(col) if kind.has_table else col
-                vc = _value_counts(fname, flat)
-                field_counts[fname], stats_of[fname] = (
-                    (vc["value"].combine_chunks(), vc["count"].to_numpy()),
-                    col,
+                vc = _value_counts(
+                    fname, kind.vocabulary_values(stats_of[fname]) if kind.has_table else stats_of[fname]
                 )
+                field_counts[fname] = (vc["value"].combine_chunks(), vc["count"].to_numpy())
         cand_spec[ctype] = CandidateSpec(ctype, ccfg.table, ccfg.key, id_field, tuple(ccfg.fields))
     check_tables(configs)
     specs = {f: _field_spec(f, cfg, stats_of[f], columns[f]) for f, cfg in configs.items()}
@@ -246,6 +238,19 @@ def fit_from_counts(
         tables,
     )
     return spec, vocabs
+
+
+_NONE = (pa.array([], pa.string()), np.zeros(0, np.int64))  # the counts of a field without values
+
+
+def _by_field(counts: pa.Table) -> Dict[str, Tuple[pa.Array, np.ndarray]]:
+    """Field -> (values, summed counts) of :data:`COUNTS` rows."""
+    summed = counts.group_by(["field", "value"], use_threads=False).aggregate([("count", "sum")])
+    out = {}
+    for fname in sorted(set(summed["field"].to_pylist())):
+        mine = summed.filter(pc.equal(summed["field"], fname))
+        out[fname] = (mine["value"].combine_chunks(), mine["count_sum"].to_numpy())
+    return out
 
 
 def _id_field(ccfg: CandidateConfig) -> str:
