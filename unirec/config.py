@@ -230,7 +230,7 @@ class DataConfig:
     engine: Engine = Engine.local
     """What runs preparation: local (pyarrow, bounded memory) or spark. Both prepare the same rows, so the
     engine is not part of the prepared data's key (tests/integration/test_spark_engine.py checks it)."""
-    partition_rows: int = 1_000_000
+    partition_rows: int = 500_000
     """Rows per hash partition of the local engine's out-of-core steps: its memory is a few partitions."""
     spark: SparkConfig = field(default_factory=SparkConfig)
     max_future_s: Optional[int] = 86_400

@@ -38,7 +38,9 @@ from unirec.data import history, labels
 from unirec.data.features import COUNTS, Featurizer, fit_from_counts, save_vocabs
 from unirec.data.plan import (
     EVENTS,
+    ROW_GROUP,
     Plan,
+    ShardWriter,
     check_split_sizes,
     history_extras,
     no_examples_error,
@@ -162,7 +164,8 @@ def build(raw_dir: Path, out: Path, plan: Plan) -> Dict:
 def _labels(plan, name, raw_dir, out, spill, n_raw, examples: Spill, events: Spill, times) -> Dict[str, int]:
     """Passes 1 and 2 of one task: clean into request partitions, then per partition the request steps."""
     task = plan.tasks[name]
-    partitions = max(1, math.ceil(n_raw / plan.data.partition_rows))
+    # Sampled negatives multiply a positives-only log's rows: its partitions hold the examples, not the log.
+    partitions = max(1, math.ceil(n_raw * labels.rows_per_logged_row(task) / plan.data.partition_rows))
     by_request = Spill(spill / "clean" / name, partitions)
     rejects = Writer(out / "rejects" / f"task={name}" / "part-00000.parquet")
     raw_columns: Optional[List[str]] = None
@@ -304,21 +307,9 @@ def _positives(name: str, train: pa.Table) -> pa.Table:
 
 def _featurize(labeled: Path, directory: Path, rows_per_file: int, featurizer: Featurizer) -> None:
     """The labeled files of one split and task as feature shards of ``rows_per_file`` rows."""
-    directory.mkdir(parents=True, exist_ok=True)
-    pending: List[pa.Table] = []
-    n, part = 0, 0
+    shards = ShardWriter(directory, featurizer, rows_per_file)
     files = sorted(labeled.glob("*.parquet"))
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_file):
-            pending.append(pa.Table.from_batches([batch]))
-            n += batch.num_rows
-            while n >= rows_per_file:
-                t = pa.concat_tables(pending)
-                write_table(
-                    featurizer.examples(t.slice(0, rows_per_file)), directory / f"part-{part:05d}.parquet"
-                )
-                part += 1
-                pending, n = [t.slice(rows_per_file)], t.num_rows - rows_per_file
-    if n or part == 0:
-        t = pa.concat_tables(pending) if pending else pq.read_table(files[0]).slice(0, 0)
-        write_table(featurizer.examples(t), directory / f"part-{part:05d}.parquet")
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP):
+            shards.write(pa.Table.from_batches([batch]))
+    shards.close(pq.read_schema(files[0]).empty_table())

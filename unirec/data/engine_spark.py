@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -43,6 +41,7 @@ from unirec.data.plan import (
     BATCH_ROWS,
     EVENTS,
     Plan,
+    ShardWriter,
     check_split_sizes,
     history_extras,
     no_examples_error,
@@ -167,7 +166,8 @@ def _labels(
     rejects.write.mode("overwrite").parquet(str(out / "rejects" / f"task={name}"))
     ex = _map(good, lambda t: plan.examples(name, t))
     if task.labels.source == LabelSource.positives:
-        ex = _per_group(ex, F.col(labels.REQUEST), n_raw, lambda t: plan.negatives(name, t))
+        rows = n_raw * labels.rows_per_logged_row(task)
+        ex = _per_group(ex, F.col(labels.REQUEST), rows, lambda t: plan.negatives(name, t))
     ex = _map(ex, plan.impute)
     ex = ex.withColumn(labels.FIRST_TIME, F.min(labels.TIMESTAMP).over(Window.partitionBy(labels.REQUEST)))
     ex.write.mode("overwrite").parquet(str(stage / "examples" / name))
@@ -319,23 +319,17 @@ def _positives(train: Dict[str, DataFrame]) -> Optional[pa.Table]:
 def _write_shards(rows: DataFrame, featurizer: Featurizer, directory: Path) -> None:
     """Featurize every batch in its Spark task and write it as one shard with pyarrow (see the module)."""
     directory.mkdir(parents=True, exist_ok=True)
-    target = str(directory)
 
     def write(batches):
         part = TaskContext.get().partitionId()
         for i, b in enumerate(batches):
-            t = featurizer.examples(pa.Table.from_batches([b]))
-            final = os.path.join(target, f"part-{part:05d}-{i:05d}.parquet")
-            tmp = os.path.join(target, f".{uuid.uuid4().hex}.tmp")
-            write_table(t, Path(tmp))
-            os.replace(tmp, final)
-            yield pa.RecordBatch.from_pydict({"rows": [t.num_rows]}, pa.schema([("rows", pa.int64())]))
+            shards = ShardWriter(directory, featurizer, max(b.num_rows, 1), prefix=f"part-{part:05d}-{i:05d}")
+            shards.write(pa.Table.from_batches([b]))
+            yield pa.RecordBatch.from_pydict({"files": [shards.close(b.schema.empty_table())]})
 
-    written = rows.mapInArrow(write, "rows long").agg(F.sum("rows")).first()[0] or 0
+    rows.mapInArrow(write, "files long").agg(F.sum("files")).first()
     if not any(directory.glob("*.parquet")):  # an empty split still has one (empty) shard with the schema
-        empty = to_arrow_schema(rows.schema).empty_table()
-        write_table(featurizer.examples(empty), directory / "part-00000-00000.parquet")
-    del written
+        ShardWriter(directory, featurizer, 1).close(to_arrow_schema(rows.schema).empty_table())
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -199,7 +199,7 @@ def fit_from_counts(
     by_field = _by_field(counts)
     configs: Dict[str, FieldConfig] = dict(ctx_fields)
     field_counts = {f: by_field.get(f, _NONE) for f in ctx_fields}
-    stats_of = {f: _expand(*field_counts[f]) for f in ctx_fields}
+    stats_of = {f: _stats_values(cfg, *field_counts[f]) for f, cfg in ctx_fields.items()}
     cand_spec: Dict[str, CandidateSpec] = {}
     columns: Dict[str, Optional[str]] = {f: None for f in ctx_fields}
     for ctype, ccfg in candidates.items():
@@ -212,7 +212,7 @@ def fit_from_counts(
             configs[fname], columns[fname] = fcfg, fcfg.column
             if fname == id_field:  # every train occurrence of a candidate counts
                 field_counts[fname] = by_field.get(fname, _NONE)
-                stats_of[fname] = _expand(*field_counts[fname])
+                stats_of[fname] = _stats_values(fcfg, *field_counts[fname])
             else:  # each catalogue row in train counts once
                 stats_of[fname] = _as_array(in_train[fcfg.column])
                 kind = kind_of(fcfg)
@@ -267,9 +267,13 @@ def _value_counts(field: str, values) -> pa.Table:
     )
 
 
-def _expand(values: pa.Array, counts: np.ndarray) -> pa.Array:
-    """The multiset that value counts describe, sorted by value, for a kind's statistics (dense fields
-    parse their text back to floats): the same numbers whatever order the rows were counted in."""
+def _stats_values(cfg: FieldConfig, values: pa.Array, counts: np.ndarray) -> pa.Array:
+    """What a field's kind fits its statistics on: the multiset that the value counts describe, sorted by
+    value (dense fields parse the text back to floats), so the same numbers come out whatever order the
+    rows were counted in. Kinds with a table fit no statistics, and their multiset (every history item of
+    every train row) is never built."""
+    if kind_of(cfg).has_table:
+        return pa.array([], pa.string())
     text = values.to_numpy(zero_copy_only=False).astype(object)
     order = np.argsort(text, kind="stable")
     return pa.array(np.repeat(text[order], np.asarray(counts, np.int64)[order]), pa.string())

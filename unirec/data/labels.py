@@ -204,6 +204,12 @@ def sample_negatives(examples: pa.Table, task: TaskConfig, catalogue_ids: pa.Arr
     return pa.concat_tables([examples, neg]).sort_by([(REQUEST, "ascending")])
 
 
+def rows_per_logged_row(task: TaskConfig) -> int:
+    """Examples per cleaned log row: 1, or 1 + ``labels.negatives`` where negatives are sampled."""
+    sampled = task.labels.source == LabelSource.positives and task.labels.negatives > 0
+    return 1 + task.labels.negatives if sampled else 1
+
+
 def time_cutoffs(examples: Sequence[pa.Table], split: SplitConfig) -> Tuple[int, int]:
     """Valid and test start times: quantiles of every task's request times together (whole tables).
 

@@ -243,10 +243,58 @@ def resolve(raw_dir: Path, source: str) -> Path:
 # ------------------------------------------------------------------------- what both engines do on the driver
 
 
+ROW_GROUP = 16_384
+"""Rows per parquet row group of the prepared layout: small enough for the loader's bounded shuffle."""
+
+
 def write_table(table: pa.Table, path: Path) -> None:
-    """One parquet file of the prepared layout (row groups small enough for the loader's shuffle)."""
+    """One parquet file of the prepared layout."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=16_384)
+    pq.write_table(table, path, row_group_size=ROW_GROUP)
+
+
+class ShardWriter:
+    """Labeled rows -> feature shards, featurized one row group at a time (memory: one row group), in
+    files of at most ``rows_per_file`` rows named ``<prefix>-<n>.parquet``. A file is written under a
+    temporary name and renamed when complete, so a retried or interrupted writer leaves no half shard."""
+
+    def __init__(self, directory: Path, featurizer, rows_per_file: int, prefix: str = "part"):
+        self.directory, self.featurizer, self.rows_per_file, self.prefix = (
+            directory,
+            featurizer,
+            rows_per_file,
+            prefix,
+        )
+        self._w: Optional[pq.ParquetWriter] = None
+        self._rows = self._files = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, labeled: pa.Table) -> None:
+        for start in range(0, labeled.num_rows, ROW_GROUP):
+            self._append(self.featurizer.examples(labeled.slice(start, ROW_GROUP)))
+
+    def close(self, empty: pa.Table) -> int:
+        """Finish the last file; with no rows at all, one empty shard featurized from ``empty`` (the labeled
+        schema, no rows) keeps the schema on disk. Returns the files written."""
+        if self._w is None and self._files == 0:
+            self._append(self.featurizer.examples(empty))
+        self._roll()
+        return self._files
+
+    def _append(self, shard: pa.Table) -> None:
+        if self._w is not None and self._rows + shard.num_rows > self.rows_per_file:
+            self._roll()
+        if self._w is None:
+            self._tmp = self.directory / f".{self.prefix}-{self._files:05d}.tmp"
+            self._w = pq.ParquetWriter(self._tmp, shard.schema)
+        self._w.write_table(shard, row_group_size=ROW_GROUP)
+        self._rows += shard.num_rows
+
+    def _roll(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._tmp.rename(self.directory / f"{self.prefix}-{self._files:05d}.parquet")
+            self._w, self._rows, self._files = None, 0, self._files + 1
 
 
 def no_examples_error(name: str, n_raw: int, source: str, counts: Mapping[str, int]) -> ValueError:
