@@ -184,6 +184,31 @@ class HistoryConfig:
     """Tie-break column within one second (present in the source and in the tasks' logs, e.g. event_order)."""
 
 
+class Engine(str, Enum):
+    """What runs preparation (unirec/data/prepare.py)."""
+
+    local = "local"
+    """One process, pyarrow only, bounded memory (hash-partitioned spill to parquet)."""
+    spark = "spark"
+    """Apache Spark (the ``spark`` extra and Java): the same Arrow steps through mapInArrow."""
+
+
+@dataclass
+class SparkConfig:
+    """The Spark session of ``data.engine=spark`` (unirec/data/engine_spark.py). Where and how preparation
+    runs, never what it prepares: not part of the prepared data's key."""
+
+    master: Optional[str] = "local[*]"
+    """``spark.master``: local[N] on one machine; null under ``spark-submit``, whose ``--master`` then holds
+    (a master set here would override it)."""
+    shuffle_partitions: int = 16
+    """``spark.sql.shuffle.partitions``: partitions of every shuffle (dedupe, split, history, counts)."""
+    driver_memory: str = "2g"
+    """``spark.driver.memory`` (with master local[N] the executors live in the driver's JVM)."""
+    conf: Dict[str, str] = field(default_factory=dict)
+    """Any other Spark settings, e.g. ``{spark.hadoop.fs.s3a.endpoint: ...}``."""
+
+
 @dataclass
 class DataConfig:
     """Which data set, where it is cached, and how it is split."""
@@ -201,7 +226,13 @@ class DataConfig:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     candidates: Dict[str, CandidateConfig] = field(default_factory=dict)
     rows_per_file: int = 262_144
-    """Rows per feature shard file."""
+    """Rows per feature shard file (the local engine's; Spark writes a file per batch of its partitions)."""
+    engine: Engine = Engine.local
+    """What runs preparation: local (pyarrow, bounded memory) or spark. Both prepare the same rows, so the
+    engine is not part of the prepared data's key (tests/integration/test_spark_engine.py checks it)."""
+    partition_rows: int = 500_000
+    """Rows per hash partition of the local engine's out-of-core steps: its memory is a few partitions."""
+    spark: SparkConfig = field(default_factory=SparkConfig)
     max_future_s: Optional[int] = 86_400
     """Horizon of plausible event times: a row dated later than the preparation's start plus this many
     seconds is rejected as ``bad_timestamp`` (a clock or unit error, not a future event). The start is read

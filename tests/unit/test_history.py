@@ -36,7 +36,7 @@ EXPECTED = [
     ["10", "11", "13"],  # all of second 100, unordered last
     ["11", "13", "12"],  # the most recent three
     [],  # the events of second 50 have no order: they do not precede
-    ["x5", "6", "7"],  # unordered ties of a second keep the table's row order
+    ["6", "x5", "7"],  # unordered ties of a second: by item text, not by the table's row order
     ["3", "4", "5"],  # truncated to max_len
     None,  # null user
     [],  # a user without events
@@ -63,7 +63,7 @@ def test_without_event_order_equal_timestamps_never_precede():
     got = _join(REQUESTS.drop_columns([ORDER]), EVENTS).to_pylist()
     assert got[0] == [] and got[5] == []  # the ordered ties of EXPECTED[0] and EXPECTED[5] fall away
     got = _join(REQUESTS, EVENTS.drop_columns([ORDER])).to_pylist()
-    assert got[0] == [] and got[3] == ["13", "10", "11"]  # unordered: row order within the second
+    assert got[0] == [] and got[3] == ["10", "11", "13"]  # unordered: item text within the second
 
 
 def test_history_snapshot_is_pinned():
@@ -71,7 +71,7 @@ def test_history_snapshot_is_pinned():
     assert snap.schema == pa.schema([("user", pa.string()), ("history", pa.list_(pa.string()))])
     assert snap.to_pylist() == [
         {"user": "1", "history": ["11", "13", "12"]},
-        {"user": "2", "history": ["x5", "6", "7"]},
+        {"user": "2", "history": ["6", "x5", "7"]},
         {"user": "3", "history": ["3", "4", "5"]},
     ]
     # a request after every event gets the snapshot
@@ -131,7 +131,7 @@ def _brute_force(requests: pa.Table, events: pa.Table, max_len: int):
             out.append(None)
             continue
         before = [e for e in ev if str(e["user"]) == str(int(r["uid"])) and _precedes(e, r)]
-        before.sort(key=lambda e: (e["timestamp"], e[ORDER] is None, e[ORDER] or 0, e["row"]))
+        before.sort(key=lambda e: (e["timestamp"], e[ORDER] is None, e[ORDER] or 0, str(e["item"])))
         out.append([str(e["item"]) for e in before][len(before) - min(max_len, len(before)) :])
     return out
 

@@ -80,3 +80,39 @@ def test_a_task_whose_every_row_is_rejected_says_so_with_the_counts(raw: Path, t
         ValueError, match=r"task home has no examples: every one .* rejected \{.*'bad_timestamp': \d+"
     ):
         build(raw_dir, tmp_path / "out", cfg.data, {"home": cfg.task["home"]}, cfg.seed, now=631_238_400)
+
+
+def test_the_local_engine_prepares_the_same_rows_in_any_number_of_partitions(raw: Path, tmp_path: Path):
+    """Out-of-core steps by hash partition: 2,000 rows a partition (several spill files per canvas, dozens of
+    user buckets) prepares exactly what one partition does."""
+    from tests.helpers.prepared import contents, differences
+
+    roots = []
+    for rows in (10_000_000, 2_000):
+        cfg = _raw_cfg(raw, tmp_path / f"cache-{rows}")
+        cfg.data.partition_rows = rows
+        cfg.task = {k: cfg.task[k] for k in ("home", "genre")}  # a history, and sampled negatives
+        roots.append(prepare(cfg.data, cfg.task, cfg.seed).parent)
+    assert roots[0].name == roots[1].name  # partitioning is not part of the key
+    assert len(list((roots[1] / "labeled" / "split=train" / "task=home").glob("*.parquet"))) > 5
+    a, b = contents(roots[0]), contents(roots[1])
+    assert len(a) > 15 and "history.parquet" in a
+    assert differences(a, b) == []
+
+
+def test_a_local_preparation_imports_neither_pyspark_nor_needs_java(tmp_path: Path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from unirec.config import compose\n"
+        "from unirec.data.prepare import prepare\n"
+        f"cfg = compose(['debug=toy', 'task=[home]', 'data.cache_dir={tmp_path / 'cache'}'])\n"
+        "prepare(cfg.data, cfg.task, cfg.seed)\n"
+        "assert not [m for m in sys.modules if m.startswith(('pyspark', 'py4j'))], 'pyspark imported'\n"
+    )
+    # Nothing on PATH, so no java either; the interpreter is named by its full path.
+    env = {"PYTHONPATH": str(ROOT), "PATH": str(tmp_path / "empty"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -42,7 +42,17 @@ from unirec.schema import (
     table_name,
 )
 
-__all__ = ["Featurizer", "Imputer", "feature_files", "fit", "save_vocabs", "tokenize"]
+__all__ = [
+    "COUNTS",
+    "Featurizer",
+    "Imputer",
+    "feature_files",
+    "fit",
+    "fit_counts",
+    "fit_from_counts",
+    "save_vocabs",
+    "tokenize",
+]
 
 
 class Imputer:
@@ -116,6 +126,36 @@ class Imputer:
         return table.append_column(target, new)
 
 
+COUNTS = pa.schema([("field", pa.string()), ("value", pa.string()), ("count", pa.int64())])
+"""What :func:`fit` needs of the train rows: how often each field holds each value (as text)."""
+
+
+def fit_counts(
+    train: pa.Table,
+    task: str,
+    tasks: Mapping[str, TaskConfig],
+    ctx_fields: Mapping[str, FieldConfig],
+    candidates: Mapping[str, CandidateConfig],
+    impute: Optional[Mapping[str, Mapping[str, str]]] = None,
+) -> pa.Table:
+    """The :data:`COUNTS` of one batch of ``task``'s train rows: a pure per-batch step, so an engine sums
+    the counts of its batches (by field and value) and hands the sums to :func:`fit_from_counts`.
+
+    A context field counts where the task has it or imputes it (imputed values belong to the vocabulary
+    like logged ones); the candidate id field of the task's candidate type counts every train candidate.
+    """
+    rules = (impute or {}).get(task, {})
+    parts = []
+    for fname, cfg in ctx_fields.items():
+        if fname in tasks[task].context or fname in rules:
+            kind = kind_of(cfg)
+            flat = kind.vocabulary_values(train[fname]) if kind.has_table else train[fname]
+            parts.append(_value_counts(fname, flat))
+    ccfg = candidates[tasks[task].candidate]
+    parts.append(_value_counts(_id_field(ccfg), train[CANDIDATE]))
+    return pa.concat_tables(parts) if parts else COUNTS.empty_table()
+
+
 def fit(
     train: Mapping[str, pa.Table],
     tasks: Mapping[str, TaskConfig],
@@ -124,10 +164,26 @@ def fit(
     catalogues: Mapping[str, pa.Table],
     impute: Optional[Mapping[str, Mapping[str, str]]] = None,
 ) -> tuple[FeatureSpec, Dict[str, list]]:
-    """Fit vocabularies (one per table) and dense statistics on the train split only.
+    """Fit vocabularies (one per table) and dense statistics on whole train tables (task name -> table);
+    see :func:`fit_from_counts`."""
+    counts = [fit_counts(t, name, tasks, ctx_fields, candidates, impute) for name, t in train.items()]
+    return fit_from_counts(
+        pa.concat_tables([COUNTS.empty_table(), *counts]), tasks, ctx_fields, candidates, catalogues, impute
+    )
+
+
+def fit_from_counts(
+    counts: pa.Table,
+    tasks: Mapping[str, TaskConfig],
+    ctx_fields: Mapping[str, FieldConfig],
+    candidates: Mapping[str, CandidateConfig],
+    catalogues: Mapping[str, pa.Table],
+    impute: Optional[Mapping[str, Mapping[str, str]]] = None,
+) -> tuple[FeatureSpec, Dict[str, list]]:
+    """Fit vocabularies (one per table) and dense statistics from the train split's value counts.
 
     Args:
-        train: task name -> labeled train table.
+        counts: :data:`COUNTS` rows of the train split (from :func:`fit_counts`, summed or not).
         tasks: the selected tasks' configs.
         ctx_fields: the unified context fields (see :func:`unirec.schema.unified_context`).
         candidates: candidate type -> its config.
@@ -136,31 +192,38 @@ def fit(
 
     Returns:
         The feature spec and the vocabularies (table name -> values, in index order from FIRST_ID). A
-        table's vocabulary counts the train values of every field that reads it.
+        table's vocabulary counts the train values of every field that reads it; a candidate field that is
+        not the id counts each catalogue row whose id is in train once.
     """
     impute = {name: dict((impute or {}).get(name, {})) for name in tasks}
+    by_field = _by_field(counts)
     configs: Dict[str, FieldConfig] = dict(ctx_fields)
-    values: Dict[str, pa.Array] = {}
-    for fname in ctx_fields:
-        # Imputed values (train is already imputed) belong to the vocabulary like logged ones.
-        values[fname] = _concat(
-            [t[fname] for name, t in train.items() if fname in tasks[name].context or fname in impute[name]],
-            kind_of(ctx_fields[fname]).raw_type,
-        )
+    field_counts = {f: by_field.get(f, _NONE) for f in ctx_fields}
+    stats_of = {f: _stats_values(cfg, *field_counts[f]) for f, cfg in ctx_fields.items()}
     cand_spec: Dict[str, CandidateSpec] = {}
     columns: Dict[str, Optional[str]] = {f: None for f in ctx_fields}
     for ctype, ccfg in candidates.items():
-        seen = _concat([t[CANDIDATE] for name, t in train.items() if tasks[name].candidate == ctype])
+        id_field = _id_field(ccfg)
         cat = catalogues[ctype]
-        in_train = cat.filter(pc.is_in(normalise_ids(cat[ccfg.key]), value_set=pc.unique(seen)))
-        id_field = next(f for f, c in ccfg.fields.items() if c.column == ccfg.key)
+        in_train = cat.filter(
+            pc.is_in(normalise_ids(cat[ccfg.key]), value_set=by_field.get(id_field, _NONE)[0])
+        )
         for fname, fcfg in ccfg.fields.items():
             configs[fname], columns[fname] = fcfg, fcfg.column
-            values[fname] = seen if fname == id_field else _as_array(in_train[fcfg.column])
+            if fname == id_field:  # every train occurrence of a candidate counts
+                field_counts[fname] = by_field.get(fname, _NONE)
+                stats_of[fname] = _stats_values(fcfg, *field_counts[fname])
+            else:  # each catalogue row in train counts once
+                stats_of[fname] = _as_array(in_train[fcfg.column])
+                kind = kind_of(fcfg)
+                vc = _value_counts(
+                    fname, kind.vocabulary_values(stats_of[fname]) if kind.has_table else stats_of[fname]
+                )
+                field_counts[fname] = (vc["value"].combine_chunks(), vc["count"].to_numpy())
         cand_spec[ctype] = CandidateSpec(ctype, ccfg.table, ccfg.key, id_field, tuple(ccfg.fields))
     check_tables(configs)
-    specs = {f: _field_spec(f, cfg, values[f], columns[f]) for f, cfg in configs.items()}
-    tables, vocabs = _fit_tables(configs, values)
+    specs = {f: _field_spec(f, cfg, stats_of[f], columns[f]) for f, cfg in configs.items()}
+    tables, vocabs = _fit_tables(configs, field_counts)
     task_spec = {
         name: TaskSpec(
             name, t.id, t.candidate, tuple(sorted(t.context)), t.loss_weight, tuple(t.metrics), impute[name]
@@ -177,6 +240,45 @@ def fit(
     return spec, vocabs
 
 
+_NONE = (pa.array([], pa.string()), np.zeros(0, np.int64))  # the counts of a field without values
+
+
+def _by_field(counts: pa.Table) -> Dict[str, Tuple[pa.Array, np.ndarray]]:
+    """Field -> (values, summed counts) of :data:`COUNTS` rows."""
+    summed = counts.group_by(["field", "value"], use_threads=False).aggregate([("count", "sum")])
+    out = {}
+    for fname in sorted(set(summed["field"].to_pylist())):
+        mine = summed.filter(pc.equal(summed["field"], fname))
+        out[fname] = (mine["value"].combine_chunks(), mine["count_sum"].to_numpy())
+    return out
+
+
+def _id_field(ccfg: CandidateConfig) -> str:
+    return next(f for f, c in ccfg.fields.items() if c.column == ccfg.key)
+
+
+def _value_counts(field: str, values) -> pa.Table:
+    """:data:`COUNTS` rows of one field's values (nulls left out)."""
+    vc = pc.value_counts(pc.drop_null(pc.cast(_as_array(values), pa.string())))
+    n = len(vc)
+    return pa.table(
+        [pa.array([field] * n, pa.string()), vc.field("values"), pc.cast(vc.field("counts"), pa.int64())],
+        schema=COUNTS,
+    )
+
+
+def _stats_values(cfg: FieldConfig, values: pa.Array, counts: np.ndarray) -> pa.Array:
+    """What a field's kind fits its statistics on: the multiset that the value counts describe, sorted by
+    value (dense fields parse the text back to floats), so the same numbers come out whatever order the
+    rows were counted in. Kinds with a table fit no statistics, and their multiset (every history item of
+    every train row) is never built."""
+    if kind_of(cfg).has_table:
+        return pa.array([], pa.string())
+    text = values.to_numpy(zero_copy_only=False).astype(object)
+    order = np.argsort(text, kind="stable")
+    return pa.array(np.repeat(text[order], np.asarray(counts, np.int64)[order]), pa.string())
+
+
 def _field_spec(name: str, cfg: FieldConfig, values: pa.Array, column: Optional[str]) -> FieldSpec:
     kind = kind_of(cfg)
     mean, std = kind.stats(values)
@@ -184,10 +286,10 @@ def _field_spec(name: str, cfg: FieldConfig, values: pa.Array, column: Optional[
 
 
 def _fit_tables(
-    configs: Mapping[str, FieldConfig], values: Mapping[str, pa.Array]
+    configs: Mapping[str, FieldConfig], counts: Mapping[str, Tuple[pa.Array, np.ndarray]]
 ) -> Tuple[Dict[str, TableSpec], Dict[str, list]]:
-    """One vocabulary per table over the train values of every field that reads it (decreasing count,
-    ties by value: deterministic), or its hash buckets."""
+    """One vocabulary per table over the train value counts of every field that reads it (decreasing
+    count, ties by value: deterministic), or its hash buckets."""
     readers: Dict[str, List[str]] = {}
     for f, cfg in configs.items():
         t = table_name(f, cfg)
@@ -200,9 +302,18 @@ def _fit_tables(
         if cfg.hash_buckets > 0:
             tables[t] = TableSpec(t, FIRST_ID + cfg.hash_buckets, cfg.hash_buckets)
             continue
-        flat = _concat([kind_of(configs[f]).vocabulary_values(values[f]) for f in fields])
-        counts = pc.value_counts(pc.drop_null(pc.cast(flat, pa.string())))
-        vals, cnts = counts.field("values").to_numpy(zero_copy_only=False), counts.field("counts").to_numpy()
+        merged = (
+            pa.table(
+                {
+                    "value": _concat([counts[f][0] for f in fields]),
+                    "count": pa.array(np.concatenate([counts[f][1] for f in fields]).astype(np.int64)),
+                }
+            )
+            .group_by("value", use_threads=False)
+            .aggregate([("count", "sum")])
+        )
+        vals = merged["value"].to_numpy(zero_copy_only=False)
+        cnts = merged["count_sum"].to_numpy()
         order = np.lexsort((vals, -cnts))
         vocabs[t] = [v for v, c in zip(vals[order].tolist(), cnts[order].tolist()) if c >= cfg.min_count]
         tables[t] = TableSpec(t, FIRST_ID + len(vocabs[t]), 0, f"vocab/{t}.json")

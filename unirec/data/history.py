@@ -5,8 +5,9 @@ lexicographically smaller than the request's: ``ts_e < ts_r``, or ``ts_e == ts_r
 non-null :data:`ORDER` and ``order_e < order_r``. Where either side lacks the order, equal timestamps do
 not precede (strictly earlier only), so an engagement logged at its own request's second never leaks
 into that request's features; an order only ever *adds* same-second events it can prove came first. A
-history lists the preceding events oldest first, by (timestamp, event_order with nulls last, the events
-table's row order), and keeps the most recent ``max_len``. A null user gets a null history; a user with
+history lists the preceding events oldest first, by (timestamp, event_order with nulls last, item id
+text), and keeps the most recent ``max_len``: ties are broken by content, never by row order, so an engine
+that sees the events in another order or partitioning builds the same histories. A null user gets a null history; a user with
 no earlier event an empty one. Users and items are compared by their canonical text
 (:func:`unirec.data.ids.normalise_ids`), so ``42`` in one table matches ``"042"`` in the other; events
 with a null user or item are ignored.
@@ -33,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from unirec.data.ids import normalise_ids
+from unirec.data.ids import content_hash, normalise_ids
 
 HISTORY = "history"
 """The column the join adds: ``list<string>`` of item ids, oldest first."""
@@ -47,7 +48,6 @@ EVENTS_PER_PARTITION = 2_000_000
 SNAPSHOT = "history.parquet"
 """Features-directory (and artifact) file: every user's latest history (``user``, ``history``), for serving."""
 LIST_TYPE = pa.list_(pa.string())
-_HASH_MULT = np.uint64(0x100000001B3)  # the FNV-1a 64-bit prime: an odd multiplier spreads every byte
 
 
 def point_in_time_history(
@@ -119,7 +119,7 @@ def history_for_partition(
 ) -> pa.Array:
     """The join on one partition (all of a user's requests and events in the same one); pure.
 
-    Requests and events are sorted together by (user, timestamp, order class, order, kind, event row),
+    Requests and events are sorted together by (user, timestamp, order class, order, kind, item text),
     where a request without an order sorts before every event of its second, an event without one after
     every ordered row, and at equal orders the request comes first: the events before a request in that
     sort are exactly those that precede it, so a running count of events gives each history's end.
@@ -145,7 +145,7 @@ def history_for_partition(
     is_event = np.r_[np.ones(n_ev, np.int8), np.zeros(int(valid.sum()), np.int8)]
     perm = np.lexsort(
         (
-            np.r_[np.arange(n_ev), np.zeros(int(valid.sum()), np.int64)],
+            np.r_[_text_rank(ev_item), np.zeros(int(valid.sum()), np.int64)],
             is_event,
             np.r_[ev_ord, rq_ord[valid]],
             np.r_[np.where(ev_has, 1, 2), np.where(rq_has[valid], 1, 0)],
@@ -180,7 +180,7 @@ def history_snapshot(events: pa.Table, *, key: str, item: str, max_len: int) -> 
     users = pc.unique(user)
     users = users.take(pc.sort_indices(users))
     code = pc.index_in(user, value_set=users).to_numpy().astype(np.int64)
-    perm = np.lexsort((np.arange(len(code)), order, np.where(has, 1, 2), ts, code))
+    perm = np.lexsort((_text_rank(ev_item), order, np.where(has, 1, 2), ts, code))
     counts = np.bincount(code, minlength=len(users))
     end = np.cumsum(counts)
     start = np.maximum(end - counts, end - max_len)
@@ -270,34 +270,22 @@ def _buckets(users: pa.Array, partitions: int) -> np.ndarray:
     """Bucket of each user text: a content hash mod ``partitions`` (nulls in bucket 0)."""
     if partitions == 1:
         return np.zeros(len(users), np.int64)
-    return (_content_hash(users) % np.uint64(partitions)).astype(np.int64)
+    return (content_hash(users) % np.uint64(partitions)).astype(np.int64)
 
 
-def _content_hash(text: pa.Array) -> np.ndarray:
-    """A 64-bit hash of each string's UTF-8 bytes (0 for null), the same for the same text in any table.
+def user_buckets(col, partitions: int) -> np.ndarray:
+    """The bucket of each user id (any type) out of ``partitions``: the one that :func:`point_in_time_history`
+    uses, for an engine that partitions requests and events by user before :func:`history_for_partition`."""
+    return _buckets(_user_text(col), partitions)
 
-    A polynomial hash, sum of (byte + 1) * M**position over a string, via one cumulative sum over the data
-    buffer; then a splitmix finaliser so the low bits (the bucket) depend on every byte.
-    """
-    text = pc.cast(text, pa.large_string())
-    offsets = np.frombuffer(text.buffers()[1], np.int64)[text.offset : text.offset + len(text) + 1]
-    data = text.buffers()[2]
-    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    data = data[offsets[0] : offsets[-1]]
-    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
-    position = np.arange(len(data)) - np.repeat(starts, lengths)
-    with np.errstate(over="ignore"):
-        powers = np.cumprod(np.r_[np.uint64(1), np.full(max(int(lengths.max(initial=0)) - 1, 0), _HASH_MULT)])
-        summed = np.r_[np.uint64(0), np.cumsum((data.astype(np.uint64) + np.uint64(1)) * powers[position])]
-        h = (summed[starts + lengths] - summed[starts]) ^ lengths.astype(np.uint64)
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h = h ^ (h >> np.uint64(31))
-    return np.where(np.asarray(pc.is_valid(text), dtype=bool), h, np.uint64(0))
+
+def _text_rank(text: pa.Array) -> np.ndarray:
+    """Rank of each string in byte order (equal strings share a rank): the content tie-break."""
+    return pc.rank(text, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
 
 
 def _rows_by_bucket(bucket: np.ndarray, partitions: int) -> List[np.ndarray]:
-    """Row numbers of each bucket, in the table's row order (so row-order ties survive bucketing)."""
+    """Row numbers of each bucket, in the table's row order."""
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(partitions + 1))
     return [order[bounds[b] : bounds[b + 1]] for b in range(partitions)]

@@ -1,9 +1,14 @@
 """Label preparation: per-canvas raw logs -> cleaned examples in the unified schema.
 
 Each canvas keeps its own raw column names; its adapter (``task.<name>.adapter`` in config) maps them.
-The row-wise steps (:func:`clean_batch`, :func:`to_examples`) are pure functions of one Arrow table, so an
-engine such as Spark ``mapInArrow`` or Ray ``map_batches`` can run them unchanged; the steps that need
-all rows of a canvas (:func:`drop_duplicates`, :func:`split_by_time`) are the usual shuffle operations.
+The row-wise steps (:func:`clean_batch`, :func:`to_examples`, :func:`split_batch`) are pure functions of
+one Arrow table, so both preparation engines (:mod:`unirec.data.engine_local`, and Spark ``mapInArrow`` in
+:mod:`unirec.data.engine_spark`) run them unchanged. :func:`drop_duplicates`, :func:`sample_negatives` and
+:func:`with_first_time` need every row of a request (an engine groups rows by request first); the time
+cut-offs and the down-sampling threshold need every request (:func:`cutoffs_from_counts`,
+:func:`keep_threshold` take what an engine aggregated). Every choice that looks random (a request's id, a
+sampled negative, a kept request) is a hash of the row's content, so it does not depend on the row's
+position or partition.
 
 Every rejected row keeps its raw values (as text) and gets a ``reason``; nothing is dropped silently.
 """
@@ -19,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from unirec.config import FieldConfig, LabelSource, SplitConfig, TaskConfig
-from unirec.data.ids import normalise_ids
+from unirec.data.ids import content_hash, mix, normalise_ids, uniform
 from unirec.kinds import kind_of
 
 # The unified labeled columns (context fields follow, one per unified context field).
@@ -37,8 +42,11 @@ ORDER = "event_order"
 # Optional raw column with a precomputed split (train/valid/test) for every row, e.g. a leave-last-out
 # split made by the data set's derivation; where a canvas log has it, it replaces the time cut-offs.
 SPLIT = "split"
-# Request ids are unique across tasks: the task id sits above the per-task request index.
-_TASK_SHIFT = 40
+# Request ids are unique across tasks: the task id sits above a 56-bit hash of the request's text.
+_TASK_SHIFT = 56
+MAX_TASK_ID = 127
+FIRST_TIME = "__first_ts"
+"""Auxiliary column an engine adds before the split: the time of the row's request's first event."""
 # Earliest plausible event time (1990-01-01); earlier values are clock or parsing errors.
 MIN_TIMESTAMP = 631_152_000
 _TRUE = ("1", "true", "t", "yes", "y")
@@ -117,12 +125,27 @@ def drop_duplicates(cleaned: Cleaned, raw_columns: list) -> Cleaned:
     return Cleaned(good.filter(pa.array(keep)), rejects)
 
 
+def duplicate_rejects(raw: pa.Table) -> pa.Table:
+    """The rejects of rows known to repeat a kept row (an engine's duplicate removal found them)."""
+    n = raw.num_rows
+    return _rejects(raw, np.ones(n, dtype=bool), np.full(n, "duplicate", dtype=object))
+
+
 def to_examples(good: pa.Table, task: TaskConfig, ctx_fields: Mapping[str, FieldConfig]) -> pa.Table:
     """Map cleaned rows to unified columns; fields this task lacks stay null (their sentinel comes later)."""
     a = task.adapter
-    request = pc.dictionary_encode(good["__request"].combine_chunks()).indices
+    if not 0 <= task.id <= MAX_TASK_ID:
+        raise ValueError(
+            f"task id {task.id} (log {a.source!r}) must lie in 0..{MAX_TASK_ID}: it tops request ids"
+        )
+    return _examples(good, task, ctx_fields)
+
+
+def _examples(good: pa.Table, task: TaskConfig, ctx_fields: Mapping[str, FieldConfig]) -> pa.Table:
+    a = task.adapter
+    request = content_hash(good["__request"]) >> np.uint64(64 - _TASK_SHIFT)
     cols = {
-        REQUEST: pc.add(pc.cast(request, pa.int64()), task.id << _TASK_SHIFT),
+        REQUEST: pa.array(request.astype(np.int64) | (task.id << _TASK_SHIFT)),
         TIMESTAMP: good["__ts"],
         TASK_TYPE: pa.array(np.full(good.num_rows, task.id, dtype=np.int32)),
         CANDIDATE: good["__candidate"],
@@ -145,27 +168,35 @@ def to_examples(good: pa.Table, task: TaskConfig, ctx_fields: Mapping[str, Field
 def sample_negatives(examples: pa.Table, task: TaskConfig, catalogue_ids: pa.Array, seed: int) -> pa.Table:
     """For positives-only logs: add ``labels.negatives`` uniformly sampled items per positive, same request.
 
-    A negative is never one of its request's positives (collisions are redrawn).
+    A negative is never one of its request's positives (collisions are redrawn), so ``examples`` must hold
+    every row of its requests. Draw j of a positive is a hash of (seed, task, request, candidate, j, try):
+    the same rows get the same negatives in any order and partitioning.
     """
-    if task.labels.source != LabelSource.positives or task.labels.negatives <= 0:
+    if task.labels.source != LabelSource.positives or task.labels.negatives <= 0 or examples.num_rows == 0:
         return examples
     k = task.labels.negatives
-    rng = np.random.default_rng([seed, task.id, 17])
     ids = normalise_ids(catalogue_ids)
     n_ids = len(ids)
     req = examples[REQUEST].to_numpy()
     pos_idx = pc.index_in(examples[CANDIDATE], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    positives = np.unique(req * n_ids + pos_idx)
-    rows = np.repeat(np.arange(examples.num_rows), k)
-    draw = rng.integers(0, n_ids, size=len(rows))
-    for _ in range(16):
-        clash = np.isin(req[rows] * n_ids + draw, positives)
+    # Dense request codes of this table: exact clash tests without overflowing request id x catalogue size.
+    _, code = np.unique(req, return_inverse=True)
+    positives = np.unique(code * n_ids + pos_idx)
+    rows, j = np.repeat(np.arange(examples.num_rows), k), np.tile(np.arange(k), examples.num_rows)
+
+    def draw_at(attempt, rows, j):
+        h = mix(seed, task.id, 17, req[rows], pos_idx[rows], j, attempt)
+        return (h % np.uint64(n_ids)).astype(np.int64)
+
+    draw = draw_at(0, rows, j)
+    for attempt in range(1, 17):
+        clash = np.isin(code[rows] * n_ids + draw, positives)
         if not clash.any():
             break
-        draw[clash] = rng.integers(0, n_ids, size=int(clash.sum()))
+        draw[clash] = draw_at(attempt, rows[clash], j[clash])
     else:
         # A request that engaged with nearly the whole catalogue: drop the draws that still clash.
-        keep = ~np.isin(req[rows] * n_ids + draw, positives)
+        keep = ~np.isin(code[rows] * n_ids + draw, positives)
         rows, draw = rows[keep], draw[keep]
     neg = examples.take(pa.array(rows))
     neg = neg.set_column(neg.schema.get_field_index(CANDIDATE), CANDIDATE, ids.take(pa.array(draw)))
@@ -173,51 +204,108 @@ def sample_negatives(examples: pa.Table, task: TaskConfig, catalogue_ids: pa.Arr
     return pa.concat_tables([examples, neg]).sort_by([(REQUEST, "ascending")])
 
 
+def rows_per_logged_row(task: TaskConfig) -> int:
+    """Examples per cleaned log row: 1, or 1 + ``labels.negatives`` where negatives are sampled."""
+    sampled = task.labels.source == LabelSource.positives and task.labels.negatives > 0
+    return 1 + task.labels.negatives if sampled else 1
+
+
 def time_cutoffs(examples: Sequence[pa.Table], split: SplitConfig) -> Tuple[int, int]:
-    """Valid and test start times: quantiles of every task's request times together.
+    """Valid and test start times: quantiles of every task's request times together (whole tables).
 
     One pair of cut-offs for all tasks, not one per task: with a shared trunk, one task's training rows
     must not come from another task's validation period.
     """
     times = [_request_times(t)[1] for t in examples if t.num_rows]
-    if not times:
+    values, counts = np.unique(np.concatenate(times) if times else np.zeros(0, np.int64), return_counts=True)
+    return cutoffs_from_counts(values, counts, split)
+
+
+def cutoffs_from_counts(values: np.ndarray, counts: np.ndarray, split: SplitConfig) -> Tuple[int, int]:
+    """:func:`time_cutoffs` from a histogram of request first times (distinct ``values``, their ``counts``):
+    the lower quantiles at ``1 - valid - test`` and ``1 - test``, exact, whatever engine counted them.
+
+    >>> cutoffs_from_counts(np.array([10, 20, 30]), np.array([8, 1, 1]), SplitConfig(valid=0.1, test=0.1))
+    (10, 20)
+    """
+    n = int(np.sum(counts))
+    if n == 0:
         raise ValueError("no labeled examples in any task: check the adapters and the raw logs")
-    ts = np.concatenate(times)
-    t_valid = int(np.quantile(ts, 1.0 - split.valid - split.test, method="lower"))
-    t_test = int(np.quantile(ts, 1.0 - split.test, method="lower"))
-    return t_valid, t_test
+    order = np.argsort(values, kind="stable")
+    values, ends = np.asarray(values)[order], np.cumsum(np.asarray(counts)[order])
+
+    def lower(q: float) -> int:
+        k = int(np.floor(q * (n - 1)))  # the 0-based rank of the lower quantile
+        return int(values[np.searchsorted(ends, k, side="right")])
+
+    return lower(1.0 - split.valid - split.test), lower(1.0 - split.test)
 
 
-def split_by_time(examples: pa.Table, cutoffs: Tuple[int, int]) -> Dict[str, pa.Table]:
-    """Train before ``cutoffs[0]``, valid until ``cutoffs[1]``, test after, by each request's first event
-    (so no request straddles two splits). Examples with a precomputed ``split`` column follow it instead."""
-    if SPLIT in examples.column_names:
-        rest = examples.drop_columns([SPLIT])
-        return {s: rest.filter(pc.equal(examples[SPLIT], s)) for s in SPLITS}
-    if examples.num_rows == 0:
-        return {s: examples for s in SPLITS}
+def with_first_time(examples: pa.Table) -> pa.Table:
+    """``examples`` plus :data:`FIRST_TIME`, its request's first event time (every row of a request here)."""
     req_ids, req_ts = _request_times(examples)
-    row_ts = req_ts[pc.index_in(examples[REQUEST], value_set=req_ids).to_numpy()]
+    row_ts = req_ts[pc.index_in(examples[REQUEST], value_set=req_ids).to_numpy()] if examples.num_rows else []
+    return examples.append_column(FIRST_TIME, pa.array(np.asarray(row_ts, np.int64), pa.int64()))
+
+
+def split_batch(examples: pa.Table, cutoffs: Tuple[int, int]) -> Dict[str, pa.Table]:
+    """Rows of any batch by split: train before ``cutoffs[0]``, valid until ``cutoffs[1]``, test after, by
+    the :data:`FIRST_TIME` of each row's request (so no request straddles two splits); rows with a
+    precomputed ``split`` column follow it instead. The auxiliary columns are dropped."""
+    rest = examples.drop_columns([c for c in (SPLIT, FIRST_TIME) if c in examples.column_names])
+    if SPLIT in examples.column_names:
+        return {s: rest.filter(pc.equal(examples[SPLIT], s)) for s in SPLITS}
+    row_ts = examples[FIRST_TIME].to_numpy()
     t_valid, t_test = cutoffs
     masks = {
         "train": row_ts < t_valid,
         "valid": (row_ts >= t_valid) & (row_ts < t_test),
         "test": row_ts >= t_test,
     }
-    return {s: examples.filter(pa.array(m)) for s, m in masks.items()}
+    return {s: rest.filter(pa.array(m)) for s, m in masks.items()}
 
 
-def downsample(examples: pa.Table, task: TaskConfig, seed: int) -> pa.Table:
-    """Stratified merge: keep ``train_rate`` of a task's requests, then at most ``max_train_requests``."""
+def split_by_time(examples: pa.Table, cutoffs: Tuple[int, int]) -> Dict[str, pa.Table]:
+    """:func:`split_batch` of a whole table (every row of its requests)."""
+    if SPLIT in examples.column_names or examples.num_rows == 0:
+        return split_batch(examples, cutoffs)
+    return split_batch(with_first_time(examples), cutoffs)
+
+
+def keep_count(n_requests: int, task: TaskConfig) -> Optional[int]:
+    """Train requests a task keeps after ``train_rate`` and ``max_train_requests``; None: all of them."""
     if task.train_rate >= 1.0 and task.max_train_requests is None:
-        return examples
-    req = np.unique(examples[REQUEST].to_numpy())
-    order = np.random.default_rng([seed, task.id, 29]).permutation(len(req))
-    keep_n = int(round(len(req) * task.train_rate))
-    if task.max_train_requests is not None:
-        keep_n = min(keep_n, task.max_train_requests)
-    kept = req[np.sort(order[:keep_n])]
-    return examples.filter(pc.is_in(examples[REQUEST], value_set=pa.array(kept)))
+        return None
+    keep_n = int(round(n_requests * task.train_rate))
+    return keep_n if task.max_train_requests is None else min(keep_n, task.max_train_requests)
+
+
+def request_draw(request_ids, task: TaskConfig, seed: int) -> np.ndarray:
+    """Each request's draw in [0, 1): down-sampling keeps the requests with the smallest draws."""
+    return uniform(seed, task.id, 29, np.asarray(request_ids, np.int64))
+
+
+def keep_threshold(draws: np.ndarray, keep_n: int) -> float:
+    """The largest draw kept when ``keep_n`` of the requests with these (distinct) draws are kept."""
+    if keep_n <= 0 or len(draws) == 0:
+        return -1.0
+    return float(np.partition(draws, min(keep_n, len(draws)) - 1)[min(keep_n, len(draws)) - 1])
+
+
+def downsample(
+    examples: pa.Table, task: TaskConfig, seed: int, threshold: Optional[float] = None
+) -> pa.Table:
+    """Stratified merge: keep ``train_rate`` of a task's requests, then at most ``max_train_requests``: the
+    requests whose :func:`request_draw` is at most ``threshold`` (default: computed from ``examples``, a
+    whole train split; an engine passes the one it computed over every train request)."""
+    if threshold is None:
+        req = np.unique(examples[REQUEST].to_numpy())
+        keep_n = keep_count(len(req), task)
+        if keep_n is None:
+            return examples
+        threshold = keep_threshold(request_draw(req, task, seed), keep_n)
+    keep = request_draw(examples[REQUEST].to_numpy(), task, seed) <= threshold
+    return examples.filter(pa.array(keep))
 
 
 def count_reasons(rejects: pa.Table) -> Dict[str, int]:
@@ -347,7 +435,8 @@ def labeled_examples(
     seed: int,
     latest: Optional[int] = None,
 ) -> Tuple[pa.Table, pa.Table]:
-    """A canvas's label preparation up to the split: clean, dedupe, map, sample negatives -> (examples, rejects).
+    """A canvas's label preparation up to the split, on a whole table: clean, dedupe, map, sample negatives
+    -> (examples, rejects). The engines run the same steps batch by batch and request group by group.
 
     ``latest``: the last accepted timestamp (epoch s), see :func:`clean_batch`."""
     cleaned = clean_batch(raw, task, catalogue_ids, latest)

@@ -490,3 +490,24 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
     _write(pa.Table.from_arrays(users, ["user_id", "country", "language"]), out / "users.parquet")
     canvases = {canvas: _write_canvas(w, cfg, canvas, out) for canvas in CANVASES}
     return {"items": cfg.n_items, "users": cfg.n_users, "canvases": canvases}
+
+
+def main(argv=None) -> None:
+    """``python -m unirec.data.synthetic OUT [overrides]``: generate the synthetic canvases of a training
+    config (the same Hydra overrides as ``unirec.train``, e.g. ``experiment=synthetic_100m``) into OUT once,
+    to prepare them as ``data.name=raw data.raw_dir=OUT``; prints the summary. Generation is chunked
+    (``data.synthetic.chunk_requests`` requests at a time), so its memory does not grow with the size."""
+    import json
+    import sys
+
+    from unirec.config import compose
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or "=" in argv[0]:
+        raise SystemExit("usage: python -m unirec.data.synthetic OUT [overrides]")
+    cfg = compose(argv[1:])
+    print(json.dumps(generate(cfg.data.synthetic, argv[0]), indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
