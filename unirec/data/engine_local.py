@@ -35,19 +35,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unirec.data import history, labels
-from unirec.data.features import COUNTS, Featurizer, fit_from_counts, save_vocabs
+from unirec.data.features import COUNTS, Featurizer
 from unirec.data.plan import (
     EVENTS,
     ROW_GROUP,
     Plan,
     ShardWriter,
     check_split_sizes,
-    history_extras,
     no_examples_error,
     popularity_from_counts,
     raw_batches,
     raw_rows,
     resolve,
+    write_feature_set,
     write_table,
 )
 
@@ -136,17 +136,7 @@ def build(raw_dir: Path, out: Path, plan: Plan) -> Dict:
         )
     shutil.rmtree(spill)
 
-    spec, vocabs = fit_from_counts(
-        fitted, plan.tasks, plan.ctx_fields, plan.candidates, plan.catalogues, plan.impute_rules
-    )
-    spec = history_extras(spec, plan)
-    feat = out / "features"
-    feat.mkdir(parents=True, exist_ok=True)
-    spec.save(feat / "feature_spec.json")
-    save_vocabs(feat, spec, vocabs)
-    for c, t in plan.catalogues.items():
-        write_table(t, feat / "candidates" / f"{c}.parquet")
-    featurizer = Featurizer(spec, vocabs, plan.catalogues)
+    feat, featurizer = write_feature_set(plan, fitted, out)
     for s in labels.SPLITS:
         for name in sorted(plan.tasks):
             _featurize(

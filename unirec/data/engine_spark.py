@@ -36,19 +36,19 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
 from unirec.config import LabelSource, SparkConfig
 from unirec.data import history, labels
-from unirec.data.features import Featurizer, fit_from_counts, save_vocabs
+from unirec.data.features import Featurizer
 from unirec.data.plan import (
     BATCH_ROWS,
     EVENTS,
     Plan,
     ShardWriter,
     check_split_sizes,
-    history_extras,
     no_examples_error,
     popularity_from_counts,
     raw_files,
     raw_rows,
     resolve,
+    write_feature_set,
     write_table,
 )
 
@@ -111,22 +111,7 @@ def build(raw_dir: Path, out: Path, plan: Plan) -> Dict:
     train = {
         name: df.filter(F.col(SPLIT_COL) == "train").drop(SPLIT_COL, TASK_COL) for name, df in labeled.items()
     }
-    spec, vocabs = fit_from_counts(
-        _fit_counts(plan, train),
-        plan.tasks,
-        plan.ctx_fields,
-        plan.candidates,
-        plan.catalogues,
-        plan.impute_rules,
-    )
-    spec = history_extras(spec, plan)
-    feat = out / "features"
-    feat.mkdir(parents=True, exist_ok=True)
-    spec.save(feat / "feature_spec.json")
-    save_vocabs(feat, spec, vocabs)
-    for c, t in plan.catalogues.items():
-        write_table(t, feat / "candidates" / f"{c}.parquet")
-    featurizer = Featurizer(spec, vocabs, plan.catalogues)
+    feat, featurizer = write_feature_set(plan, _fit_counts(plan, train), out)
     for s in labels.SPLITS:
         for name in sorted(plan.tasks):
             rows = spark.read.parquet(str(out / "labeled" / f"split={s}" / f"task={name}"))

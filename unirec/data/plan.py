@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from unirec.config import CandidateConfig, DataConfig, FieldConfig, HistoryConfig, TaskConfig
 from unirec.data import history, labels
-from unirec.data.features import Imputer, fit_counts
+from unirec.data.features import Featurizer, Imputer, fit_counts, fit_from_counts, save_vocabs
 from unirec.schema import active_rules, table_name, unified_context, used_candidates, with_history
 
 BATCH_ROWS = 262_144
@@ -314,12 +314,23 @@ def check_split_sizes(name: str, sizes: Mapping[str, int], cutoffs) -> None:
         )
 
 
-def history_extras(spec, plan: Plan):
-    """Which field is the history and whose it is, in the spec: the service resolves it by user."""
-    if not plan.history_on:
-        return spec
-    extras = {"history": {"field": plan.history.field, "key": plan.history.key}}
-    return dataclasses.replace(spec, extras=extras)
+def write_feature_set(plan: Plan, counts, out: Path):
+    """Fit the spec and vocabularies from the train value ``counts`` (:func:`fit_counts`, summed) and write
+    ``out/features``: the spec (with which field is the history and whose it is, so the service resolves it
+    by user), the vocabularies and the candidate catalogues. Returns (features directory, featurizer)."""
+    spec, vocabs = fit_from_counts(
+        counts, plan.tasks, plan.ctx_fields, plan.candidates, plan.catalogues, plan.impute_rules
+    )
+    if plan.history_on:
+        extras = {"history": {"field": plan.history.field, "key": plan.history.key}}
+        spec = dataclasses.replace(spec, extras=extras)
+    feat = out / "features"
+    feat.mkdir(parents=True, exist_ok=True)
+    spec.save(feat / "feature_spec.json")
+    save_vocabs(feat, spec, vocabs)
+    for c, t in plan.catalogues.items():
+        write_table(t, feat / "candidates" / f"{c}.parquet")
+    return feat, Featurizer(spec, vocabs, plan.catalogues)
 
 
 def popularity_from_counts(counts: Optional[pa.Table], featurizer) -> pa.Table:
