@@ -263,13 +263,16 @@ class ModelConfig:
     """Hidden width of each per-task head."""
     dropout: float = 0.0
     sequence_pooling: str = "attention"
-    """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style, with recency-aware
-    keys) or transformer (causal self-attention, SASRec-style; the last position is the user's state).
+    """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style, every position's
+    recency in its key and value; the context slot pooled by one learned query) or transformer (causal self-attention, SASRec-style; the last position is the user's state).
     unirec/model/pooling.py.
     attention is the default: the best or tied on most tasks of both data sets (reports/ml100k/history.md,
     BENCHMARKS.md); transformer was slower and weaker in a first MovieLens probe."""
     sequence_layers: int = 1
     """Blocks of the transformer pooling."""
+    dot_product: bool = False
+    """Add ``<c, v> / sqrt(H)`` of the context and candidate vectors to every head's logit: the term a
+    full-catalogue softmax trains cheaply (``loss.catalogue``)."""
     sequence_heads: int = 2
     """Attention heads of the transformer pooling (must divide embedding_dim)."""
 
@@ -306,6 +309,12 @@ class LossConfig:
     negatives: int = 128
     """In-batch candidates per softmax/bpr task and step: rows of the task drawn from the batch (all when
     the batch has fewer), shared by the task's positives. Cost: positives x negatives pair scores."""
+    catalogue: float = 0.0
+    """Weight of a full-catalogue softmax for softmax tasks: each positive against every candidate of its
+    type, scored by the context-candidate dot product (before target-aware attention; ``model.dot_product``
+    puts the same term in the logit). Costs one encoding of the catalogue and a [P, H] x [H, C] product a
+    step; 0 turns it off. On MovieLens-100K (seed 0, with ``model.dot_product``, weight 1) it lowered test
+    home ndcg@10 from 0.091 to 0.081: off by default."""
     logq: bool = True
     """Subtract log q(candidate), the candidate's share of the task's train rows, from softmax logits (the
     sampling-bias correction of Yi et al., 2019), so popular items are not over-penalised as negatives."""

@@ -100,9 +100,21 @@ class Objective:
         logq: per head, [V] log share of each candidate id among the task's train rows (softmax with log-Q
             correction), or None.
         id_field: per head, the candidate field holding the candidate id.
+        catalogues: per head, None or the task's whole catalogue for a full-catalogue softmax beside the
+            sampled one (``loss.catalogue``): (candidate fields [C, ...], its candidate type, [V] catalogue
+            row of each candidate id, -1 for an id no single row holds).
+        catalogue_weight: that softmax's weight in the row's loss.
     """
 
-    def __init__(self, kinds: Sequence[str], negatives: int, logq: Sequence, id_field: Sequence[str]):
+    def __init__(
+        self,
+        kinds: Sequence[str],
+        negatives: int,
+        logq: Sequence,
+        id_field: Sequence[str],
+        catalogues: Optional[Sequence] = None,
+        catalogue_weight: float = 0.0,
+    ):
         self.kinds, self.negatives, self.logq, self.id_field = (
             list(kinds),
             negatives,
@@ -110,6 +122,16 @@ class Objective:
             list(id_field),
         )
         self.sampled = [k for k, kind in enumerate(self.kinds) if kind != "bce"]
+        self.catalogues = list(catalogues) if catalogues is not None else [None] * len(self.kinds)
+        self.catalogue_weight = catalogue_weight
+
+    def catalogue_requests(self, pools) -> Optional[list]:
+        """What :meth:`unirec.model.ranker.MultiTaskRanker.forward` scores against whole catalogues for
+        ``pools``: (positive rows, candidate fields, candidate type) per pool whose task has a catalogue;
+        None when no task has one."""
+        if not any(c is not None for c in self.catalogues):
+            return None
+        return [(rows, *self.catalogues[k][:2]) for k, rows, _ in pools if self.catalogues[k] is not None]
 
     def pools(self, batch, head: torch.Tensor, generator: Optional[torch.Generator] = None):
         """Per sampled task present in the batch: (head k, positive rows [P], pool rows [M])."""
@@ -123,10 +145,14 @@ class Objective:
             out.append((k, rows, mine[order[: self.negatives]]))
         return out
 
-    def row_losses(self, batch, head, own: torch.Tensor, pools, pairs) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-row loss [B] and weight [B] (0 on a sampled task's non-positive rows)."""
+    def row_losses(
+        self, batch, head, own: torch.Tensor, pools, pairs, catalogue_logits: Sequence = ()
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-row loss [B] and weight [B] (0 on a sampled task's non-positive rows); ``catalogue_logits``:
+        the [P, C] logits of :meth:`catalogue_requests`, in its order."""
         loss = row_bce(own, batch.label)
         weight = batch.weight.float().clone()
+        full = iter(catalogue_logits)
         for (k, rows, pool), neg in zip(pools, pairs):
             ids = batch.candidate[self.id_field[k]]
             valid = ids[pool].unsqueeze(0) != ids[rows].unsqueeze(1)
@@ -139,6 +165,10 @@ class Objective:
                 per = sampled_softmax(own[rows], neg, valid, lq[ids[rows]], lq[ids[pool]].expand_as(neg))
             else:
                 per = sampled_softmax(own[rows], neg, valid)
+            if self.catalogues[k] is not None:
+                target = self.catalogues[k][2][ids[rows]]
+                ce = F.cross_entropy(next(full).float(), target.clamp_min(0), reduction="none")
+                per = per + self.catalogue_weight * ce * (target >= 0)
             mine = head == k
             weight = torch.where(mine, torch.zeros_like(weight), weight)
             weight[rows] = batch.weight[rows].float()

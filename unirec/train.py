@@ -152,7 +152,31 @@ def build_objective(cfg: Config, spec: FeatureSpec, names: List[str], features: 
         candidate_log_share(features, t, f, spec, device) if k == "softmax" and cfg.loss.logq else None
         for t, k, f in zip(names, kinds, id_fields)
     ]
-    return Objective(kinds, cfg.loss.negatives, logq, id_fields)
+    catalogues = None
+    if cfg.loss.catalogue > 0:
+        catalogues = [
+            catalogue_of(features, spec, spec.tasks[t].candidate, device) if k == "softmax" else None
+            for t, k in zip(names, kinds)
+        ]
+    return Objective(kinds, cfg.loss.negatives, logq, id_fields, catalogues, cfg.loss.catalogue)
+
+
+def catalogue_of(features: Path, spec: FeatureSpec, ctype: str, device):
+    """A candidate type's whole catalogue for the full-catalogue softmax: (its featurized fields [C, ...],
+    ``ctype``, [V] catalogue row of each candidate id; -1 for the sentinel, OOV and any id several rows share)."""
+    from unirec.data.batch import prefixed_tensors
+    from unirec.data.features import Featurizer
+    from unirec.kinds import FIRST_ID
+
+    featurizer = Featurizer.load(features)
+    fields = prefixed_tensors(featurizer.candidates(ctype, featurizer.catalogue_ids(ctype)), "cand.")
+    ids = fields[spec.candidates[ctype].id_field]
+    size = max(spec.tables[spec.candidate_fields[spec.candidates[ctype].id_field].table].size, int(ids.max()) + 1)
+    row = torch.full((size,), -1, dtype=torch.long)
+    once = torch.bincount(ids, minlength=size) == 1
+    keep = (ids >= FIRST_ID) & once[ids]
+    row[ids[keep]] = torch.arange(len(ids))[keep]
+    return {f: t.to(device) for f, t in fields.items()}, ctype, row.to(device)
 
 
 def candidate_log_share(features: Path, task: str, id_field: str, spec: FeatureSpec, device) -> torch.Tensor:
@@ -209,12 +233,18 @@ def train_step(tr: Training, batch: Batch, grad_norms: bool = False, step: int =
     if tr.objective.sampled:
         gen = torch.Generator().manual_seed(step * max(world, 1) + d.rank)
         pools = tr.objective.pools(batch, head, gen)
+    full = []
     with _autocast(tr.device, tr.bf16):
         if tr.objective.sampled:
-            logits, pairs = tr.model(batch, [(rows, pool) for _, rows, pool in pools])
+            pairs_of = [(rows, pool) for _, rows, pool in pools]
+            cats = tr.objective.catalogue_requests(pools)
+            if cats is None:
+                logits, pairs = tr.model(batch, pairs_of)
+            else:
+                logits, pairs, full = tr.model(batch, pairs_of, cats)
         else:
             logits, pairs = tr.model(batch), []
-    per_row, weight = tr.objective.row_losses(batch, head, logits, pools, pairs)
+    per_row, weight = tr.objective.row_losses(batch, head, logits, pools, pairs, full)
     all_sum = (lambda x: dst.all_sum(d, x)) if world > 1 else None
     losses, counts = task_mean(per_row, weight, head, len(tr.module.task_names), all_sum, world)
     counts = dst.all_sum(d, counts)  # presence in the global batch, which the balancer needs

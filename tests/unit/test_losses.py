@@ -78,6 +78,26 @@ def test_objective_masks_the_own_item_and_the_requests_other_positives():
     assert loss[4].item() == pytest.approx(math.log(2), rel=1e-6)  # the bce row: its own logit, label 1
 
 
+def test_the_catalogue_softmax_adds_the_cross_entropy_of_each_positive_over_the_whole_catalogue():
+    # positives rows 0 and 1 (items 10 and 11; 11 has no catalogue row of its own), row 2 a negative
+    batch, head = _batch([10, 11, 12], [7, 8, 8], [1, 1, 0], [0, 0, 0])
+    row_of_id = torch.full((20,), -1)
+    row_of_id[10], row_of_id[12] = 2, 0
+    catalogue = ({"item": torch.tensor([12, 13, 10])}, "item", row_of_id)
+    obj = Objective(["softmax"], 16, [None], ["item"], [catalogue], catalogue_weight=0.5)
+    pools = obj.pools(batch, head, torch.Generator().manual_seed(0))
+    [(rows, fields, ctype)] = obj.catalogue_requests(pools)
+    assert rows.tolist() == [0, 1] and ctype == "item" and fields is catalogue[0]
+    full = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
+    neg = torch.zeros(2, len(pools[0][2]))
+    with_full, _ = obj.row_losses(batch, head, torch.zeros(3), pools, [neg], [full])
+    without, _ = Objective(["softmax"], 16, [None], ["item"]).row_losses(batch, head, torch.zeros(3), pools, [neg])
+    ce0 = math.log(1 + math.e + math.e**2) - 2.0  # item 10 is catalogue row 2
+    assert with_full[0].item() == pytest.approx(without[0].item() + 0.5 * ce0, rel=1e-6)
+    assert with_full[1].item() == pytest.approx(without[1].item())  # no row of its own: no catalogue term
+    assert Objective(["softmax"], 16, [None], ["item"]).catalogue_requests(pools) is None
+
+
 def test_task_mean_ignores_zero_weight_rows():
     losses, counts = task_mean(
         torch.tensor([1.0, 5.0, 3.0]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 0]), 1
@@ -100,6 +120,27 @@ def test_a_softmax_or_bpr_step_trains_and_lowers_its_loss(toy_features, loss):
     last = train_step(tr, batch, step=30)
     home = tr.module.task_names.index("home")
     assert last.losses[home] < first.losses[home] * 0.9, (first.losses, last.losses)
+
+
+def test_the_catalogue_of_a_softmax_task_maps_each_id_to_its_own_row_and_trains(toy_features):
+    from unirec.kinds import FIRST_ID
+
+    cfg = compose(["debug=toy", "task.home.loss=softmax", "loader.prefetch=0", "loader.batch_size=256",
+                   "loss.catalogue=1.0", "model.dot_product=true", "trainer.max_steps=10"])  # fmt: skip
+    tr = setup(cfg, toy_features)
+    home = tr.module.task_names.index("home")
+    fields, ctype, row = tr.objective.catalogues[home]
+    ids = fields["item"]
+    assert ctype == "item" and len(ids) > 10
+    mapped = (row >= 0).nonzero().squeeze(1)
+    assert len(mapped) > 0 and (mapped >= FIRST_ID).all()
+    assert torch.equal(ids[row[mapped]], mapped)  # every mapped id's row holds that id
+    assert all(c is None for k, c in enumerate(tr.objective.catalogues) if tr.objective.kinds[k] == "bce")
+    batch = tr.loader.next_batch()
+    first = train_step(tr, batch, step=1)
+    for step in range(2, 10):
+        train_step(tr, batch, step=step)
+    assert first.stepped and train_step(tr, batch, step=10).losses[home] < first.losses[home]
 
 
 def test_log_q_is_the_log_share_of_each_candidate_among_the_task_train_rows(toy_features):

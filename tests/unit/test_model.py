@@ -11,10 +11,11 @@ from unirec.model.towers import TOWERS
 from unirec.schema import FeatureSpec
 
 
-def _setup(features, batch=64, tower="cross"):
+def _setup(features, batch=64, tower="cross", dot_product=False):
     spec = FeatureSpec.load(features / "feature_spec.json")
     torch.manual_seed(0)
-    model = MultiTaskRanker(spec, ModelConfig(embedding_dim=8, hidden_dim=16, head_hidden=8, tower=tower))
+    cfg = ModelConfig(embedding_dim=8, hidden_dim=16, head_hidden=8, tower=tower, dot_product=dot_product)
+    model = MultiTaskRanker(spec, cfg)
     ld = MixedLoader(features, spec, LoaderConfig(batch_size=batch, prefetch=0, mix="uniform"), {}, 0)
     return spec, model, to_batch(ld.next_arrays(), spec).to(torch.device("cpu"))
 
@@ -65,8 +66,9 @@ def test_a_row_trains_only_its_own_head(toy_features):
         assert touched == (name == "home"), name
 
 
-def test_context_encoded_once_matches_row_by_row_forward(toy_features):
-    spec, model, batch = _setup(toy_features)
+@pytest.mark.parametrize("dot_product", [False, True])
+def test_context_encoded_once_matches_row_by_row_forward(toy_features, dot_product):
+    spec, model, batch = _setup(toy_features, dot_product=dot_product)
     model.eval()
     i = 0
     n = 10
@@ -157,3 +159,24 @@ def test_single_head_scores_equal_the_all_head_path(toy_features, tower):
         for k, name in enumerate(model.task_names):  # one task's rows, as a request: exactly equal
             one = model.head_logits(c, v, torch.full_like(head, k))
             assert torch.equal(one, every[:, k]), name
+
+
+def test_the_dot_product_term_is_in_every_path_and_the_catalogue_logits_are_it(toy_features):
+    """model.dot_product adds <c, v> / sqrt(H) to every head's logit, the same in the all-heads (training)
+    and one-head (serving) paths; catalogue_logits is that term against a whole catalogue, from the
+    context before attention."""
+    spec, plain, batch = _setup(toy_features, batch=128)
+    _, dotted, _ = _setup(toy_features, batch=128, dot_product=True)
+    dotted.load_state_dict(plain.state_dict())  # the same weights: the term is the only difference
+    for m in (plain, dotted):
+        m.eval()
+    with torch.inference_mode():
+        c = plain.encode_context(batch.context, batch.present, batch.task_type)
+        v = plain.encode_rows(batch.candidate, batch.task_type)
+        term = (c * v).sum(1) / 16**0.5
+        head = plain.head_index(batch.task_type)
+        torch.testing.assert_close(dotted.interact(c, v, batch.task_type), plain.interact(c, v, batch.task_type) + term[:, None])
+        torch.testing.assert_close(dotted.head_logits(c, v, head), plain.head_logits(c, v, head) + term)
+        items = {k: t[:20] for k, t in batch.candidate.items() if k in dotted.candidate_embedding["item"].names}
+        full = dotted.catalogue_logits(c[:5], items, "item")
+        torch.testing.assert_close(full, c[:5] @ dotted.encode_candidates(items, "item").T / 16**0.5)

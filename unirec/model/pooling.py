@@ -104,29 +104,33 @@ class CausalEncoder(nn.Module):
 
 
 class TargetAttention(nn.Module):
-    """Target-aware pooling (DIN-style). In the context slot: the masked mean (candidate-independent, so the
-    context is still encoded once per request). Per candidate: :meth:`attend` weighs the history by its
-    affinity to the candidate's vector, for N candidates in one batched operation against the history
-    encoded once (:meth:`memory`).
+    """Target-aware pooling (DIN-style). Per candidate: :meth:`attend` weighs the history by its affinity
+    to the candidate's vector, for N candidates in one batched operation against the history encoded once
+    (:meth:`memory`). In the context slot (candidate-independent, so the context is still encoded once per
+    request): the same attention with one learned query in place of the candidate's, which starts as the
+    masked mean.
 
-    The keys carry each slot's recency (a learned vector per position; the sequence is right-aligned, so a
-    position is "the k-th most recent"): a candidate can weigh the last few events above older ones, which
-    a bag of item vectors cannot express."""
+    Every slot carries its recency, in its key and its value (a learned vector per position; the sequence
+    is right-aligned, so a position is "the k-th most recent"): a candidate can weigh the last few events
+    above older ones, which a bag of item vectors cannot express."""
 
     def __init__(self, max_len: int, opts: EmbeddingOptions):
         super().__init__()
         self.query = nn.Linear(opts.hidden, opts.dim)
         self.key = nn.Linear(opts.dim, opts.dim)
         self.recency = nn.Parameter(torch.randn(max_len, opts.dim) * INIT_STD)
+        self.slot = nn.Parameter(torch.zeros(opts.dim))
         self.out = nn.Linear(opts.dim, opts.hidden)
 
     def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        return _masked_mean(table(x), x != SENTINEL)
+        e, k, mask = self.memory(x, table)
+        logits = torch.einsum("d,rld->rl", self.slot, k) / math.sqrt(e.shape[-1])
+        return torch.einsum("rl,rld->rd", _masked_softmax(logits, mask), e)
 
     def memory(self, x: torch.Tensor, table: nn.Embedding) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """History ids [R, L] -> (rows [R, L, D], keys [R, L, D], mask [R, L])."""
-        e = table(x)
-        return e, self.key(e + self.recency), x != SENTINEL
+        """History ids [R, L] -> (values [R, L, D], keys [R, L, D], mask [R, L])."""
+        e = table(x) + self.recency
+        return e, self.key(e), x != SENTINEL
 
     def attend_rows(self, memory: Tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
         """Each row's candidate vector [R, H] against its own history -> a context correction [R, H]."""

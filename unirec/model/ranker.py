@@ -26,6 +26,7 @@ from that row), so every parameter is in every step's graph, as DDP needs.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -108,6 +109,7 @@ class MultiTaskRanker(nn.Module):
             cfg.tower, 3 * h, len(self.task_names), cfg.tower_layers, cfg.experts, cfg.dropout
         )
         self.heads = TaskHeads(self.task_names, 3 * h, cfg.head_hidden)
+        self.dot_product = cfg.dot_product
         head_of = torch.full((spec.num_task_types,), -1, dtype=torch.long)
         for i, name in enumerate(self.task_names):
             head_of[spec.tasks[name].id] = i
@@ -155,7 +157,19 @@ class MultiTaskRanker(nn.Module):
 
     def interact(self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor) -> torch.Tensor:
         """Context [B, H] and candidate [B, H] vectors of rows of task_type [B] -> every head's logit [B, K]."""
-        return self.heads(self.tower(torch.cat([c, v, c * v], dim=1), self.head_index(task_type)))
+        logits = self.heads(self.tower(torch.cat([c, v, c * v], dim=1), self.head_index(task_type)))
+        return logits + self.dot(c, v).unsqueeze(1) if self.dot_product else logits
+
+    def dot(self, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Context [M, H] and candidate [M, H] vectors -> [M] ``<c, v> / sqrt(H)``: with
+        ``model.dot_product``, a term of every head's logit, which a full-catalogue softmax can train for
+        the price of one matrix product (:meth:`catalogue_logits`)."""
+        return (c * v).sum(-1) / math.sqrt(c.shape[-1])
+
+    def catalogue_logits(self, c: torch.Tensor, candidate: Dict[str, torch.Tensor], ctype: str) -> torch.Tensor:
+        """Rows' context vectors [P, H] (before any target-aware attention) against a whole catalogue of one
+        candidate type (its fields [C, ...]) -> [P, C] :meth:`dot` terms, the catalogue encoded once."""
+        return c @ self.encode_candidates(candidate, ctype).T / math.sqrt(c.shape[-1])
 
     def head_index(self, task_type: torch.Tensor) -> torch.Tensor:
         return self.head_of_type[task_type]
@@ -182,24 +196,33 @@ class MultiTaskRanker(nn.Module):
             c = c + self.context_embedding.fields[name].attend_rows(mem, v)
         return self.interact(c, v, task_type)
 
-    def forward(self, batch, pools: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None):
+    def forward(
+        self,
+        batch,
+        pools: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+        catalogues: Optional[Sequence[Tuple[torch.Tensor, Dict[str, torch.Tensor], str]]] = None,
+    ):
         """Each row's own-task logit [B]; with ``pools``, also the pair logits of a sampled softmax.
 
         ``pools``: (rows [P], pool [M]) index pairs into the batch, all rows of one pair of one task: each
         row's context is scored against every pool row's candidate (the batch's other candidates, for
         in-batch negatives), encoded once with the rest of the batch. Returns then (logits [B], a list of
-        [P, M] logits). One call through ``forward`` keeps DDP's gradient hooks on every parameter.
+        [P, M] logits). ``catalogues``: (rows [P], a catalogue's candidate fields, its type) triples; the
+        rows' :meth:`catalogue_logits` [P, C] are returned third. One call through ``forward`` keeps
+        DDP's gradient hooks on every parameter.
         """
         c, v, memory = self._encode(batch)
         own = self._row_logits(c, v, memory, batch.task_type)
         own = own.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
-        if pools is None:
+        if pools is None and catalogues is None:
             return own
         pairs = []
-        for rows, pool in pools:
+        for rows, pool in pools or ():
             mem = {name: tuple(t[rows] for t in m) for name, m in memory.items()}
             pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem))
-        return own, pairs
+        if catalogues is None:
+            return own, pairs
+        return own, pairs, [self.catalogue_logits(c[rows], cand, ct) for rows, cand, ct in catalogues]
 
     def score_candidates(
         self,
@@ -243,7 +266,8 @@ class MultiTaskRanker(nn.Module):
         """Rows' context [M, H] and candidate [M, H] vectors and head indices [M] -> [M] logits of each row's
         own head; only the heads the rows name run (one when the rows are one task's), unlike :meth:`interact`.
         Serving merges several requests of one task into one call (their :meth:`request_rows` stacked)."""
-        return self.heads.pick(self.tower(torch.cat([c, v, c * v], dim=1), head), head)
+        logits = self.heads.pick(self.tower(torch.cat([c, v, c * v], dim=1), head), head)
+        return logits + self.dot(c, v) if self.dot_product else logits
 
     def _attended(self, v: torch.Tensor, memory: Memory) -> Optional[torch.Tensor]:
         """The target-aware fields' attention of N candidates [N, H] over R requests' memory -> [R, N, H]."""
