@@ -12,8 +12,8 @@ its examples: ``DataGenerator`` -> torch ``DataLoader`` (a per-row ``Dataset``) 
 unirec trains on the same rows written as its feature shards (6 categorical fields and the dense one as the
 request context, 2 categorical fields as the candidate; row i is an example of task ``i % 4`` with that
 task's label, since a unirec row trains its own task's head) through its own path: ``MixedLoader`` ->
-``train_step``, the closest configuration (``model.tower=mmoe``, embedding 16, 4 experts, hidden 64, head
-hidden 64, batch 4096), for the same number of steps, then the same steps on batches already in memory
+``train_step``, the closest configuration (``model.tower=mmoe``, embedding 16, an interaction 3 x 43 = 129
+wide as the peer's expert input, 4 experts of [256, 128], heads of [64], batch 4096), for the same number of steps, then the same steps on batches already in memory
 (compute only). Samples are rows for both.
 
 Each repeat runs both libraries, interleaved, each in a fresh process; the figures are medians of the
@@ -133,9 +133,11 @@ def run_rechub(rows_file: Path) -> dict:
     }
 
 
-UNIREC_OVERRIDES = ["model.tower=mmoe", "model.embedding_dim=16", "model.experts=4", "model.hidden_dim=64",
-                    "model.head_hidden=64", "model.dropout=0.0", f"loader.batch_size={BATCH}",
-                    "trainer.max_steps=100000"]  # fmt: skip
+# The closest shape: the interaction [c, v, c * v] is 3H = 129 wide, the width of the peer's 8 x 16
+# embeddings plus the dense field; 4 experts of [256, 128]; one head of [64] per task.
+UNIREC_OVERRIDES = ["model.tower=mmoe", "model.embedding_dim=16", "model.experts=4", "model.hidden_dim=43",
+                    "model.expert_dims=[256,128]", "model.head_hidden=64", "model.dropout=0.0",
+                    f"loader.batch_size={BATCH}", "trainer.max_steps=100000"]  # fmt: skip
 
 
 def run_unirec(features: Path, steps: int) -> dict:

@@ -259,6 +259,9 @@ class ModelConfig:
     """Blocks of cross and task_conditioned, layers of mlp, cross and deep layers of dcn_v2; CGC levels of ple."""
     experts: int = 4
     """Experts of mmoe; ple uses experts // 4 per task and experts // 2 shared per level."""
+    expert_dims: List[int] = field(default_factory=list)
+    """Layer widths of each mmoe expert (e.g. [256, 128]; the heads then read the last one); empty: two
+    layers of the tower's input width 3H, the only shape ple takes."""
     head_hidden: int = 32
     """Hidden width of each per-task head."""
     dropout: float = 0.0

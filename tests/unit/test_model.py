@@ -11,10 +11,11 @@ from unirec.model.towers import TOWERS
 from unirec.schema import FeatureSpec
 
 
-def _setup(features, batch=64, tower="cross", dot_product=False):
+def _setup(features, batch=64, tower="cross", dot_product=False, expert_dims=()):
     spec = FeatureSpec.load(features / "feature_spec.json")
     torch.manual_seed(0)
-    cfg = ModelConfig(embedding_dim=8, hidden_dim=16, head_hidden=8, tower=tower, dot_product=dot_product)
+    cfg = ModelConfig(embedding_dim=8, hidden_dim=16, head_hidden=8, tower=tower, dot_product=dot_product,
+                      expert_dims=list(expert_dims))  # fmt: skip
     model = MultiTaskRanker(spec, cfg)
     ld = MixedLoader(features, spec, LoaderConfig(batch_size=batch, prefetch=0, mix="uniform"), {}, 0)
     return spec, model, to_batch(ld.next_arrays(), spec).to(torch.device("cpu"))
@@ -33,9 +34,12 @@ def test_masked_loss_matches_reference_per_task():
     assert losses[3] == 0 and counts[3] == 0
 
 
-@pytest.mark.parametrize("tower", TOWERS)
+@pytest.mark.parametrize("tower", [*TOWERS, "mmoe-20-12"])
 def test_shapes_and_every_parameter_learns(toy_features, tower):
-    spec, model, batch = _setup(toy_features, batch=512, tower=tower)
+    tower, *dims = tower.split("-")  # mmoe-20-12: experts of widths [20, 12] under heads that read 12
+    spec, model, batch = _setup(toy_features, batch=512, tower=tower, expert_dims=[int(d) for d in dims])
+    if dims:
+        assert model.heads.heads["home"][0].in_features == 12
     logits = model(batch)
     assert logits.shape == (len(batch),)
     assert model.all_logits(batch).shape == (len(batch), len(spec.tasks))
@@ -118,6 +122,8 @@ def test_unknown_tower_is_named():
         from unirec.model.towers import build_tower
 
         build_tower("moe", 8, 2, 2, 4, 0.0)
+    with pytest.raises(ValueError, match="expert_dims"):
+        build_tower("ple", 8, 2, 2, 4, 0.0, [16])
 
 
 def test_each_row_is_encoded_as_its_own_candidate_type(toy_features):

@@ -106,9 +106,9 @@ class MultiTaskRanker(nn.Module):
         # The presence mask goes in beside the embeddings so the encoder can tell which fields it has.
         self.context_encoder = _mlp((n_ctx + 1) * d + n_ctx, h)
         self.tower = build_tower(
-            cfg.tower, 3 * h, len(self.task_names), cfg.tower_layers, cfg.experts, cfg.dropout
+            cfg.tower, 3 * h, len(self.task_names), cfg.tower_layers, cfg.experts, cfg.dropout, cfg.expert_dims
         )
-        self.heads = TaskHeads(self.task_names, 3 * h, cfg.head_hidden)
+        self.heads = TaskHeads(self.task_names, getattr(self.tower, "out_width", 3 * h), cfg.head_hidden)
         self.dot_product = cfg.dot_product
         head_of = torch.full((spec.num_task_types,), -1, dtype=torch.long)
         for i, name in enumerate(self.task_names):

@@ -18,7 +18,7 @@ serving never depend on the choice.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Sequence
 
 import torch
 from torch import nn
@@ -119,25 +119,33 @@ class DCNv2Tower(nn.Module):
         return self.deep(x)
 
 
-def _expert(width: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.LayerNorm(width)
-    )
+def _expert(width: int, dropout: float, dims: Sequence[int] = ()) -> nn.Sequential:
+    """Linear layers of widths ``dims`` (default: two of ``width``), ReLU and dropout between, a LayerNorm."""
+    dims = list(dims) or [width, width]
+    mods: List[nn.Module] = []
+    for i, (a, b) in enumerate(zip([width, *dims], dims)):
+        mods += [nn.Linear(a, b)] + ([nn.ReLU(), nn.Dropout(dropout)] if i < len(dims) - 1 else [])
+    return nn.Sequential(*mods, nn.LayerNorm(dims[-1]))
 
 
 class MMoETower(nn.Module):
     """Multi-gate mixture of experts: E shared experts, one softmax gate per task over them.
 
-    Shapes: x0 [B, W] -> [B, K, W]
+    Shapes: x0 [B, W] -> [B, K, W'] (W' = ``dims[-1]``, or W)
 
     Example:
         >>> MMoETower(8, tasks=3, experts=4)(torch.zeros(2, 8)).shape
         torch.Size([2, 3, 8])
+        >>> MMoETower(8, tasks=3, experts=4, dims=[16, 6])(torch.zeros(2, 8)).shape
+        torch.Size([2, 3, 6])
     """
 
-    def __init__(self, width: int, tasks: int, experts: int = 4, dropout: float = 0.0):
+    def __init__(
+        self, width: int, tasks: int, experts: int = 4, dropout: float = 0.0, dims: Sequence[int] = ()
+    ):
         super().__init__()
-        self.experts = nn.ModuleList(_expert(width, dropout) for _ in range(experts))
+        self.experts = nn.ModuleList(_expert(width, dropout, dims) for _ in range(experts))
+        self.out_width = list(dims)[-1] if dims else width
         self.gates = nn.Linear(width, tasks * experts)
         self.tasks, self.n = tasks, experts
 
@@ -225,9 +233,20 @@ class TaskConditionedTower(nn.Module):
         return self.out_norm(x)
 
 
-def build_tower(kind: str, width: int, tasks: int, layers: int, experts: int, dropout: float) -> nn.Module:
+def build_tower(
+    kind: str,
+    width: int,
+    tasks: int,
+    layers: int,
+    experts: int,
+    dropout: float,
+    expert_dims: Sequence[int] = (),
+) -> nn.Module:
     """The tower named by ``model.tower``; ``layers`` is blocks or layers (cross, mlp, dcn_v2,
-    task_conditioned) or CGC levels (ple)."""
+    task_conditioned) or CGC levels (ple); ``expert_dims``: mmoe's expert widths. A tower whose output
+    width is not ``width`` says so in ``out_width``."""
+    if expert_dims and kind != "mmoe":
+        raise ValueError(f"model.expert_dims={list(expert_dims)} shapes mmoe experts only, not model.tower={kind!r}")
     if kind == "cross":
         return ResidualCrossTower(width, layers, dropout)
     if kind == "mlp":
@@ -235,7 +254,7 @@ def build_tower(kind: str, width: int, tasks: int, layers: int, experts: int, dr
     if kind == "dcn_v2":
         return DCNv2Tower(width, layers, dropout)
     if kind == "mmoe":
-        return MMoETower(width, tasks, experts, dropout)
+        return MMoETower(width, tasks, experts, dropout, expert_dims)
     if kind == "ple":
         return PLETower(
             width, tasks, layers, own=max(1, experts // 4), shared=max(1, experts // 2), dropout=dropout
