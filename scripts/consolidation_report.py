@@ -232,15 +232,20 @@ def run_lock(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def evaluate(run_dir: Path, split: str, protocols: Sequence[str], baselines: bool = False) -> Dict:
-    """Per protocol -> {model, popularity} -> task -> metrics, cached beside the run."""
+def evaluate(
+    run_dir: Path, split: str, protocols: Sequence[str], baselines: bool = False, baseline_cache=None
+) -> Dict:
+    """Per protocol -> {model, popularity} -> task -> metrics, cached beside the run; the baselines' figures
+    also under ``baseline_cache``, shared by the seeds whose data give them the same inputs."""
     from unirec.evaluate import run as eval_run
 
     baselines = baselines and "full" in protocols  # popularity over all canvases and BPR-MF
     cache = run_dir / f"eval-{split}-{'-'.join(protocols)}{'-baselines' if baselines else ''}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    res = eval_run(run_dir, split, protocols, checkpoint="best", baselines=baselines)
+    res = eval_run(
+        run_dir, split, protocols, checkpoint="best", baselines=baselines, baseline_cache=baseline_cache
+    )
     cache.write_text(json.dumps(res, indent=2, sort_keys=True))
     return res
 
@@ -353,7 +358,7 @@ def run_suite(suite: Suite, args) -> Dict:
                 m = train(suite, ts, lr, size, seed, d, args)
                 # The baselines depend on the data only, which the seed's unified run holds in full.
                 test.setdefault(kind, []).append(
-                    evaluate(d, "test", suite.protocols, baselines=kind == "unified")
+                    evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
                 )
             meta.setdefault(kind, []).append(
                 {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}

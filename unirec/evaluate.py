@@ -333,6 +333,37 @@ def popularity_matrix_scorer(
     return score
 
 
+def baseline_digest(
+    features: Path, featurizer: Featurizer, catalogues, split: str, k: int = 10, seed: int = 0
+) -> str:
+    """A digest of everything the baselines' full-ranking figures on ``split`` depend on: each catalogue,
+    the pooled train counts over it, the interactions and requests (users, positives, exclusions) of the
+    valid split (BPR-MF's early stopping) and of ``split``, ``k`` and ``seed``. Two data sets with the same
+    digest get the same baseline figures, so they are computed once (MovieLens: the seed draws which canvas
+    an event goes to, not what the pooled baselines see)."""
+    import hashlib
+
+    spec, root = featurizer.spec, Path(features).parent
+    h = hashlib.sha256(f"{split} k={k} seed={seed}".encode())
+    counts = popularity_counts(pq.read_table(Path(features) / "popularity.parquet"), spec)
+    for ctype, ids in sorted(catalogues.items()):
+        tasks = sorted(t for t, ts in spec.tasks.items() if ts.candidate == ctype)
+        h.update(f"\n{ctype} {tasks}\n".encode() + "\t".join(ids.to_pylist()).encode())
+        idx = featurizer.candidates(ctype, ids)[f"cand.{spec.candidates[ctype].id_field}"].to_numpy()
+        h.update(np.asarray(sum(counts[t] for t in tasks)[idx], dtype=np.float64).tobytes())
+        for s in dict.fromkeys(("valid", split)):
+            seen = seen_items(root, ids, "user", s)
+            for u in sorted(seen):
+                h.update(f"{u}:".encode() + seen[u].tobytes())
+            for t in tasks:
+                req = ranking_requests(root, s, t, ids, seen)
+                users = req.context["user"].to_pylist() if "user" in req.context.column_names else []
+                h.update(f"{s} {t} {users} {req.unrankable}".encode())
+                for p, x in zip(req.positives, req.exclude):
+                    h.update(p.tobytes() + b"|" + x.tobytes())
+    return h.hexdigest()[:20]
+
+
 def baseline_scorers(features: Path, featurizer: Featurizer, catalogues, seed: int = 0) -> Dict:
     """``popularity_all`` and ``bpr_mf`` (when some task's requests carry a user), :mod:`unirec.baselines`."""
     from unirec.baselines import BPRConfig, fit_bpr
@@ -423,9 +454,12 @@ def run(
     seed: int = 0,
     popularity: bool = True,
     baselines: bool = False,
+    baseline_cache: Optional[Path] = None,
 ) -> Dict:
     """Both protocols for the model (and the popularity baseline) on ``split``; a JSON-ready dict.
-    ``baselines``: also pooled popularity and BPR-MF in the full protocol (:mod:`unirec.baselines`)."""
+    ``baselines``: also pooled popularity and BPR-MF in the full protocol (:mod:`unirec.baselines`);
+    ``baseline_cache``: a directory where their figures are kept under :func:`baseline_digest`, and taken
+    from when the digest is there."""
     loaded = load(source, checkpoint, data)
     spec, feats = loaded.featurizer.spec, loaded.features
     out: Dict = {"source": str(source), "checkpoint": loaded.checkpoint, "features": str(feats),
@@ -437,10 +471,13 @@ def run(
             scorers = {"model": model_matrix_scorer(loaded.model, loaded.featurizer, cats)}
             if popularity:
                 scorers["popularity"] = popularity_matrix_scorer(feats, loaded.featurizer, cats, seed)
+            full = full_ranking(scorers, feats.parent, spec, split, cats, k)
             if baselines:
-                scorers.update(baseline_scorers(feats, loaded.featurizer, cats, seed))
-            out["protocols"]["full"] = full_ranking(scorers, feats.parent, spec, split, cats, k)
-            out["baselines"] = {n: s.chosen for n, s in scorers.items() if getattr(s, "chosen", None)}
+                full.update(_baselines(feats, loaded.featurizer, cats, split, k, seed, baseline_cache, out))
+            out["protocols"]["full"] = full
+            out.setdefault("baselines", {}).update(
+                {n: s.chosen for n, s in scorers.items() if getattr(s, "chosen", None)}
+            )
         elif protocol == "sampled":
             res = {
                 "model": evaluate(
@@ -456,6 +493,28 @@ def run(
             raise ValueError(f"unknown protocol {protocol!r}: use full or sampled")
         out["seconds"][protocol] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def _baselines(feats, featurizer, cats, split, k, seed, cache: Optional[Path], out: Dict) -> Dict:
+    """The baselines' full-ranking figures (and, into ``out["baselines"]``, their chosen settings), from
+    ``cache`` when it holds this data's :func:`baseline_digest`."""
+    path = None
+    if cache is not None:
+        path = Path(cache) / f"baselines-{baseline_digest(feats, featurizer, cats, split, k, seed)}.json"
+        if path.exists():
+            kept = json.loads(path.read_text())
+            out["baselines"] = kept["chosen"]
+            out["baselines_from"] = str(path)
+            return kept["figures"]
+    scorers = baseline_scorers(feats, featurizer, cats, seed)
+    figures = full_ranking(scorers, feats.parent, featurizer.spec, split, cats, k)
+    out["baselines"] = {n: s.chosen for n, s in scorers.items() if getattr(s, "chosen", None)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"chosen": out["baselines"], "figures": figures}, indent=2, sort_keys=True))
+        tmp.replace(path)
+    return figures
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:

@@ -171,7 +171,9 @@ def catalogue_of(features: Path, spec: FeatureSpec, ctype: str, device):
     featurizer = Featurizer.load(features)
     fields = prefixed_tensors(featurizer.candidates(ctype, featurizer.catalogue_ids(ctype)), "cand.")
     ids = fields[spec.candidates[ctype].id_field]
-    size = max(spec.tables[spec.candidate_fields[spec.candidates[ctype].id_field].table].size, int(ids.max()) + 1)
+    size = max(
+        spec.tables[spec.candidate_fields[spec.candidates[ctype].id_field].table].size, int(ids.max()) + 1
+    )
     row = torch.full((size,), -1, dtype=torch.long)
     once = torch.bincount(ids, minlength=size) == 1
     keep = (ids >= FIRST_ID) & once[ids]

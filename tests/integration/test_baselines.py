@@ -11,7 +11,7 @@ from unirec.baselines import BPRConfig, fit_bpr
 from unirec.config import compose
 from unirec.data.features import Featurizer
 from unirec.data.prepare import popularity_counts, prepare
-from unirec.evaluate import full_ranking, popularity_matrix_scorer
+from unirec.evaluate import _baselines, baseline_digest, full_ranking, popularity_matrix_scorer
 
 ML_TASKS = "task=[" + ",".join(f"movielens/{t}" for t in ("home", "related", "search", "genre")) + "]"
 
@@ -30,14 +30,19 @@ def _two_tastes(d, n_users=80, n_items=60, per_user=18, seed=0):
     return d
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    src = _two_tastes(tmp_path_factory.mktemp("ml") / "ml-100k")
-    cfg = compose(["data=movielens", f"data.raw_dir={src}", ML_TASKS,
-                   f"data.cache_dir={tmp_path_factory.mktemp('cache')}"])  # fmt: skip
+def _prepare(src, cache, seed=0):
+    cfg = compose(
+        ["data=movielens", f"data.raw_dir={src}", ML_TASKS, f"data.cache_dir={cache}", f"seed={seed}"]
+    )
     features = prepare(cfg.data, cfg.task, cfg.seed)
     featurizer = Featurizer.load(features)
     return features, featurizer, {c: featurizer.catalogue_ids(c) for c in featurizer.spec.candidates}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    src = _two_tastes(tmp_path_factory.mktemp("ml") / "ml-100k")
+    return _prepare(src, tmp_path_factory.mktemp("cache"))
 
 
 def test_pooled_popularity_sums_every_task_train_counts(prepared):
@@ -65,3 +70,30 @@ def test_bpr_mf_finds_the_planted_tastes_and_ranks_only_tasks_with_a_user(prepar
     assert set(res["bpr"]) == {"home", "search", "genre"} and set(res["pop"]) == set(featurizer.spec.tasks)
     # Half the catalogue is out of a user's taste: a factorisation that found it ranks far above popularity.
     assert res["bpr"]["home"]["ndcg@10"] > 1.5 * res["pop"]["home"]["ndcg@10"], res
+
+
+def test_seeds_whose_pooled_inputs_agree_share_the_baseline_figures(tmp_path):
+    """Another seed draws other canvases from the same ratings: the same digest, and figures from the cache
+    equal to the ones computed afresh. Other ratings: another digest."""
+    src = _two_tastes(tmp_path / "a" / "ml-100k")
+    a, b = _prepare(src, tmp_path / "cache", 0), _prepare(src, tmp_path / "cache", 1)
+    assert a[0] != b[0]  # two prepared data sets
+    home = [
+        pq.read_table(f)["request_id"].to_pylist()
+        for f in (a[0].parent / "labeled" / "split=train" / "task=home").glob("*.parquet")
+    ]
+    home_b = [
+        pq.read_table(f)["request_id"].to_pylist()
+        for f in (b[0].parent / "labeled" / "split=train" / "task=home").glob("*.parquet")
+    ]
+    assert sorted(sum(home, [])) != sorted(sum(home_b, []))  # whose canvases differ
+    assert baseline_digest(*a, "test") == baseline_digest(*b, "test") != baseline_digest(*a, "valid")
+    other = _prepare(_two_tastes(tmp_path / "c" / "ml-100k", seed=1), tmp_path / "cache", 0)
+    assert baseline_digest(*other, "test") != baseline_digest(*a, "test")
+    cache = tmp_path / "baselines"
+    out_a, out_b, fresh = {}, {}, {}
+    first = _baselines(*a, "test", 10, 0, cache, out_a)
+    reused = _baselines(*b, "test", 10, 0, cache, out_b)
+    assert "baselines_from" in out_b and "baselines_from" not in out_a and len(list(cache.iterdir())) == 1
+    assert reused == first and out_b["baselines"] == out_a["baselines"]
+    assert _baselines(*b, "test", 10, 0, None, fresh) == first  # what the cache stands in for

@@ -91,7 +91,9 @@ def test_the_catalogue_softmax_adds_the_cross_entropy_of_each_positive_over_the_
     full = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
     neg = torch.zeros(2, len(pools[0][2]))
     with_full, _ = obj.row_losses(batch, head, torch.zeros(3), pools, [neg], [full])
-    without, _ = Objective(["softmax"], 16, [None], ["item"]).row_losses(batch, head, torch.zeros(3), pools, [neg])
+    without, _ = Objective(["softmax"], 16, [None], ["item"]).row_losses(
+        batch, head, torch.zeros(3), pools, [neg]
+    )
     ce0 = math.log(1 + math.e + math.e**2) - 2.0  # item 10 is catalogue row 2
     assert with_full[0].item() == pytest.approx(without[0].item() + 0.5 * ce0, rel=1e-6)
     assert with_full[1].item() == pytest.approx(without[1].item())  # no row of its own: no catalogue term

@@ -181,8 +181,12 @@ def test_the_dot_product_term_is_in_every_path_and_the_catalogue_logits_are_it(t
         v = plain.encode_rows(batch.candidate, batch.task_type)
         term = (c * v).sum(1) / 16**0.5
         head = plain.head_index(batch.task_type)
-        torch.testing.assert_close(dotted.interact(c, v, batch.task_type), plain.interact(c, v, batch.task_type) + term[:, None])
+        torch.testing.assert_close(
+            dotted.interact(c, v, batch.task_type), plain.interact(c, v, batch.task_type) + term[:, None]
+        )
         torch.testing.assert_close(dotted.head_logits(c, v, head), plain.head_logits(c, v, head) + term)
-        items = {k: t[:20] for k, t in batch.candidate.items() if k in dotted.candidate_embedding["item"].names}
+        items = {
+            k: t[:20] for k, t in batch.candidate.items() if k in dotted.candidate_embedding["item"].names
+        }
         full = dotted.catalogue_logits(c[:5], items, "item")
         torch.testing.assert_close(full, c[:5] @ dotted.encode_candidates(items, "item").T / 16**0.5)

@@ -106,7 +106,13 @@ class MultiTaskRanker(nn.Module):
         # The presence mask goes in beside the embeddings so the encoder can tell which fields it has.
         self.context_encoder = _mlp((n_ctx + 1) * d + n_ctx, h)
         self.tower = build_tower(
-            cfg.tower, 3 * h, len(self.task_names), cfg.tower_layers, cfg.experts, cfg.dropout, cfg.expert_dims
+            cfg.tower,
+            3 * h,
+            len(self.task_names),
+            cfg.tower_layers,
+            cfg.experts,
+            cfg.dropout,
+            cfg.expert_dims,
         )
         self.heads = TaskHeads(self.task_names, getattr(self.tower, "out_width", 3 * h), cfg.head_hidden)
         self.dot_product = cfg.dot_product
@@ -166,7 +172,9 @@ class MultiTaskRanker(nn.Module):
         the price of one matrix product (:meth:`catalogue_logits`)."""
         return (c * v).sum(-1) / math.sqrt(c.shape[-1])
 
-    def catalogue_logits(self, c: torch.Tensor, candidate: Dict[str, torch.Tensor], ctype: str) -> torch.Tensor:
+    def catalogue_logits(
+        self, c: torch.Tensor, candidate: Dict[str, torch.Tensor], ctype: str
+    ) -> torch.Tensor:
         """Rows' context vectors [P, H] (before any target-aware attention) against a whole catalogue of one
         candidate type (its fields [C, ...]) -> [P, C] :meth:`dot` terms, the catalogue encoded once."""
         return c @ self.encode_candidates(candidate, ctype).T / math.sqrt(c.shape[-1])

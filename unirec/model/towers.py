@@ -246,7 +246,9 @@ def build_tower(
     task_conditioned) or CGC levels (ple); ``expert_dims``: mmoe's expert widths. A tower whose output
     width is not ``width`` says so in ``out_width``."""
     if expert_dims and kind != "mmoe":
-        raise ValueError(f"model.expert_dims={list(expert_dims)} shapes mmoe experts only, not model.tower={kind!r}")
+        raise ValueError(
+            f"model.expert_dims={list(expert_dims)} shapes mmoe experts only, not model.tower={kind!r}"
+        )
     if kind == "cross":
         return ResidualCrossTower(width, layers, dropout)
     if kind == "mlp":
