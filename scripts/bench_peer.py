@@ -146,11 +146,13 @@ def run_unirec(features: Path, steps: int) -> dict:
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_train import _steps
 
-    from unirec.config import compose
+    from unirec.config import TaskConfig, compose
     from unirec.data.batch import to_batch
     from unirec.train import setup
 
-    tr = setup(compose(UNIREC_OVERRIDES), features)
+    cfg = compose(UNIREC_OVERRIDES)
+    cfg.task = {f"t{k}": TaskConfig(id=k) for k in range(TASKS)}  # the shards' tasks, pointwise BCE each
+    tr = setup(cfg, features)
     in_memory = [to_batch(tr.loader.next_arrays(), tr.spec) for _ in range(min(steps, 60))]
     _steps(tr, iter(in_memory), 3)  # warm-up (allocator, kernels)
     e2e = _steps(tr, iter(tr.loader), steps)
