@@ -332,11 +332,14 @@ def run_suite(suite: Suite, args) -> Dict:
 
     # 1. sweep with seed 0, selected on valid
     sweep: Dict[str, Dict[str, float]] = {}
-    for lr, size in grid:
+    # A process that only takes some seeds needs no sweep where the grid has one point: nothing to choose.
+    only = getattr(args, "only_seeds", None)
+    for lr, size in [] if only and len(grid) == 1 else grid:
         for kind, ts in kinds():
             d = run_dir(kind, lr, size, 0)
-            train(suite, ts, lr, size, 0, d, args)
-            valid = evaluate(d, "valid", (suite.headline,))
+            with run_lock(d):  # a second process (--only-seeds) sweeps too: one trains, the other reuses
+                train(suite, ts, lr, size, 0, d, args)
+                valid = evaluate(d, "valid", (suite.headline,))
             sweep.setdefault(kind, {})[f"lr={lr:g} size={size}"] = float(
                 np.mean([headline(valid, suite, t) for t in ts])
             )
@@ -345,7 +348,7 @@ def run_suite(suite: Suite, args) -> Dict:
             )
     chosen = {}
     for kind, _ in kinds():
-        best = max(grid, key=lambda g: sweep[kind][f"lr={g[0]:g} size={g[1]}"])
+        best = max(grid, key=lambda g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0))
         chosen[kind] = best
     # 2. seeds, 3. test
     test: Dict[str, List[Dict]] = {}
