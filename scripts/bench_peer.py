@@ -13,8 +13,8 @@ unirec trains on the same rows written as its feature shards (6 categorical fiel
 request context, 2 categorical fields as the candidate; row i is an example of task ``i % 4`` with that
 task's label, since a unirec row trains its own task's head) through its own path: ``MixedLoader`` ->
 ``train_step``, the closest configuration (``model.tower=mmoe``, embedding 16, an interaction 3 x 43 = 129
-wide as the peer's expert input, 4 experts of [256, 128], heads of [64], batch 4096), for the same number of steps, then the same steps on batches already in memory
-(compute only). Samples are rows for both.
+wide as the peer's expert input, 4 experts of [256, 128], heads of [64], batch 4096), for the same number
+of steps, then the same steps on batches already in memory (compute only). Samples are rows for both.
 
 Each repeat runs both libraries, interleaved, each in a fresh process; the figures are medians of the
 repeats. Before each timed run the script waits until the machine is quiet: the whole machine's CPU

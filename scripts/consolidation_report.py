@@ -353,7 +353,7 @@ def run_suite(suite: Suite, args) -> Dict:
     # 2. seeds, 3. test
     test: Dict[str, List[Dict]] = {}
     meta: Dict[str, List[Dict]] = {}
-    for seed in getattr(args, "only_seeds", None) or range(args.seeds):
+    for seed in only or range(args.seeds):
         for kind, ts in kinds():
             lr, size = chosen[kind]
             d = run_dir(kind, lr, size, seed)
@@ -368,8 +368,8 @@ def run_suite(suite: Suite, args) -> Dict:
             )
             log(f"seed {seed} {kind}: test {suite.headline} ndcg@10 "
                 + " ".join(f"{t}={headline(test[kind][-1], suite, t):.4f}" for t in ts))  # fmt: skip
-    if getattr(args, "only_seeds", None):
-        log(f"seeds {args.only_seeds} done; the report is written by the process that runs them all")
+    if only:
+        log(f"seeds {only} done; the report is written by the process that runs them all")
         return None
     # 4. footprint of seed 0's chosen runs
     registry = work / "registry"

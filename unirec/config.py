@@ -267,17 +267,17 @@ class ModelConfig:
     dropout: float = 0.0
     sequence_pooling: str = "attention"
     """Pooling of sequence fields (the history): mean, attention (target-aware, DIN-style, every position's
-    recency in its key and value; the context slot pooled by one learned query) or transformer (causal self-attention, SASRec-style; the last position is the user's state).
-    unirec/model/pooling.py.
+    recency in its key and value; the context slot pooled by one learned query) or transformer (causal
+    self-attention, SASRec-style; the last position is the user's state). unirec/model/pooling.py.
     attention is the default: the best or tied on most tasks of both data sets (reports/ml100k/history.md,
     BENCHMARKS.md); transformer was slower and weaker in a first MovieLens probe."""
     sequence_layers: int = 1
     """Blocks of the transformer pooling."""
+    sequence_heads: int = 2
+    """Attention heads of the transformer pooling (must divide embedding_dim)."""
     dot_product: bool = False
     """Add ``<c, v> / sqrt(H)`` of the context and candidate vectors to every head's logit: the term a
     full-catalogue softmax trains cheaply (``loss.catalogue``)."""
-    sequence_heads: int = 2
-    """Attention heads of the transformer pooling (must divide embedding_dim)."""
 
 
 @dataclass

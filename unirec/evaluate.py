@@ -475,9 +475,7 @@ def run(
             if baselines:
                 full.update(_baselines(feats, loaded.featurizer, cats, split, k, seed, baseline_cache, out))
             out["protocols"]["full"] = full
-            out.setdefault("baselines", {}).update(
-                {n: s.chosen for n, s in scorers.items() if getattr(s, "chosen", None)}
-            )
+            out.setdefault("baselines", {})  # the baselines' chosen settings (set by _baselines)
         elif protocol == "sampled":
             res = {
                 "model": evaluate(

@@ -154,31 +154,34 @@ def build_objective(cfg: Config, spec: FeatureSpec, names: List[str], features: 
     ]
     catalogues = None
     if cfg.loss.catalogue > 0:
+        types = {spec.tasks[t].candidate for t, k in zip(names, kinds) if k == "softmax"}
+        of_type = catalogues_of(features, spec, types, device)  # one per type, shared by its tasks
         catalogues = [
-            catalogue_of(features, spec, spec.tasks[t].candidate, device) if k == "softmax" else None
-            for t, k in zip(names, kinds)
+            of_type[spec.tasks[t].candidate] if k == "softmax" else None for t, k in zip(names, kinds)
         ]
     return Objective(kinds, cfg.loss.negatives, logq, id_fields, catalogues, cfg.loss.catalogue)
 
 
-def catalogue_of(features: Path, spec: FeatureSpec, ctype: str, device):
-    """A candidate type's whole catalogue for the full-catalogue softmax: (its featurized fields [C, ...],
-    ``ctype``, [V] catalogue row of each candidate id; -1 for the sentinel, OOV and any id several rows share)."""
+def catalogues_of(features: Path, spec: FeatureSpec, types, device) -> Dict:
+    """Candidate type -> its whole catalogue for the full-catalogue softmax: (its featurized fields [C, ...],
+    the type, [V] catalogue row of each candidate id; -1 for the sentinel, OOV and any id several rows share)."""
     from unirec.data.batch import prefixed_tensors
     from unirec.data.features import Featurizer
     from unirec.kinds import FIRST_ID
 
-    featurizer = Featurizer.load(features)
-    fields = prefixed_tensors(featurizer.candidates(ctype, featurizer.catalogue_ids(ctype)), "cand.")
-    ids = fields[spec.candidates[ctype].id_field]
-    size = max(
-        spec.tables[spec.candidate_fields[spec.candidates[ctype].id_field].table].size, int(ids.max()) + 1
-    )
-    row = torch.full((size,), -1, dtype=torch.long)
-    once = torch.bincount(ids, minlength=size) == 1
-    keep = (ids >= FIRST_ID) & once[ids]
-    row[ids[keep]] = torch.arange(len(ids))[keep]
-    return {f: t.to(device) for f, t in fields.items()}, ctype, row.to(device)
+    featurizer = Featurizer.load(features) if types else None
+    out = {}
+    for ctype in sorted(types):
+        fields = prefixed_tensors(featurizer.candidates(ctype, featurizer.catalogue_ids(ctype)), "cand.")
+        id_field = spec.candidates[ctype].id_field
+        ids = fields[id_field]
+        size = max(spec.tables[spec.candidate_fields[id_field].table].size, int(ids.max()) + 1)
+        row = torch.full((size,), -1, dtype=torch.long)
+        once = torch.bincount(ids, minlength=size) == 1
+        keep = (ids >= FIRST_ID) & once[ids]
+        row[ids[keep]] = torch.arange(len(ids))[keep]
+        out[ctype] = ({f: t.to(device) for f, t in fields.items()}, ctype, row.to(device))
+    return out
 
 
 def candidate_log_share(features: Path, task: str, id_field: str, spec: FeatureSpec, device) -> torch.Tensor:
