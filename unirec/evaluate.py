@@ -294,8 +294,7 @@ def model_matrix_scorer(
         present = presence(feats, spec).to(device)
         task_type = torch.full((context.num_rows,), spec.tasks[task].id, dtype=torch.long, device=device)
         with torch.inference_mode():
-            c = model.encode_context(ctx, present, task_type)
-            memory = model.context_memory(ctx, present)
+            c, memory = model.encode_request(ctx, present, task_type)
             logits = model.score_matrix(c, vectors[spec.tasks[task].candidate], task_type, memory)
         return torch.sigmoid(logits.double()).cpu()
 

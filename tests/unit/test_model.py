@@ -190,3 +190,31 @@ def test_the_dot_product_term_is_in_every_path_and_the_catalogue_logits_are_it(t
         }
         full = dotted.catalogue_logits(c[:5], items, "item")
         torch.testing.assert_close(full, c[:5] @ dotted.encode_candidates(items, "item").T / 16**0.5)
+
+
+@pytest.mark.parametrize("tower,dot_product", [(t, False) for t in TOWERS] + [("cross", True)])
+def test_the_pools_scored_in_one_pass_equal_each_pool_scored_alone(toy_features, tower, dot_product):
+    """Training scores every task's sampled-softmax pool in one stacked pass (pools of several widths, the
+    shorter padded); each pool's logits equal score_matrix on that pool alone, the path full ranking and
+    serving take, and the gradient reaches the model through every pool."""
+    spec, model, batch = _setup(toy_features, batch=256, tower=tower, dot_product=dot_product)
+    head = model.head_index(batch.task_type)
+    pools = []
+    for k in range(len(spec.tasks)):
+        width = (7, 3, 5)[k % 3]
+        mine = torch.nonzero(head == k).squeeze(1)
+        pools.append((mine[: 4 + k], mine[-width:]))
+    own, pairs = model(batch, pools)
+    c, memory = model.encode_request(batch.context, batch.present, batch.task_type)
+    assert torch.allclose(c, model.encode_context(batch.context, batch.present, batch.task_type), atol=1e-6)
+    v = model.encode_rows(batch.candidate, batch.task_type)
+    for (rows, pool), got in zip(pools, pairs):
+        mem = {name: tuple(t[rows] for t in m) for name, m in memory.items()}
+        want = model.score_matrix(c[rows], v[pool], batch.task_type[rows], mem)
+        assert got.shape == (len(rows), len(pool))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    sum(p.sum() for p in pairs).backward()
+    assert model.tables["item"].weight.grad.abs().sum() > 0
+    for name in spec.tasks:  # every pool's own head got its gradient
+        g = model.heads.heads[name][0].weight.grad
+        assert g is not None and g.abs().sum() > 0, name

@@ -66,9 +66,21 @@ class FieldEmbeddings(nn.Module):
         return len(self.names)
 
     def forward(
-        self, inputs: Dict[str, torch.Tensor], tables: nn.ModuleDict, present: Optional[torch.Tensor] = None
+        self,
+        inputs: Dict[str, torch.Tensor],
+        tables: nn.ModuleDict,
+        present: Optional[torch.Tensor] = None,
+        memories: Optional[Dict[str, tuple]] = None,
     ) -> torch.Tensor:
-        out = [self.fields[n](inputs[n], self._table(tables, n)) for n in self.names]
+        """``memories``: the target-aware fields' :meth:`memories` of the same rows, when already computed:
+        their slots are pooled from them instead of encoding the history a second time."""
+        memories = memories or {}
+        out = [
+            self.fields[n].pool(memories[n])
+            if n in memories
+            else self.fields[n](inputs[n], self._table(tables, n))
+            for n in self.names
+        ]
         emb = torch.stack(out, dim=1)
         if present is None or self.missing is None:
             return emb

@@ -123,7 +123,11 @@ class TargetAttention(nn.Module):
         self.out = nn.Linear(opts.dim, opts.hidden)
 
     def forward(self, x: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        e, k, mask = self.memory(x, table)
+        return self.pool(self.memory(x, table))
+
+    def pool(self, memory: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The context slot from the history already encoded (:meth:`memory`) -> [R, D]."""
+        e, k, mask = memory
         logits = torch.einsum("d,rld->rl", self.slot, k) / math.sqrt(e.shape[-1])
         return torch.einsum("rl,rld->rd", _masked_softmax(logits, mask), e)
 
@@ -143,6 +147,17 @@ class TargetAttention(nn.Module):
         e, k, mask = memory
         logits = torch.einsum("nd,rld->rnl", self.query(v), k) / math.sqrt(e.shape[-1])
         return self.out(torch.einsum("rnl,rld->rnd", _masked_softmax(logits, mask.unsqueeze(1)), e))
+
+    def attend_pairs(
+        self, memory: Tuple[torch.Tensor, ...], v: torch.Tensor, cand: torch.Tensor
+    ) -> torch.Tensor:
+        """R histories, each against its own M of the candidate vectors v [N, H] (``cand`` [R, M] indexes
+        them) -> corrections [R, M, H]: :meth:`attend_all` for many small pools in one operation (training's
+        sampled softmax), the query projected once per candidate rather than once per pair."""
+        e, k, mask = memory
+        q = self.query(v)[cand]  # [R, M, D]
+        logits = torch.einsum("rmd,rld->rml", q, k) / math.sqrt(e.shape[-1])
+        return self.out(torch.einsum("rml,rld->rmd", _masked_softmax(logits, mask.unsqueeze(1)), e))
 
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

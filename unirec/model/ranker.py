@@ -126,10 +126,15 @@ class MultiTaskRanker(nn.Module):
         self.register_buffer("candidate_type_of_task", ctype_of, persistent=False)
 
     def encode_context(
-        self, context: Dict[str, torch.Tensor], present: torch.Tensor, task_type: torch.Tensor
+        self,
+        context: Dict[str, torch.Tensor],
+        present: torch.Tensor,
+        task_type: torch.Tensor,
+        memory: Memory = None,
     ):
-        """Context fields [B, ...], presence [B, Fc], task_type [B] -> context vector [B, H]."""
-        emb = self.context_embedding(context, self.tables, present)
+        """Context fields [B, ...], presence [B, Fc], task_type [B] -> context vector [B, H]; ``memory``:
+        the same rows' :meth:`context_memory`, if already computed (see :meth:`encode_request`)."""
+        emb = self.context_embedding(context, self.tables, present, memory)
         task = self.task_embedding(task_type).unsqueeze(1)
         x = torch.cat([emb, task], dim=1).flatten(1)
         return self.context_encoder(torch.cat([x, present.to(x.dtype)], dim=1))
@@ -188,16 +193,19 @@ class MultiTaskRanker(nn.Module):
             return {}
         return self.context_embedding.memories(context, self.tables, present)
 
+    def encode_request(
+        self, context: Dict[str, torch.Tensor], present: torch.Tensor, task_type: torch.Tensor
+    ) -> Tuple[torch.Tensor, Memory]:
+        """:meth:`encode_context` and :meth:`context_memory` together, the history encoded once for both."""
+        memory = self.context_memory(context, present)
+        return self.encode_context(context, present, task_type, memory), memory
+
     def all_logits(self, batch) -> torch.Tensor:
         return self._row_logits(*self._encode(batch), batch.task_type)
 
     def _encode(self, batch):
-        c = self.encode_context(batch.context, batch.present, batch.task_type)
-        return (
-            c,
-            self.encode_rows(batch.candidate, batch.task_type),
-            self.context_memory(batch.context, batch.present),
-        )
+        c, memory = self.encode_request(batch.context, batch.present, batch.task_type)
+        return c, self.encode_rows(batch.candidate, batch.task_type), memory
 
     def _row_logits(self, c: torch.Tensor, v: torch.Tensor, memory: Memory, task_type: torch.Tensor):
         for name, mem in memory.items():
@@ -224,13 +232,41 @@ class MultiTaskRanker(nn.Module):
         own = own.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
         if pools is None and catalogues is None:
             return own
-        pairs = []
-        for rows, pool in pools or ():
-            mem = {name: tuple(t[rows] for t in m) for name, m in memory.items()}
-            pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem))
+        pairs = self._pool_logits(c, v, memory, batch.task_type, pools) if pools else []
         if catalogues is None:
             return own, pairs
         return own, pairs, [self.catalogue_logits(c[rows], cand, ct) for rows, cand, ct in catalogues]
+
+    def _pool_logits(self, c, v, memory: Memory, task_type, pools) -> list:
+        """Every pool's [P, M] logits (each row's context against the pool's candidates, as
+        :meth:`score_matrix` would give them) in one pass: the pools' rows stacked, each with its own
+        candidates (a shorter pool padded with its last candidate, cut off again after). Each pool is one
+        task's, so its head runs on its own contiguous block (a split, whose backward is one concatenation)."""
+        width = max(len(pool) for _, pool in pools)
+        rows = torch.cat([r for r, _ in pools])
+        cand = torch.cat(
+            [
+                torch.cat([pool, pool[-1:].expand(width - len(pool))]).expand(len(r), width)
+                for r, pool in pools
+            ]
+        )
+        p = len(rows)
+        cs = c[rows].unsqueeze(1).expand(p, width, -1)
+        for name, mem in memory.items():
+            rows_mem = tuple(t[rows] for t in mem)
+            cs = cs + self.context_embedding.fields[name].attend_pairs(rows_mem, v, cand)
+        cs, vs = cs.reshape(p * width, -1), v[cand].reshape(p * width, -1)
+        head = self.head_index(task_type[rows])
+        x = self.tower(torch.cat([cs, vs, cs * vs], dim=1), head.repeat_interleave(width))
+        sizes = [len(r) * width for r, _ in pools]
+        dots = self.dot(cs, vs).split(sizes) if self.dot_product else [None] * len(pools)
+        firsts = torch.cumsum(torch.tensor([0] + [len(r) for r, _ in pools[:-1]]), 0).tolist()
+        out = []
+        for (r, pool), block, dot, first in zip(pools, x.split(sizes), dots, firsts):
+            logits = self.heads.one(block, int(head[first]))
+            logits = logits if dot is None else logits + dot
+            out.append(logits.view(len(r), width)[:, : len(pool)])
+        return out
 
     def score_candidates(
         self,

@@ -272,8 +272,7 @@ class Scorer:
         ctx, present, task_type = self.context_tensors(task, context)
         ctype = self.spec.tasks[task].candidate
         with torch.inference_mode():
-            c = self.model.encode_context(ctx, present, task_type)
-            memory = self.model.context_memory(ctx, present)
+            c, memory = self.model.encode_request(ctx, present, task_type)
             v = self._candidate_vectors(ctype, pa.array([str(i) for i in ids], pa.string()))
             rows = self.model.request_rows(c, v, memory)
         return Encoded(rows, v, int(self.model.head_index(task_type)[0]))
