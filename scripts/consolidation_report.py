@@ -218,16 +218,21 @@ def train(
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
+def run_lock(run_dir: Path, wait: bool = True):
     """An exclusive lock on one run (a file beside its directory), so processes sharing a work directory
-    (``--only-seeds``) never train or evaluate the same run at once."""
+    (``--jobs``, ``--only-seeds``) never train or evaluate the same run at once. Yields True once held;
+    with ``wait=False`` it yields False at once where another process holds it."""
     import fcntl
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f".{run_dir.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -330,11 +335,22 @@ def run_suite(suite: Suite, args) -> Dict:
     def kinds():
         return [("unified", tasks)] + [(f"bespoke-{t}", [t]) for t in tasks]
 
-    # 1. sweep with seed 0, selected on valid
-    sweep: Dict[str, Dict[str, float]] = {}
+    # A helper process (--jobs) goes through the runs from the other end and skips any run another process
+    # holds, so the processes meet in the middle; it writes no report.
+    helper = getattr(args, "helper", False)
     # A process that only takes some seeds needs no sweep where the grid has one point: nothing to choose.
     only = getattr(args, "only_seeds", None)
-    for lr, size in [] if only and len(grid) == 1 else grid:
+    sweeping = [] if (only or helper) and len(grid) == 1 else grid
+    if helper:
+        runs = [
+            (k, ts, lr, size, 0, run_dir(k, lr, size, 0), "valid")
+            for lr, size in sweeping
+            for k, ts in kinds()
+        ]
+        take_free_runs(suite, args, runs, work)
+    # 1. sweep with seed 0, selected on valid
+    sweep: Dict[str, Dict[str, float]] = {}
+    for lr, size in sweeping:
         for kind, ts in kinds():
             d = run_dir(kind, lr, size, 0)
             with run_lock(d):  # a second process (--only-seeds) sweeps too: one trains, the other reuses
@@ -350,6 +366,12 @@ def run_suite(suite: Suite, args) -> Dict:
     for kind, _ in kinds():
         best = max(grid, key=lambda g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0))
         chosen[kind] = best
+    if helper:
+        runs = [(k, ts, *chosen[k], seed, run_dir(k, *chosen[k], seed), "test")
+                for seed in only or range(args.seeds) for k, ts in kinds()]  # fmt: skip
+        take_free_runs(suite, args, runs, work)
+        log("helper done: the runs it took are trained and evaluated")
+        return None
     # 2. seeds, 3. test
     test: Dict[str, List[Dict]] = {}
     meta: Dict[str, List[Dict]] = {}
@@ -377,6 +399,20 @@ def run_suite(suite: Suite, args) -> Dict:
     floor = bare_rss_mb()
     log("footprint measured")
     return summarise(suite, args, sweep, chosen, test, meta, foot, floor, time.perf_counter() - started)
+
+
+def take_free_runs(suite: Suite, args, runs, work: Path) -> None:
+    """A --jobs helper's share of ``runs`` ((kind, tasks, lr, size, seed, run dir, split) each): from the
+    list's end, each run trained and evaluated on ``split`` only where no other process holds it. The
+    process that writes the report reuses what the helpers finished."""
+    for kind, ts, lr, size, seed, d, split in reversed(runs):
+        with run_lock(d, wait=False) as mine:
+            if mine:
+                train(suite, ts, lr, size, seed, d, args)
+                if split == "valid":
+                    evaluate(d, "valid", (suite.headline,))
+                else:
+                    evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
 
 
 def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
@@ -658,6 +694,14 @@ def parser() -> argparse.ArgumentParser:
         "takes some seeds off the one that writes it (each run is locked, finished runs are reused)",
     )
     ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="training processes sharing the machine's cores (each run is locked; helpers take runs from the "
+        "other end): one single-threaded run per core beats one run on every core for these small models",
+    )
+    ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs helper process
+    ap.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -690,6 +734,7 @@ def main(argv=None) -> None:
     if "ml100k" in args.suites and not args.raw_dir and not args.render:
         ap.error("suite ml100k needs --raw-dir (python scripts/fetch_movielens.py data/ml-100k)")
     t0 = time.perf_counter()
+    helpers = [] if args.render or args.helper else start_helpers(args, argv)
     for name in args.suites:
         suite = all_suites[name]
         out = Path(args.out) / suite_dir(name)
@@ -697,14 +742,42 @@ def main(argv=None) -> None:
             res = json.loads((out / "consolidation.json").read_text())
         else:
             res = run_suite(suite, args)
-            if res is None:  # --only-seeds
+            if res is None:  # --only-seeds, or a --jobs helper
                 continue
             out.mkdir(parents=True, exist_ok=True)
             (out / "consolidation.json").write_text(json.dumps(res, indent=2, sort_keys=True))
         write_markdown(res, suite, out / "consolidation.md")
         write_chart(res, suite, out / "consolidation.png")
         print(f"wrote {out / 'consolidation.md'}", flush=True)
+    for proc, path in helpers:
+        if proc.wait() != 0:
+            sys.exit(f"a --jobs helper failed (exit {proc.returncode}); its log: {path}")
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+def start_helpers(args, argv) -> list:
+    """``--jobs N``: N-1 helper processes of this command (``--helper``), every process with an equal share
+    of the cores as torch threads. Returns (process, log path) pairs; the logs lie in ``--work``."""
+    if args.jobs <= 1:
+        return []
+    import os
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    torch.set_num_threads(threads)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = []
+    for i in range(1, args.jobs):
+        path = Path(args.work) / f"helper-{i}.log"
+        with open(path, "w") as log:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--helper"]
+            out.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), path))
+    print(f"--jobs {args.jobs}: {args.jobs - 1} helper(s), {threads} torch thread(s) each; logs {args.work}/helper-*.log",
+          flush=True)  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -508,7 +509,7 @@ def _baselines(feats, featurizer, cats, split, k, seed, cache: Optional[Path], o
     out["baselines"] = {n: s.chosen for n, s in scorers.items() if getattr(s, "chosen", None)}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of one report may write it at once
         tmp.write_text(json.dumps({"chosen": out["baselines"], "figures": figures}, indent=2, sort_keys=True))
         tmp.replace(path)
     return figures

@@ -27,10 +27,12 @@ def test_reduced_consolidation_report(tmp_path):
     out = tmp_path / "reports"
     cmd = [sys.executable, str(ROOT / "scripts" / "consolidation_report.py"), "--quick", "--raw-dir", str(raw),
            "--seeds", "2", "--lrs", "1e-2", "--sizes", "S", "--work", str(tmp_path / "work"),
-           "--out", str(out), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+           "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--jobs", "2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    helper = (tmp_path / "work" / "helper-1.log").read_text()  # --jobs 2: the helper took its share
+    assert helper.count("helper done") == len(SUITES) and "Traceback" not in helper, helper[-2000:]
     for suite, sub in SUITES.items():
         res = json.loads((out / sub / "consolidation.json").read_text())
         headline = "full" if suite == "ml100k" else "sampled"
@@ -64,11 +66,19 @@ def test_the_run_lock_keeps_two_processes_off_one_run(tmp_path):
         "    time.sleep(float(sys.argv[2]))\n"
         f"    open({str(order)!r}, 'a').write(sys.argv[1] + ' out\\n')\n"
     )
-    first = subprocess.Popen([sys.executable, "-c", code, "a", "1.5"], cwd=ROOT)
+    first = subprocess.Popen([sys.executable, "-c", code, "a", "4"], cwd=ROOT)
     for _ in range(200):  # until the first holds the lock
         if order.exists():
             break
         time.sleep(0.05)
+    # A --jobs helper does not wait: it is told the run is held, and goes on to another.
+    probe = (
+        code.split("from pathlib")[0] + "from pathlib import Path\n"
+        f"with cr.run_lock(Path({str(run)!r}), wait=False) as mine:\n"
+        "    sys.exit(0 if mine is False else 3)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60).returncode == 0
     second = subprocess.run([sys.executable, "-c", code, "b", "0"], cwd=ROOT, timeout=60)
     assert first.wait(timeout=60) == 0 and second.returncode == 0
     assert order.read_text().split("\n")[:4] == ["a in", "a out", "b in", "b out"]
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60).returncode == 3  # free now
