@@ -157,7 +157,7 @@ def main() -> None:
     p.add_argument("--history", choices=("mean", "attention", "transformer"),
                    help="train the toy model with the history field pooled so; each request sends a history")  # fmt: skip
     args = p.parse_args()
-    from unirec.serve.memory import keep_freed_memory
+    from unirec.memory import keep_freed_memory
 
     print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  torch threads: 1")
     torch.set_num_threads(1)

@@ -379,6 +379,11 @@ class TrainerConfig:
     """Consecutive steps with a NaN/Inf loss or gradient (each skipped) after which the run stops."""
     compile: bool = False
     """torch.compile the model (worth it on GPUs for long runs)."""
+    keep_freed_memory: bool = True
+    """Raise glibc's mmap and trim thresholds (:mod:`unirec.memory`), so a step's large activations reuse
+    freed heap blocks instead of page-faulting fresh ones in: on the MovieLens recipe on CPU, minor faults
+    per step fell from 5,000-7,000 to about 300 and CPU time per step by about 12%. The process keeps its
+    peak working set."""
 
 
 @dataclass

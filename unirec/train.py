@@ -37,6 +37,7 @@ from unirec.data.loader import MixedLoader
 from unirec.data.prepare import prepare
 from unirec.evaluate import evaluate, model_scorer, popularity_scorer
 from unirec.losses import Objective, task_mean
+from unirec.memory import keep_freed_memory
 from unirec.model import MultiTaskRanker
 from unirec.optim import build_optimizers, build_schedulers
 from unirec.progress import progress_bar
@@ -463,6 +464,8 @@ def check(cfg: Config) -> None:
 def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
     """Train and evaluate; returns (and, on rank 0, writes to ``run_dir/metrics.json``) the per-task results."""
     check(cfg)
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     d = dst.init("cuda" if setup_device(cfg.trainer)[0].type == "cuda" else "cpu")
     try:
         run_dir = Path(dst.broadcast(d, str(run_dir)))

@@ -25,8 +25,8 @@ def serve(cfg: ServeConfig) -> None:
     import torch
     import uvicorn
 
+    from unirec.memory import keep_freed_memory
     from unirec.serve.app import create_app
-    from unirec.serve.memory import keep_freed_memory
 
     torch.set_num_threads(cfg.server.torch_threads)
     if cfg.server.keep_freed_memory:

@@ -111,7 +111,7 @@ class ServerConfig:
     """torch intra-op threads (requests are parallel across scoring threads instead)."""
     keep_freed_memory: bool = True
     """Raise glibc's mmap and trim thresholds so freed activations are reused, not page-faulted in afresh on
-    every request (:mod:`unirec.serve.memory`); the process then keeps its peak working set."""
+    every request (:mod:`unirec.memory`); the process then keeps its peak working set."""
     log_level: str = "warning"
 
 

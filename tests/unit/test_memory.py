@@ -1,4 +1,4 @@
-"""keep_freed_memory: blocks freed by scoring are reused, not faulted in afresh (unirec.serve.memory)."""
+"""keep_freed_memory: blocks freed by scoring are reused, not faulted in afresh (unirec.memory)."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 # keep_freed_memory(). Prints the minor page faults per allocation of each phase.
 PROBE = """
 import ctypes, resource, threading, torch
-from unirec.serve.memory import keep_freed_memory
+from unirec.memory import keep_freed_memory
 
 def faults_per_block():
     out = []
