@@ -382,8 +382,8 @@ class TrainerConfig:
     keep_freed_memory: bool = True
     """Raise glibc's mmap and trim thresholds (:mod:`unirec.memory`), so a step's large activations reuse
     freed heap blocks instead of page-faulting fresh ones in: on the MovieLens recipe on CPU, minor faults
-    per step fell from 5,000-7,000 to about 300 and CPU time per step by about 12%. The process keeps its
-    peak working set."""
+    per step fell from 5,000-9,000 to about 200-300 (CPU time per step 0-17% lower in three comparisons on
+    a busy machine; BENCHMARKS.md). The process keeps its peak working set."""
 
 
 @dataclass

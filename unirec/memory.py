@@ -11,8 +11,8 @@ and zero: 700 to 1,600 minor faults per request at 1000 candidates on the refere
 per merged forward of 16 requests of 100 candidates, a few milliseconds each time, where a loop in the main
 thread of a fresh process happened not to pay them. Raising both thresholds keeps freed blocks for reuse:
 zero faults per request after warm-up, and the process holds on to its peak working set. A training step
-on CPU churns through blocks of megabytes the same way (the MovieLens recipe: 5,000-7,000 faults per step,
-about 300 with the thresholds raised).
+on CPU churns through blocks of megabytes the same way (the MovieLens recipe: 5,000-9,000 faults per step,
+200-300 with the thresholds raised).
 """
 
 from __future__ import annotations

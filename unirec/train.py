@@ -119,6 +119,8 @@ class Training:
 def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training:
     """Model, optimizers, schedules and loader for ``cfg`` on the prepared ``features``."""
     d = d or dst.Dist()
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)
     spec = FeatureSpec.load(features / "feature_spec.json")
     device, bf16 = setup_device(cfg.trainer, d.local_rank)
@@ -464,8 +466,6 @@ def check(cfg: Config) -> None:
 def run(cfg: Config, run_dir: Path, features: Optional[Path] = None) -> Dict:
     """Train and evaluate; returns (and, on rank 0, writes to ``run_dir/metrics.json``) the per-task results."""
     check(cfg)
-    if cfg.trainer.keep_freed_memory:
-        keep_freed_memory()
     d = dst.init("cuda" if setup_device(cfg.trainer)[0].type == "cuda" else "cpu")
     try:
         run_dir = Path(dst.broadcast(d, str(run_dir)))
