@@ -121,8 +121,8 @@ class Kind:
         """The field's embedding module: ``forward(x, table) -> [B, D]`` (``table`` the shared nn.Embedding).
 
         A module that also pools against each candidate (target-aware) adds ``memory(x, table)``,
-        ``pool(memory)`` (its forward from the memory), ``attend_rows(memory, v)``, ``attend_all(memory, v)``
-        and ``attend_pairs(memory, v, cand)`` (see :mod:`unirec.model.pooling`)."""
+        ``pool(memory)`` (its forward from the memory), ``attend_rows(memory, v)`` and
+        ``attend_all(memory, v)`` (see :mod:`unirec.model.pooling`)."""
         from unirec.model import pooling  # lazily: unirec.model imports this module
 
         return pooling.Lookup()

@@ -193,10 +193,10 @@ def test_the_dot_product_term_is_in_every_path_and_the_catalogue_logits_are_it(t
 
 
 @pytest.mark.parametrize("tower,dot_product", [(t, False) for t in TOWERS] + [("cross", True)])
-def test_the_pools_scored_in_one_pass_equal_each_pool_scored_alone(toy_features, tower, dot_product):
-    """Training scores every task's sampled-softmax pool in one stacked pass (pools of several widths, the
-    shorter padded); each pool's logits equal score_matrix on that pool alone, the path full ranking and
-    serving take, and the gradient reaches the model through every pool."""
+def test_the_pools_scored_in_training_equal_each_pool_scored_alone(toy_features, tower, dot_product):
+    """Training scores every task's sampled-softmax pool (pools of several widths) from the batch encoded
+    once (encode_request); each pool's logits equal score_matrix on that pool alone, the path full ranking
+    and serving take, and the gradient reaches the model through every pool."""
     spec, model, batch = _setup(toy_features, batch=256, tower=tower, dot_product=dot_product)
     head = model.head_index(batch.task_type)
     pools = []

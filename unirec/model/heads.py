@@ -48,13 +48,12 @@ class TaskHeads(nn.Module):
         ``forward(x).gather(1, head[:, None])`` with the heads no row names left out (one, in serving)."""
         ks = torch.unique(head).tolist()
         if len(ks) == 1:
-            return self.one(x, ks[0])
+            return self._one(x, ks[0])
         out = x.new_empty(x.shape[0])
         for k in ks:
             rows = (head == k).nonzero().squeeze(1)
-            out[rows] = self.one(x[rows], k)
+            out[rows] = self._one(x[rows], k)
         return out
 
-    def one(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Head k alone on x [B, W] (or its slice k of [B, K, W]) -> [B] logits."""
+    def _one(self, x: torch.Tensor, k: int) -> torch.Tensor:
         return self.heads[self.names[k]](x[:, k] if x.dim() == 3 else x).squeeze(1)

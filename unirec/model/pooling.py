@@ -148,17 +148,6 @@ class TargetAttention(nn.Module):
         logits = torch.einsum("nd,rld->rnl", self.query(v), k) / math.sqrt(e.shape[-1])
         return self.out(torch.einsum("rnl,rld->rnd", _masked_softmax(logits, mask.unsqueeze(1)), e))
 
-    def attend_pairs(
-        self, memory: Tuple[torch.Tensor, ...], v: torch.Tensor, cand: torch.Tensor
-    ) -> torch.Tensor:
-        """R histories, each against its own M of the candidate vectors v [N, H] (``cand`` [R, M] indexes
-        them) -> corrections [R, M, H]: :meth:`attend_all` for many small pools in one operation (training's
-        sampled softmax), the query projected once per candidate rather than once per pair."""
-        e, k, mask = memory
-        q = self.query(v)[cand]  # [R, M, D]
-        logits = torch.einsum("rmd,rld->rml", q, k) / math.sqrt(e.shape[-1])
-        return self.out(torch.einsum("rml,rld->rmd", _masked_softmax(logits, mask.unsqueeze(1)), e))
-
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis where ``mask``; all-zero weights where a row has no true position."""

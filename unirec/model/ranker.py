@@ -232,41 +232,13 @@ class MultiTaskRanker(nn.Module):
         own = own.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
         if pools is None and catalogues is None:
             return own
-        pairs = self._pool_logits(c, v, memory, batch.task_type, pools) if pools else []
+        pairs = []
+        for rows, pool in pools or ():
+            mem = {name: tuple(t[rows] for t in m) for name, m in memory.items()}
+            pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem))
         if catalogues is None:
             return own, pairs
         return own, pairs, [self.catalogue_logits(c[rows], cand, ct) for rows, cand, ct in catalogues]
-
-    def _pool_logits(self, c, v, memory: Memory, task_type, pools) -> list:
-        """Every pool's [P, M] logits (each row's context against the pool's candidates, as
-        :meth:`score_matrix` would give them) in one pass: the pools' rows stacked, each with its own
-        candidates (a shorter pool padded with its last candidate, cut off again after). Each pool is one
-        task's, so its head runs on its own contiguous block (a split, whose backward is one concatenation)."""
-        width = max(len(pool) for _, pool in pools)
-        rows = torch.cat([r for r, _ in pools])
-        cand = torch.cat(
-            [
-                torch.cat([pool, pool[-1:].expand(width - len(pool))]).expand(len(r), width)
-                for r, pool in pools
-            ]
-        )
-        p = len(rows)
-        cs = c[rows].unsqueeze(1).expand(p, width, -1)
-        for name, mem in memory.items():
-            rows_mem = tuple(t[rows] for t in mem)
-            cs = cs + self.context_embedding.fields[name].attend_pairs(rows_mem, v, cand)
-        cs, vs = cs.reshape(p * width, -1), v[cand].reshape(p * width, -1)
-        head = self.head_index(task_type[rows])
-        x = self.tower(torch.cat([cs, vs, cs * vs], dim=1), head.repeat_interleave(width))
-        sizes = [len(r) * width for r, _ in pools]
-        dots = self.dot(cs, vs).split(sizes) if self.dot_product else [None] * len(pools)
-        firsts = torch.cumsum(torch.tensor([0] + [len(r) for r, _ in pools[:-1]]), 0).tolist()
-        out = []
-        for (r, pool), block, dot, first in zip(pools, x.split(sizes), dots, firsts):
-            logits = self.heads.one(block, int(head[first]))
-            logits = logits if dot is None else logits + dot
-            out.append(logits.view(len(r), width)[:, : len(pool)])
-        return out
 
     def score_candidates(
         self,
