@@ -335,61 +335,62 @@ def run_suite(suite: Suite, args) -> Dict:
     def kinds():
         return [("unified", tasks)] + [(f"bespoke-{t}", [t]) for t in tasks]
 
+    def run_and_evaluate(run, split: str, wait: bool = True):
+        """Train (or reuse) one (kind, tasks, lr, size, seed) run and evaluate it on ``split`` under its
+        lock -> (run dir, metrics, evaluation); None where another process holds it and ``wait`` is False."""
+        kind, ts, lr, size, seed = run
+        d = run_dir(kind, lr, size, seed)
+        with run_lock(d, wait) as mine:  # another process of the report may be on this run: it is reused
+            if not mine:
+                return None
+            m = train(suite, ts, lr, size, seed, d, args)
+            if split == "valid":
+                return d, m, evaluate(d, "valid", (suite.headline,))
+            # The baselines depend on the data only, which the seed's unified run holds in full.
+            return d, m, evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
+
     # A helper process (--jobs) goes through the runs from the other end and skips any run another process
     # holds, so the processes meet in the middle; it writes no report.
     helper = getattr(args, "helper", False)
     # A process that only takes some seeds needs no sweep where the grid has one point: nothing to choose.
     only = getattr(args, "only_seeds", None)
     sweeping = [] if (only or helper) and len(grid) == 1 else grid
+    sweep_runs = [(kind, ts, lr, size, 0) for lr, size in sweeping for kind, ts in kinds()]
     if helper:
-        runs = [
-            (k, ts, lr, size, 0, run_dir(k, lr, size, 0), "valid")
-            for lr, size in sweeping
-            for k, ts in kinds()
-        ]
-        take_free_runs(suite, args, runs, work)
+        for run in reversed(sweep_runs):
+            run_and_evaluate(run, "valid", wait=False)
     # 1. sweep with seed 0, selected on valid
     sweep: Dict[str, Dict[str, float]] = {}
-    for lr, size in sweeping:
-        for kind, ts in kinds():
-            d = run_dir(kind, lr, size, 0)
-            with run_lock(d):  # a second process (--only-seeds) sweeps too: one trains, the other reuses
-                train(suite, ts, lr, size, 0, d, args)
-                valid = evaluate(d, "valid", (suite.headline,))
-            sweep.setdefault(kind, {})[f"lr={lr:g} size={size}"] = float(
-                np.mean([headline(valid, suite, t) for t in ts])
-            )
-            log(
-                f"sweep {kind} lr={lr:g} size={size}: valid ndcg@10 {sweep[kind][f'lr={lr:g} size={size}']:.4f}"
-            )
+    for run in sweep_runs:
+        kind, ts, lr, size, _ = run
+        _, _, valid = run_and_evaluate(run, "valid")
+        point = f"lr={lr:g} size={size}"
+        sweep.setdefault(kind, {})[point] = float(np.mean([headline(valid, suite, t) for t in ts]))
+        log(f"sweep {kind} {point}: valid ndcg@10 {sweep[kind][point]:.4f}")
     chosen = {}
     for kind, _ in kinds():
         best = max(grid, key=lambda g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0))
         chosen[kind] = best
+    seed_runs = [
+        (kind, ts, *chosen[kind], seed) for seed in only or range(args.seeds) for kind, ts in kinds()
+    ]
     if helper:
-        runs = [(k, ts, *chosen[k], seed, run_dir(k, *chosen[k], seed), "test")
-                for seed in only or range(args.seeds) for k, ts in kinds()]  # fmt: skip
-        take_free_runs(suite, args, runs, work)
+        for run in reversed(seed_runs):
+            run_and_evaluate(run, "test", wait=False)
         log("helper done: the runs it took are trained and evaluated")
         return None
     # 2. seeds, 3. test
     test: Dict[str, List[Dict]] = {}
     meta: Dict[str, List[Dict]] = {}
-    for seed in only or range(args.seeds):
-        for kind, ts in kinds():
-            lr, size = chosen[kind]
-            d = run_dir(kind, lr, size, seed)
-            with run_lock(d):  # another process of the same report may be on this run: wait, then reuse it
-                m = train(suite, ts, lr, size, seed, d, args)
-                # The baselines depend on the data only, which the seed's unified run holds in full.
-                test.setdefault(kind, []).append(
-                    evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
-                )
-            meta.setdefault(kind, []).append(
-                {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
-            )
-            log(f"seed {seed} {kind}: test {suite.headline} ndcg@10 "
-                + " ".join(f"{t}={headline(test[kind][-1], suite, t):.4f}" for t in ts))  # fmt: skip
+    for run in seed_runs:
+        kind, ts, seed = run[0], run[1], run[4]
+        d, m, res = run_and_evaluate(run, "test")
+        test.setdefault(kind, []).append(res)
+        meta.setdefault(kind, []).append(
+            {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
+        )
+        log(f"seed {seed} {kind}: test {suite.headline} ndcg@10 "
+            + " ".join(f"{t}={headline(res, suite, t):.4f}" for t in ts))  # fmt: skip
     if only:
         log(f"seeds {only} done; the report is written by the process that runs them all")
         return None
@@ -399,20 +400,6 @@ def run_suite(suite: Suite, args) -> Dict:
     floor = bare_rss_mb()
     log("footprint measured")
     return summarise(suite, args, sweep, chosen, test, meta, foot, floor, time.perf_counter() - started)
-
-
-def take_free_runs(suite: Suite, args, runs, work: Path) -> None:
-    """A --jobs helper's share of ``runs`` ((kind, tasks, lr, size, seed, run dir, split) each): from the
-    list's end, each run trained and evaluated on ``split`` only where no other process holds it. The
-    process that writes the report reuses what the helpers finished."""
-    for kind, ts, lr, size, seed, d, split in reversed(runs):
-        with run_lock(d, wait=False) as mine:
-            if mine:
-                train(suite, ts, lr, size, seed, d, args)
-                if split == "valid":
-                    evaluate(d, "valid", (suite.headline,))
-                else:
-                    evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
 
 
 def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
