@@ -50,8 +50,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-SIZES = {"S": {"embedding_dim": 16, "hidden_dim": 32}, "M": {"embedding_dim": 32, "hidden_dim": 64}}
-"""Model sizes of the sweep (the core default is embedding 16, hidden 64)."""
+SIZES = {
+    "S": {"embedding_dim": 16, "hidden_dim": 32},
+    "M": {"embedding_dim": 32, "hidden_dim": 64},
+    "W": {"embedding_dim": 64, "hidden_dim": 32},
+}
+"""Model sizes of the sweep (the core default is embedding 16, hidden 64); W, wide embeddings on a narrow
+tower, is the MovieLens recipe (conf/experiment/ml100k.yaml)."""
 ML_TASKS = ("home", "related", "search", "genre")
 
 

@@ -5,7 +5,8 @@ Takes the same Hydra overrides as ``python -m unirec.train``. It trains the unif
 ``advise.measure_every`` steps measures, before that step and on its batch, for every pair of tasks:
 
 - the lookahead affinity Z_{i→j} of TAG (Fifty et al., NeurIPS 2021) at the shared parameters (everything
-  but the task heads), see :mod:`unirec.affinity`;
+  but the task heads), see :mod:`unirec.affinity`, under the run's own objective (a softmax task's
+  in-batch negatives included) and with the step the run's Adam would take (``advise.lookahead``);
 - the cosine of the two tasks' gradients there;
 
 and once, from the prepared data, the overlap of their context fields, candidate types and candidate sets.
@@ -31,7 +32,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import hydra
 import numpy as np
@@ -40,15 +41,23 @@ import torch
 from omegaconf import DictConfig
 
 from unirec.advice_report import write_heatmap, write_markdown
-from unirec.affinity import AffinityLog, Lookahead, benefit, best_grouping, lookahead, normalised
+from unirec.affinity import (
+    AffinityLog,
+    Direction,
+    Lookahead,
+    benefit,
+    best_grouping,
+    lookahead,
+    normalised,
+)
 from unirec.config import Config, conf_dir, register_configs, to_object
 from unirec.data.batch import CANDIDATE, Batch
 from unirec.data.loader import shard_files
 from unirec.data.prepare import prepare
-from unirec.losses import task_losses
+from unirec.losses import Objective, task_mean
 from unirec.model import MultiTaskRanker
 from unirec.schema import FeatureSpec
-from unirec.train import Training, check, setup, train_step
+from unirec.train import Training, check, objective_forward, setup, train_step
 
 log = logging.getLogger("unirec.advise")
 
@@ -61,23 +70,65 @@ def shared_parameters(module: MultiTaskRanker) -> Dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("heads.")}
 
 
-def ranker_lookahead(module: MultiTaskRanker, batch: Batch, lr: float) -> Lookahead:
-    """:func:`unirec.affinity.lookahead` of the ranker on one batch (on its device), in eval mode and fp32
-    so that the loss before and after a lookahead differ only by the step."""
+def ranker_lookahead(
+    module: MultiTaskRanker,
+    objective: Objective,
+    batch: Batch,
+    lr: float,
+    direction: Optional[Direction] = None,
+    step: int = 0,
+) -> Lookahead:
+    """:func:`unirec.affinity.lookahead` of the ranker on one batch (on its device), under the run's own
+    training objective (a softmax task's in-batch negatives are drawn once, seeded by ``step``, and reused
+    for every lookahead), in eval mode and fp32 so that the loss before and after a lookahead differ only
+    by the step."""
     k = len(module.task_names)
     head = module.head_index(batch.task_type)
-    present = torch.zeros(k, dtype=torch.bool, device=head.device).index_fill(0, head.unique(), True)
+    pools = objective.pools(batch, head, torch.Generator().manual_seed(step)) if objective.sampled else []
 
-    def losses_at(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        logits = torch.func.functional_call(module, dict(params), (batch,)) if params else module(batch)
-        return task_losses(logits, batch.label, batch.weight, head, k)[0]
+    def losses_and_counts(params: Mapping[str, torch.Tensor]):
+        call = (lambda *a: torch.func.functional_call(module, dict(params), a)) if params else module
+        logits, pairs, full = objective_forward(call, objective, batch, pools)
+        per_row, weight = objective.row_losses(batch, head, logits, pools, pairs, full)
+        return task_mean(per_row, weight, head, k)
 
     was_training = module.training
     module.eval()
     try:
-        return lookahead(losses_at, shared_parameters(module), lr, present)
+        with torch.no_grad():
+            present = losses_and_counts({})[1] > 0  # a task whose rows carry weight in this batch
+        return lookahead(lambda p: losses_and_counts(p)[0], shared_parameters(module), lr, present, direction)
     finally:
         module.train(was_training)
+
+
+def adam_direction(opts: Sequence[torch.optim.Optimizer], shared: Mapping[str, torch.Tensor]) -> Direction:
+    """The step direction Adam would take next if its gradient were a task's gradient g alone, from the
+    run's (Sparse)Adam(W) state: ``g / (sqrt(v_hat) + eps)`` with ``v = beta2 * v + (1 - beta2) * g**2``
+    and ``v_hat`` its bias correction at the next step (at a parameter without state, Adam's first step:
+    ``g / (|g| + eps)``). Momentum and weight decay are left out: the lookahead is one task's own step.
+
+    Adam scales every coordinate by its gradient history, so an embedding row that few batches touch
+    moves as far as a dense weight; a plain gradient step would measure the affinity mostly through the
+    few largest-gradient parameters, which is not how the run moves.
+    """
+    by_id = {}
+    for o in opts:
+        for group in o.param_groups:
+            for p in group["params"]:
+                by_id[id(p)] = (o.state.get(p, {}), group["betas"][1], group["eps"])
+    names = {n: by_id.get(id(p)) for n, p in shared.items()}
+
+    def direction(name: str, g: torch.Tensor) -> torch.Tensor:
+        found = names.get(name)
+        if found is None:
+            raise KeyError(f"shared parameter {name} is in no optimizer")
+        state, beta2, eps = found
+        v, t = state.get("exp_avg_sq"), float(state.get("step", 0))
+        v = (1 - beta2) * g.square() if v is None else beta2 * v + (1 - beta2) * g.square()
+        return g / ((v / (1 - beta2 ** (t + 1))).sqrt() + eps)
+
+    return direction
 
 
 def advise_steps(cfg: Config) -> int:
@@ -121,6 +172,8 @@ def measure(cfg: Config, tr: Training) -> AffinityLog:
     before every ``advise.measure_every``-th one, on its batch."""
     steps, every, skip = advise_steps(cfg), cfg.advise.measure_every, skip_steps(cfg)
     lr = cfg.advise.lookahead_lr or cfg.optim.lr
+    shared = shared_parameters(tr.module)
+    direction = adam_direction(tr.opts, shared) if cfg.advise.lookahead == "adam" else None
     acc = AffinityLog(len(tr.module.task_names))
     batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
     try:
@@ -128,7 +181,7 @@ def measure(cfg: Config, tr: Training) -> AffinityLog:
             batch, _ = next(batches)
             batch = batch.to(tr.device, non_blocking=True)
             if step >= skip and (step - skip) % every == 0:
-                acc.add(ranker_lookahead(tr.module, batch, lr))
+                acc.add(ranker_lookahead(tr.module, tr.objective, batch, lr, direction, step))
             train_step(tr, batch)
     finally:
         batches.close()  # stops the prefetch thread

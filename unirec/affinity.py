@@ -1,9 +1,10 @@
 """Inter-task affinity and the grouping search: the measurements behind the consolidation advice.
 
 Lookahead affinity (Fifty et al., NeurIPS 2021, "Efficiently Identifying Task Groupings for Multi-Task
-Learning", TAG). At the shared parameters θs of a batch, task i's lookahead is one plain gradient step on
-its own loss, ``θs' = θs − lr · ∇θs L_i``, with everything task-specific left as it is; its affinity onto
-task j is::
+Learning", TAG). At the shared parameters θs of a batch, task i's lookahead is one step on its own loss,
+``θs' = θs − lr · d(∇θs L_i)``, with everything task-specific left as it is: a plain gradient step
+(``d`` the identity), or the step the run's optimizer would take (the advisor preconditions by Adam's second
+moments, see :func:`unirec.advise.adam_direction`). Its affinity onto task j is::
 
     Z[i, j] = Z_{i→j} = 1 − L_j(θs') / L_j(θs)
 
@@ -21,12 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 LossesAt = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 """Parameter name -> replacement tensor (``{}``: the model's own) -> the [K] per-task losses of one batch."""
+
+Direction = Callable[[str, torch.Tensor], torch.Tensor]
+"""Parameter name, a task's (dense) gradient there -> the lookahead's update direction, stepped as
+``θ − lr · direction``."""
 
 
 @dataclass
@@ -45,7 +50,11 @@ class Lookahead:
 
 
 def lookahead(
-    losses_at: LossesAt, shared: Mapping[str, torch.Tensor], lr: float, present: torch.Tensor
+    losses_at: LossesAt,
+    shared: Mapping[str, torch.Tensor],
+    lr: float,
+    present: torch.Tensor,
+    direction: Optional[Direction] = None,
 ) -> Lookahead:
     """Z_{i→j} and gradient cosines for every ordered pair of the tasks present in one batch.
 
@@ -54,6 +63,8 @@ def lookahead(
         shared: the shared parameters by name; only these move in a lookahead.
         lr: lookahead step size.
         present: [K] bool, which tasks have rows in the batch (the others get NaN).
+        direction: the update direction of a gradient (:data:`Direction`); None: the gradient itself.
+            The cosines are always those of the raw gradients.
 
     Costs one forward with its graph, one backward per present task and one forward per present task.
 
@@ -83,7 +94,8 @@ def lookahead(
         ]
         flat.append(torch.cat([g.reshape(-1) for g in grads]).double())
         with torch.no_grad():
-            moved = {n: p.detach() - lr * g for n, p, g in zip(names, params, grads)}
+            step = grads if direction is None else [direction(n, g) for n, g in zip(names, grads)]
+            moved = {n: p.detach() - lr * d for n, p, d in zip(names, params, step)}
             after = losses_at(moved)
         base = losses.detach()
         for j in tasks:

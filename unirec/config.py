@@ -402,8 +402,14 @@ class AdviseConfig:
     measure_every: int = 1
     """Steps between affinity measurements after skip_steps; each costs K gradients and K lookahead
     forwards (K tasks), about 2K training steps' worth of work."""
+    lookahead: str = "sgd"
+    """The lookahead step on task i's loss at the shared parameters: ``sgd``, the plain gradient step
+    ``theta - lr * grad L_i`` of the TAG paper, or ``adam``, the direction the run's Adam would take
+    (``g / (sqrt(v_hat) + eps)`` from its second moments, unirec.advise.adam_direction). An Adam step moves
+    every coordinate by about lr: at optim.lr it overshoots (on debug=toy every task's own step raised its
+    own loss by 24-66% at lr 0.01), so give it a smaller advise.lookahead_lr (1e-4 there)."""
     lookahead_lr: Optional[float] = None
-    """Step size of the lookahead ``theta - lr * grad L_i`` at the shared parameters; null: optim.lr."""
+    """Step size of the lookahead at the shared parameters; null: optim.lr."""
     max_group_tasks: int = 6
     """Most tasks the exhaustive grouping search takes (203 groupings at 6, 4,140 at 8)."""
     out_dir: Optional[str] = None
@@ -417,6 +423,8 @@ class AdviseConfig:
                 raise ValueError(f"advise.{key} must be >= 1, got {getattr(self, key)}")
         if self.skip_steps is not None and self.skip_steps < 0:
             raise ValueError(f"advise.skip_steps must be >= 0 or null, got {self.skip_steps}")
+        if self.lookahead not in ("adam", "sgd"):
+            raise ValueError(f"advise.lookahead must be adam or sgd, got {self.lookahead!r}")
         if self.lookahead_lr is not None and not self.lookahead_lr > 0:
             raise ValueError(f"advise.lookahead_lr must be > 0 or null, got {self.lookahead_lr}")
 

@@ -22,7 +22,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import hydra
 import torch
@@ -227,6 +227,20 @@ class StepResult(NamedTuple):
     """[K] ||dL_k/dW|| at :func:`shared_weight`, when computed (asked for, or the balancer needs it)."""
 
 
+def objective_forward(model: Callable, objective: Objective, batch: Batch, pools: Sequence) -> Tuple:
+    """What ``objective.row_losses`` reads from one forward of ``model`` (the ranker, its wrapper, or a
+    ``functional_call`` of it): own logits [B], the pools' pair logits, the catalogue logits (both lists,
+    empty for a bce-only objective). ``pools``: ``objective.pools`` of the batch (``[]`` when not sampled)."""
+    if not objective.sampled:
+        return model(batch), [], []
+    pairs_of = [(rows, pool) for _, rows, pool in pools]
+    cats = objective.catalogue_requests(pools)
+    if cats is None:
+        logits, pairs = model(batch, pairs_of)
+        return logits, pairs, []
+    return model(batch, pairs_of, cats)
+
+
 def train_step(tr: Training, batch: Batch, grad_norms: bool = False, step: int = 0) -> StepResult:
     """One optimisation step of the model and the loss balancer on a batch on the device.
 
@@ -241,17 +255,8 @@ def train_step(tr: Training, batch: Batch, grad_norms: bool = False, step: int =
     if tr.objective.sampled:
         gen = torch.Generator().manual_seed(step * max(world, 1) + d.rank)
         pools = tr.objective.pools(batch, head, gen)
-    full = []
     with _autocast(tr.device, tr.bf16):
-        if tr.objective.sampled:
-            pairs_of = [(rows, pool) for _, rows, pool in pools]
-            cats = tr.objective.catalogue_requests(pools)
-            if cats is None:
-                logits, pairs = tr.model(batch, pairs_of)
-            else:
-                logits, pairs, full = tr.model(batch, pairs_of, cats)
-        else:
-            logits, pairs = tr.model(batch), []
+        logits, pairs, full = objective_forward(tr.model, tr.objective, batch, pools)
     per_row, weight = tr.objective.row_losses(batch, head, logits, pools, pairs, full)
     all_sum = (lambda x: dst.all_sum(d, x)) if world > 1 else None
     losses, counts = task_mean(per_row, weight, head, len(tr.module.task_names), all_sum, world)

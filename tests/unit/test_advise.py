@@ -9,14 +9,15 @@ import math
 import pytest
 import torch
 
-from unirec.advise import check_advise, ranker_lookahead, shared_parameters
+from unirec.advise import adam_direction, check_advise, ranker_lookahead, shared_parameters
 from unirec.affinity import AffinityLog, Lookahead, benefit, best_grouping, lookahead, normalised, partitions
 from unirec.config import LoaderConfig, ModelConfig, compose
 from unirec.data.batch import to_batch
 from unirec.data.loader import MixedLoader
-from unirec.losses import task_losses
+from unirec.losses import Objective, task_losses, task_mean
 from unirec.model import MultiTaskRanker
 from unirec.schema import FeatureSpec
+from unirec.train import objective_forward
 
 
 class _Tiny(torch.nn.Module):
@@ -62,6 +63,49 @@ def test_an_absent_task_gets_nan_and_no_lookahead():
     assert math.isnan(res.affinity[0, 1]) and math.isnan(res.affinity[1, 0]) and math.isnan(res.cosine[1, 1])
 
 
+def test_adam_lookahead_on_a_tiny_model_matches_the_hand_computed_values():
+    m = _Tiny()
+    opt = torch.optim.Adam([m.w, m.h], lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+    m().sum().backward()  # dL/dw = -1 + 4 = 3 at w = 0.5: one Adam step leaves v_w = 0.001 * 9, step 1
+    opt.step()
+    opt.zero_grad()
+    w = m.w.item()  # 0.4 (Adam's first step moves w by lr against the gradient's sign)
+    # Task a: g_a = 2(w - 1) = -1.2; v' = 0.999 * 0.009 + 0.001 * 1.44; v_hat = v' / (1 - 0.999**2).
+    # Task b: g_b = 4(2w + h) = 3.2 (h = -0.1 after its own first step: dL/dh = 2(2w + h) = 2 at the start).
+    h = m.h.item()
+    ga, gb = 2 * (w - 1), 4 * (2 * w + h)
+    da = ga / math.sqrt((0.999 * 0.009 + 0.001 * ga**2) / (1 - 0.999**2))
+    db = gb / math.sqrt((0.999 * 0.009 + 0.001 * gb**2) / (1 - 0.999**2))
+
+    def la(v):
+        return (v - 1) ** 2
+
+    def lb(v):
+        return (2 * v + h) ** 2
+
+    expected = torch.tensor(
+        [[1 - la(w - 0.1 * da) / la(w), 1 - lb(w - 0.1 * da) / lb(w)],
+         [1 - la(w - 0.1 * db) / la(w), 1 - lb(w - 0.1 * db) / lb(w)]]
+    )  # fmt: skip
+
+    def losses_at(p):
+        return torch.func.functional_call(m, dict(p), ()) if p else m()
+
+    res = lookahead(losses_at, {"w": m.w}, 0.1, torch.tensor([True, True]), adam_direction([opt], {"w": m.w}))
+    assert torch.allclose(res.affinity, expected, atol=1e-5)
+    assert m.w.item() == w  # the lookahead leaves the model and its optimizer as they were
+    assert opt.state[m.w]["exp_avg_sq"].item() == pytest.approx(0.009)
+
+
+def test_adam_direction_without_state_is_adams_first_step_and_refuses_a_foreign_parameter():
+    w = torch.nn.Parameter(torch.tensor([0.5, -2.0]))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    d = adam_direction([opt], {"w": w})
+    assert d("w", torch.tensor([0.3, -4.0])).tolist() == pytest.approx([1.0, -1.0], abs=1e-6)
+    with pytest.raises(KeyError, match="other"):
+        adam_direction([opt], {"other": torch.nn.Parameter(torch.zeros(1))})("other", torch.ones(1))
+
+
 def _toy_model(features):
     spec = FeatureSpec.load(features / "feature_spec.json")
     torch.manual_seed(0)
@@ -70,22 +114,42 @@ def _toy_model(features):
     return model, to_batch(ld.next_arrays(), spec).to(torch.device("cpu"))
 
 
-def test_ranker_lookahead_matches_an_explicit_sgd_step_on_a_copy(toy_features):
-    """Reference: for each task, backward on a copy, step its non-head parameters by -lr * grad, re-evaluate."""
+def _objective(model, spec, kinds):
+    ids = [spec.candidates[spec.tasks[t].candidate].id_field for t in model.task_names]
+    return Objective(kinds, 16, [None] * len(kinds), ids)
+
+
+@pytest.mark.parametrize("first", ["bce", "softmax"])
+def test_ranker_lookahead_matches_an_explicit_sgd_step_on_a_copy(toy_features, first):
+    """Reference: for each task, backward on a copy, step its non-head parameters by -lr * grad, re-evaluate,
+    all under the training objective (the first task a sampled softmax over the same in-batch draw)."""
     model, batch = _toy_model(toy_features)
+    spec = FeatureSpec.load(toy_features / "feature_spec.json")
+    k = len(model.task_names)
+    obj = _objective(model, spec, [first] + ["bce"] * (k - 1))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    lr, k = 0.05, len(model.task_names)
-    got = ranker_lookahead(model, batch, lr)
+    lr, step = 0.05, 7
+    got = ranker_lookahead(model, obj, batch, lr, step=step)
     head = model.head_index(batch.task_type)
-    base = task_losses(model(batch), batch.label, batch.weight, head, k)[0].detach()
+    pools = obj.pools(batch, head, torch.Generator().manual_seed(step)) if obj.sampled else []
+
+    def losses(m):
+        logits, pairs, full = objective_forward(m, obj, batch, pools)
+        per_row, weight = obj.row_losses(batch, head, logits, pools, pairs, full)
+        return task_mean(per_row, weight, head, k)[0]
+
+    if first == "softmax":  # the softmax task's loss is not the BCE of its rows: the objective is used
+        bce = task_losses(model(batch), batch.label, batch.weight, head, k)[0]
+        assert not torch.allclose(losses(model)[0], bce[0])
+    base = losses(model).detach()
     for i in range(k):
         ref = copy.deepcopy(model)
-        task_losses(ref(batch), batch.label, batch.weight, head, k)[0][i].backward()
+        losses(ref)[i].backward()
         with torch.no_grad():
             for n, p in ref.named_parameters():
                 if not n.startswith("heads.") and p.grad is not None:
                     p -= lr * p.grad
-            after = task_losses(ref(batch), batch.label, batch.weight, head, k)[0]
+            after = losses(ref)
         assert torch.allclose(got.affinity[i], (1 - after / base).float(), atol=1e-5, rtol=1e-4), i
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert got.present.all() and set(shared_parameters(model)) == {
