@@ -85,19 +85,19 @@ def ranker_lookahead(
     k = len(module.task_names)
     head = module.head_index(batch.task_type)
     pools = objective.pools(batch, head, torch.Generator().manual_seed(step)) if objective.sampled else []
+    present = torch.zeros(k, dtype=torch.bool, device=head.device).index_fill(0, head.unique(), True)
+    present[[i for i in objective.sampled if i not in {j for j, _, _ in pools}]] = False  # no positive row
 
-    def losses_and_counts(params: Mapping[str, torch.Tensor]):
+    def losses_at(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         call = (lambda *a: torch.func.functional_call(module, dict(params), a)) if params else module
         logits, pairs, full = objective_forward(call, objective, batch, pools)
         per_row, weight = objective.row_losses(batch, head, logits, pools, pairs, full)
-        return task_mean(per_row, weight, head, k)
+        return task_mean(per_row, weight, head, k)[0]
 
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
-            present = losses_and_counts({})[1] > 0  # a task whose rows carry weight in this batch
-        return lookahead(lambda p: losses_and_counts(p)[0], shared_parameters(module), lr, present, direction)
+        return lookahead(losses_at, shared_parameters(module), lr, present, direction)
     finally:
         module.train(was_training)
 
@@ -116,14 +116,15 @@ def adam_direction(opts: Sequence[torch.optim.Optimizer], shared: Mapping[str, t
     for o in opts:
         for group in o.param_groups:
             for p in group["params"]:
-                by_id[id(p)] = (o.state.get(p, {}), group["betas"][1], group["eps"])
+                by_id[id(p)] = (o, p, group["betas"][1], group["eps"])
     names = {n: by_id.get(id(p)) for n, p in shared.items()}
 
     def direction(name: str, g: torch.Tensor) -> torch.Tensor:
         found = names.get(name)
         if found is None:
             raise KeyError(f"shared parameter {name} is in no optimizer")
-        state, beta2, eps = found
+        o, p, beta2, eps = found
+        state = o.state.get(p, {})  # read now: the optimizer creates and replaces it as the run steps
         v, t = state.get("exp_avg_sq"), float(state.get("step", 0))
         v = (1 - beta2) * g.square() if v is None else beta2 * v + (1 - beta2) * g.square()
         return g / ((v / (1 - beta2 ** (t + 1))).sqrt() + eps)
@@ -172,8 +173,9 @@ def measure(cfg: Config, tr: Training) -> AffinityLog:
     before every ``advise.measure_every``-th one, on its batch."""
     steps, every, skip = advise_steps(cfg), cfg.advise.measure_every, skip_steps(cfg)
     lr = cfg.advise.lookahead_lr or cfg.optim.lr
-    shared = shared_parameters(tr.module)
-    direction = adam_direction(tr.opts, shared) if cfg.advise.lookahead == "adam" else None
+    direction = (
+        adam_direction(tr.opts, shared_parameters(tr.module)) if cfg.advise.lookahead == "adam" else None
+    )
     acc = AffinityLog(len(tr.module.task_names))
     batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
     try:

@@ -66,6 +66,9 @@ def test_an_absent_task_gets_nan_and_no_lookahead():
 def test_adam_lookahead_on_a_tiny_model_matches_the_hand_computed_values():
     m = _Tiny()
     opt = torch.optim.Adam([m.w, m.h], lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+    direction = adam_direction(
+        [opt], {"w": m.w}
+    )  # made before the optimizer has any state, as the advisor does
     m().sum().backward()  # dL/dw = -1 + 4 = 3 at w = 0.5: one Adam step leaves v_w = 0.001 * 9, step 1
     opt.step()
     opt.zero_grad()
@@ -91,7 +94,7 @@ def test_adam_lookahead_on_a_tiny_model_matches_the_hand_computed_values():
     def losses_at(p):
         return torch.func.functional_call(m, dict(p), ()) if p else m()
 
-    res = lookahead(losses_at, {"w": m.w}, 0.1, torch.tensor([True, True]), adam_direction([opt], {"w": m.w}))
+    res = lookahead(losses_at, {"w": m.w}, 0.1, torch.tensor([True, True]), direction)
     assert torch.allclose(res.affinity, expected, atol=1e-5)
     assert m.w.item() == w  # the lookahead leaves the model and its optimizer as they were
     assert opt.state[m.w]["exp_avg_sq"].item() == pytest.approx(0.009)
