@@ -407,7 +407,7 @@ class AdviseConfig:
     ``theta - lr * grad L_i`` of the TAG paper, or ``adam``, the direction the run's Adam would take
     (``g / (sqrt(v_hat) + eps)`` from its second moments, unirec.advise.adam_direction). An Adam step moves
     every coordinate by about lr: at optim.lr it overshoots (on debug=toy every task's own step raised its
-    own loss by 24-66% at lr 0.01), so give it a smaller advise.lookahead_lr (1e-4 there)."""
+    own loss by 16-43% at lr 0.01), so give it a smaller advise.lookahead_lr (1e-4 there)."""
     lookahead_lr: Optional[float] = None
     """Step size of the lookahead at the shared parameters; null: optim.lr."""
     max_group_tasks: int = 6
