@@ -39,8 +39,8 @@ def _post_all(url: str, bodies: List[dict]) -> List[dict]:
         return list(pool.map(post, bodies))
 
 
-def _spy(server, encode=None, score_encoded=None):
-    """The live scorer with ``encode`` / ``score_encoded`` wrapped; returns the batch sizes scored."""
+def _spy(server, prepare=None, score_encoded=None):
+    """The live scorer with ``prepare`` / ``score_encoded`` wrapped; returns the batch sizes scored."""
     holder = server.app.state.holder
     real = holder.scorer
     spy = Wrapped(real, real.score)
@@ -50,7 +50,7 @@ def _spy(server, encode=None, score_encoded=None):
         sizes.append(len(requests))
         return (score_encoded or real.score_encoded)(requests)
 
-    spy.encode = encode or real.encode
+    spy.prepare = prepare or real.prepare
     spy.score_encoded = scored
     holder.scorer = spy
     return real, sizes
@@ -118,13 +118,13 @@ def test_a_request_that_times_out_in_the_window_is_left_out_of_the_batch(registr
 
 
 def test_one_requests_error_fails_only_it_and_a_batch_error_fails_each_to_its_fallback(registry: Path):
-    def encode(task, context, ids):
+    def prepare(task, context, ids):
         if context.get("user") == "666":
             raise RuntimeError("this request's featurization failed")
-        return real.encode(task, context, ids)
+        return real.prepare(task, context, ids)
 
     with live(registry, _overrides(window_ms=5000, max_batch=3)) as server:
-        real, sizes = _spy(server, encode=encode)
+        real, sizes = _spy(server, prepare=prepare)
         bad, good, other = _post_all(server.url, [_body("666"), _body("7"), _body("8")])
         assert bad["degraded"]["reason"] == "error" and "featurization failed" in bad["degraded"]["detail"]
         assert not good["degraded"]["degraded"] and not other["degraded"]["degraded"]

@@ -40,6 +40,23 @@ def test_ids_outside_the_catalogue_score_as_the_full_forward_does(scorer: Scorer
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
+def test_requests_encoded_together_score_as_each_alone(scorer: Scorer):
+    """encode_prepared over requests of different users (their own histories, attended per candidate),
+    tasks, candidate counts and history lengths gives every request the scores it gets alone."""
+    snap = scorer.spec.extras["history"]
+    requests = [
+        ("home", {"user": "7", "country": "us"}, ["1", "2", "3"]),
+        ("home", {"user": "8", snap["field"]: ["4", "5"]}, ["5", "not-an-item", "9", "1", "2"]),
+        ("related", {"source_item": "5"}, ["1", "2"]),
+        ("home", {"user": "9", snap["field"]: ["4", "5", "6", "7", "8", "9", "10"] * 5}, ["3"]),
+        ("home", {}, ["2", "4"]),
+    ]
+    together = scorer.score_encoded(scorer.encode_prepared([scorer.prepare(*r) for r in requests]))
+    for r, got in zip(requests, together):
+        np.testing.assert_allclose(got, scorer.score(*r), rtol=0, atol=1e-6)
+    assert abs(together[0][0] - together[1][3]) > 1e-7  # item 1 for two users: one context did not leak
+
+
 def test_an_unknown_field_is_named(scorer: Scorer):
     with pytest.raises(RequestError, match="context.colour: not a field") as e:
         scorer.score("home", {"colour": "red"}, ["1"])

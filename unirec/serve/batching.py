@@ -1,10 +1,12 @@
 """Micro-batching: concurrent requests of one environment merged into one forward pass.
 
-A request's own work (featurizing its context, the context encoder, its candidates' rows, any target-aware
-attention: :meth:`Scorer.encode`) stays per request; the tower and the task head, which dominate at a
-hundred candidates and more, run once over the rows of every request in the batch
-(:meth:`Scorer.score_encoded`). That pays the per-forward cost (operator dispatch, thread hand-offs) once
-per batch instead of once per request.
+Featurizing a request's context (:meth:`Scorer.prepare`) stays per request, so a bad input fails only its
+own request. The rest runs once per batch: the context encoder over every request's context and one lookup
+of every request's candidate vectors (:meth:`Scorer.encode_prepared`; each request's rows still see only
+its own context and target-aware attention), then the tower and the task head over the rows of every request
+(:meth:`Scorer.score_encoded`). That pays the per-call costs (operator dispatch, Arrow kernels, thread
+hand-offs) once per batch instead of once per request: at 16 requests of 100 candidates, the encoding of a
+batch took 2-3x less time than encoding its requests one by one.
 
 A batch starts on a free scoring thread when it holds ``max_batch`` requests or when its first request has
 waited ``window_s``, whichever comes first; while every thread is busy it keeps growing (up to ``max_batch``)
@@ -104,7 +106,8 @@ def _run_then(batch: List[_Pending], loop: asyncio.AbstractEventLoop, finished) 
 
 
 def _run(batch: List[_Pending], loop: asyncio.AbstractEventLoop) -> None:
-    """On a scoring thread: encode each request of the batch, then one forward per (scorer, task).
+    """On a scoring thread: prepare each request of the batch, then one encoding and one forward per (scorer,
+    task).
 
     Requests of one batch may hold different scorers (a new model version came in between them) or tasks
     (an environment that serves another task by name); each group is its own forward pass."""
@@ -112,19 +115,20 @@ def _run(batch: List[_Pending], loop: asyncio.AbstractEventLoop) -> None:
     for p in batch:
         groups[(id(p.scorer), p.task)].append(p)
     for members in groups.values():
-        encoded, waiting = [], []
+        prepared, waiting = [], []
         for p in members:
             if p.future.cancelled():  # timed out before its turn: its fallback has answered already
                 continue
             try:
-                encoded.append(p.scorer.encode(p.task, p.context, p.ids))
+                prepared.append(p.scorer.prepare(p.task, p.context, p.ids))
                 waiting.append(p.future)
             except Exception as e:  # noqa: BLE001 - this request's own error (bad input), answered to it alone
                 loop.call_soon_threadsafe(_fail, p.future, e)
-        if not encoded:
+        if not prepared:
             continue
+        scorer = members[0].scorer
         try:
-            scores = members[0].scorer.score_encoded(encoded)
+            scores = scorer.score_encoded(scorer.encode_prepared(prepared))
         except Exception as e:  # noqa: BLE001 - every request of the batch falls back on its own
             for f in waiting:
                 loop.call_soon_threadsafe(_fail, f, e)

@@ -61,6 +61,21 @@ class Encoded:
     """The index of the request's task head."""
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One request featurized (:meth:`Scorer.prepare`), ready for :meth:`Scorer.encode_prepared`."""
+
+    task: str
+    context: Dict[str, torch.Tensor]
+    """Context fields -> [1, ...]."""
+    present: torch.Tensor
+    """[1, Fc] presence."""
+    task_type: torch.Tensor
+    """[1] the task's id."""
+    ids: pa.Array
+    """The candidate ids, as strings."""
+
+
 class RequestError(ValueError):
     """A request the scorer cannot serve; ``field`` names the offending input (e.g. ``context.colour``)."""
 
@@ -269,13 +284,38 @@ class Scorer:
 
     def encode(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> Encoded:
         """One request featurized and encoded, ready for :meth:`score_encoded`; RequestError names bad input."""
+        return self.encode_prepared([self.prepare(task, context, ids)])[0]
+
+    def prepare(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> Prepared:
+        """One request featurized (its context from the memo, its ids as Arrow), not yet encoded; the step
+        that can fail on a request's own input (RequestError names it)."""
         ctx, present, task_type = self.context_tensors(task, context)
-        ctype = self.spec.tasks[task].candidate
+        return Prepared(task, ctx, present, task_type, pa.array([str(i) for i in ids], pa.string()))
+
+    def encode_prepared(self, requests: Sequence[Prepared]) -> List[Encoded]:
+        """Prepared requests encoded, in order: the context encoder runs once over every request's context
+        and the candidate vectors are looked up once for every request's ids (micro-batching encodes its
+        batch so; a request's own rows still see only its own context and candidates)."""
+        out: List[Encoded] = [None] * len(requests)  # type: ignore[list-item]
+        groups: Dict[tuple, List[int]] = {}
+        for i, r in enumerate(requests):  # one pass per task and context shape (a history's length)
+            groups.setdefault((r.task, tuple(t.shape for t in r.context.values())), []).append(i)
         with torch.inference_mode():
-            c, memory = self.model.encode_request(ctx, present, task_type)
-            v = self._candidate_vectors(ctype, pa.array([str(i) for i in ids], pa.string()))
-            rows = self.model.request_rows(c, v, memory)
-        return Encoded(rows, v, int(self.model.head_index(task_type)[0]))
+            for (task, _), members in groups.items():
+                part = [requests[i] for i in members]
+                ctx = {f: _cat([r.context[f] for r in part]) for f in part[0].context}
+                task_type = _cat([r.task_type for r in part])
+                c, memory = self.model.encode_request(ctx, _cat([r.present for r in part]), task_type)
+                ids = part[0].ids if len(part) == 1 else pa.concat_arrays([r.ids for r in part])
+                v = self._candidate_vectors(self.spec.tasks[task].candidate, ids)
+                head = int(self.model.head_index(task_type[:1])[0])
+                start = 0
+                for k, (i, r) in enumerate(zip(members, part)):
+                    vi = v[start : start + len(r.ids)]
+                    mem = {n: tuple(t[k : k + 1] for t in m) for n, m in memory.items()}
+                    out[i] = Encoded(self.model.request_rows(c[k : k + 1], vi, mem), vi, head)
+                    start += len(r.ids)
+        return out
 
     def score_encoded(self, requests: Sequence[Encoded]) -> List[np.ndarray]:
         """Post-sigmoid scores of encoded requests, all rows in one pass of the tower and the requests' own
