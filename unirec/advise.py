@@ -57,7 +57,7 @@ from unirec.data.prepare import prepare
 from unirec.losses import Objective, task_mean
 from unirec.model import MultiTaskRanker
 from unirec.schema import FeatureSpec
-from unirec.train import Training, check, objective_forward, setup, train_step
+from unirec.train import Training, check, setup, train_step
 
 log = logging.getLogger("unirec.advise")
 
@@ -90,7 +90,7 @@ def ranker_lookahead(
 
     def losses_at(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         call = (lambda *a: torch.func.functional_call(module, dict(params), a)) if params else module
-        logits, pairs, full = objective_forward(call, objective, batch, pools)
+        logits, pairs, full = objective.forward_logits(call, batch, pools)
         per_row, weight = objective.row_losses(batch, head, logits, pools, pairs, full)
         return task_mean(per_row, weight, head, k)[0]
 

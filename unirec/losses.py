@@ -2,15 +2,21 @@
 
 A task trains with pointwise binary cross-entropy on its logged rows (``bce``, for logged impressions), or
 on its positives alone against in-batch candidates: a sampled softmax with the log-Q correction, or BPR
-(``task.<name>.loss``, :class:`Objective`).
+(``task.<name>.loss``, :class:`Objective`). :func:`build_objective` makes a run's objective from its config
+and prepared data (the log-Q shares, the catalogues).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from unirec.config import Config
+    from unirec.schema import FeatureSpec
 
 
 def task_losses(
@@ -145,6 +151,19 @@ class Objective:
             out.append((k, rows, mine[order[: self.negatives]]))
         return out
 
+    def forward_logits(self, model: Callable, batch, pools: Sequence) -> Tuple:
+        """What :meth:`row_losses` reads from one forward of ``model`` (the ranker, its wrapper, or a
+        ``functional_call`` of it): own logits [B], the pools' pair logits, the catalogue logits (both lists,
+        empty for a bce-only objective). ``pools``: :meth:`pools` of the batch (``[]`` when not sampled)."""
+        if not self.sampled:
+            return model(batch), [], []
+        pairs_of = [(rows, pool) for _, rows, pool in pools]
+        cats = self.catalogue_requests(pools)
+        if cats is None:
+            logits, pairs = model(batch, pairs_of)
+            return logits, pairs, []
+        return model(batch, pairs_of, cats)
+
     def row_losses(
         self, batch, head, own: torch.Tensor, pools, pairs, catalogue_logits: Sequence = ()
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -199,3 +218,60 @@ def task_mean(
 def total_loss(losses: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the per-task losses ([K] each) -> scalar."""
     return (losses * loss_weights).sum()
+
+
+def build_objective(cfg: Config, spec: FeatureSpec, names: List[str], features: Path, device) -> Objective:
+    """Each head's loss; a softmax task with ``loss.logq`` gets the log share of every candidate id among
+    its train rows (the in-batch sampling distribution)."""
+    kinds = [cfg.task[t].loss.value for t in names]
+    id_fields = [spec.candidates[spec.tasks[t].candidate].id_field for t in names]
+    logq = [
+        candidate_log_share(features, t, f, spec, device) if k == "softmax" and cfg.loss.logq else None
+        for t, k, f in zip(names, kinds, id_fields)
+    ]
+    catalogues = None
+    if cfg.loss.catalogue > 0:
+        types = {spec.tasks[t].candidate for t, k in zip(names, kinds) if k == "softmax"}
+        of_type = catalogues_of(features, spec, types, device)  # one per type, shared by its tasks
+        catalogues = [
+            of_type[spec.tasks[t].candidate] if k == "softmax" else None for t, k in zip(names, kinds)
+        ]
+    return Objective(kinds, cfg.loss.negatives, logq, id_fields, catalogues, cfg.loss.catalogue)
+
+
+def catalogues_of(features: Path, spec: FeatureSpec, types, device) -> Dict:
+    """Candidate type -> its whole catalogue for the full-catalogue softmax: (its featurized fields [C, ...],
+    the type, [V] catalogue row of each candidate id; -1 for the sentinel, OOV and any id several rows share)."""
+    from unirec.data.batch import prefixed_tensors
+    from unirec.data.features import Featurizer
+    from unirec.kinds import FIRST_ID
+
+    featurizer = Featurizer.load(features) if types else None
+    out = {}
+    for ctype in sorted(types):
+        fields = prefixed_tensors(featurizer.candidates(ctype, featurizer.catalogue_ids(ctype)), "cand.")
+        id_field = spec.candidates[ctype].id_field
+        ids = fields[id_field]
+        size = max(spec.tables[spec.candidate_fields[id_field].table].size, int(ids.max()) + 1)
+        row = torch.full((size,), -1, dtype=torch.long)
+        once = torch.bincount(ids, minlength=size) == 1
+        keep = (ids >= FIRST_ID) & once[ids]
+        row[ids[keep]] = torch.arange(len(ids))[keep]
+        out[ctype] = ({f: t.to(device) for f, t in fields.items()}, ctype, row.to(device))
+    return out
+
+
+def candidate_log_share(features: Path, task: str, id_field: str, spec: FeatureSpec, device) -> torch.Tensor:
+    """[V] log of each candidate id's share of ``task``'s train rows (-inf for an id never drawn)."""
+    import pyarrow.parquet as pq
+
+    from unirec.data.loader import shard_files
+
+    column = f"cand.{id_field}"
+    ids = torch.cat(
+        [torch.from_numpy(pq.read_table(f, columns=[column])[column].to_numpy().astype("int64"))
+         for f in shard_files(features, "train", task)]
+    )  # fmt: skip
+    size = max(spec.tables[spec.candidate_fields[id_field].table].size, int(ids.max()) + 1)
+    counts = torch.bincount(ids, minlength=size).double()
+    return (counts / counts.sum()).log().float().to(device)

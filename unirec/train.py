@@ -22,7 +22,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import hydra
 import torch
@@ -36,7 +36,7 @@ from unirec.data.batch import Batch
 from unirec.data.loader import MixedLoader
 from unirec.data.prepare import prepare
 from unirec.evaluate import evaluate, model_scorer, popularity_scorer
-from unirec.losses import Objective, task_mean
+from unirec.losses import Objective, build_objective, task_mean
 from unirec.memory import keep_freed_memory
 from unirec.model import MultiTaskRanker
 from unirec.optim import build_optimizers, build_schedulers
@@ -146,63 +146,6 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
     )
 
 
-def build_objective(cfg: Config, spec: FeatureSpec, names: List[str], features: Path, device) -> Objective:
-    """Each head's loss; a softmax task with ``loss.logq`` gets the log share of every candidate id among
-    its train rows (the in-batch sampling distribution)."""
-    kinds = [cfg.task[t].loss.value for t in names]
-    id_fields = [spec.candidates[spec.tasks[t].candidate].id_field for t in names]
-    logq = [
-        candidate_log_share(features, t, f, spec, device) if k == "softmax" and cfg.loss.logq else None
-        for t, k, f in zip(names, kinds, id_fields)
-    ]
-    catalogues = None
-    if cfg.loss.catalogue > 0:
-        types = {spec.tasks[t].candidate for t, k in zip(names, kinds) if k == "softmax"}
-        of_type = catalogues_of(features, spec, types, device)  # one per type, shared by its tasks
-        catalogues = [
-            of_type[spec.tasks[t].candidate] if k == "softmax" else None for t, k in zip(names, kinds)
-        ]
-    return Objective(kinds, cfg.loss.negatives, logq, id_fields, catalogues, cfg.loss.catalogue)
-
-
-def catalogues_of(features: Path, spec: FeatureSpec, types, device) -> Dict:
-    """Candidate type -> its whole catalogue for the full-catalogue softmax: (its featurized fields [C, ...],
-    the type, [V] catalogue row of each candidate id; -1 for the sentinel, OOV and any id several rows share)."""
-    from unirec.data.batch import prefixed_tensors
-    from unirec.data.features import Featurizer
-    from unirec.kinds import FIRST_ID
-
-    featurizer = Featurizer.load(features) if types else None
-    out = {}
-    for ctype in sorted(types):
-        fields = prefixed_tensors(featurizer.candidates(ctype, featurizer.catalogue_ids(ctype)), "cand.")
-        id_field = spec.candidates[ctype].id_field
-        ids = fields[id_field]
-        size = max(spec.tables[spec.candidate_fields[id_field].table].size, int(ids.max()) + 1)
-        row = torch.full((size,), -1, dtype=torch.long)
-        once = torch.bincount(ids, minlength=size) == 1
-        keep = (ids >= FIRST_ID) & once[ids]
-        row[ids[keep]] = torch.arange(len(ids))[keep]
-        out[ctype] = ({f: t.to(device) for f, t in fields.items()}, ctype, row.to(device))
-    return out
-
-
-def candidate_log_share(features: Path, task: str, id_field: str, spec: FeatureSpec, device) -> torch.Tensor:
-    """[V] log of each candidate id's share of ``task``'s train rows (-inf for an id never drawn)."""
-    import pyarrow.parquet as pq
-
-    from unirec.data.loader import shard_files
-
-    column = f"cand.{id_field}"
-    ids = torch.cat(
-        [torch.from_numpy(pq.read_table(f, columns=[column])[column].to_numpy().astype("int64"))
-         for f in shard_files(features, "train", task)]
-    )  # fmt: skip
-    size = max(spec.tables[spec.candidate_fields[id_field].table].size, int(ids.max()) + 1)
-    counts = torch.bincount(ids, minlength=size).double()
-    return (counts / counts.sum()).log().float().to(device)
-
-
 def shared_weight(module: MultiTaskRanker) -> torch.Tensor:
     """The last Linear weight of the context encoder: every task's loss flows through it (gradient norms)."""
     return module.context_encoder[-1].weight
@@ -227,20 +170,6 @@ class StepResult(NamedTuple):
     """[K] ||dL_k/dW|| at :func:`shared_weight`, when computed (asked for, or the balancer needs it)."""
 
 
-def objective_forward(model: Callable, objective: Objective, batch: Batch, pools: Sequence) -> Tuple:
-    """What ``objective.row_losses`` reads from one forward of ``model`` (the ranker, its wrapper, or a
-    ``functional_call`` of it): own logits [B], the pools' pair logits, the catalogue logits (both lists,
-    empty for a bce-only objective). ``pools``: ``objective.pools`` of the batch (``[]`` when not sampled)."""
-    if not objective.sampled:
-        return model(batch), [], []
-    pairs_of = [(rows, pool) for _, rows, pool in pools]
-    cats = objective.catalogue_requests(pools)
-    if cats is None:
-        logits, pairs = model(batch, pairs_of)
-        return logits, pairs, []
-    return model(batch, pairs_of, cats)
-
-
 def train_step(tr: Training, batch: Batch, grad_norms: bool = False, step: int = 0) -> StepResult:
     """One optimisation step of the model and the loss balancer on a batch on the device.
 
@@ -256,7 +185,7 @@ def train_step(tr: Training, batch: Batch, grad_norms: bool = False, step: int =
         gen = torch.Generator().manual_seed(step * max(world, 1) + d.rank)
         pools = tr.objective.pools(batch, head, gen)
     with _autocast(tr.device, tr.bf16):
-        logits, pairs, full = objective_forward(tr.model, tr.objective, batch, pools)
+        logits, pairs, full = tr.objective.forward_logits(tr.model, batch, pools)
     per_row, weight = tr.objective.row_losses(batch, head, logits, pools, pairs, full)
     all_sum = (lambda x: dst.all_sum(d, x)) if world > 1 else None
     losses, counts = task_mean(per_row, weight, head, len(tr.module.task_names), all_sum, world)

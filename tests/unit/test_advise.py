@@ -17,7 +17,6 @@ from unirec.data.loader import MixedLoader
 from unirec.losses import Objective, task_losses, task_mean
 from unirec.model import MultiTaskRanker
 from unirec.schema import FeatureSpec
-from unirec.train import objective_forward
 
 
 class _Tiny(torch.nn.Module):
@@ -137,7 +136,7 @@ def test_ranker_lookahead_matches_an_explicit_sgd_step_on_a_copy(toy_features, f
     pools = obj.pools(batch, head, torch.Generator().manual_seed(step)) if obj.sampled else []
 
     def losses(m):
-        logits, pairs, full = objective_forward(m, obj, batch, pools)
+        logits, pairs, full = obj.forward_logits(m, batch, pools)
         per_row, weight = obj.row_losses(batch, head, logits, pools, pairs, full)
         return task_mean(per_row, weight, head, k)[0]
 
