@@ -65,9 +65,8 @@ def test_an_absent_task_gets_nan_and_no_lookahead():
 def test_adam_lookahead_on_a_tiny_model_matches_the_hand_computed_values():
     m = _Tiny()
     opt = torch.optim.Adam([m.w, m.h], lr=0.1, betas=(0.9, 0.999), eps=1e-8)
-    direction = adam_direction(
-        [opt], {"w": m.w}
-    )  # made before the optimizer has any state, as the advisor does
+    # made before the optimizer has any state, as the advisor makes it
+    direction = adam_direction([opt], {"w": m.w})
     m().sum().backward()  # dL/dw = -1 + 4 = 3 at w = 0.5: one Adam step leaves v_w = 0.001 * 9, step 1
     opt.step()
     opt.zero_grad()
