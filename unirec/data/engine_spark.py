@@ -63,6 +63,10 @@ def session(cfg: SparkConfig) -> SparkSession:
     settings = {
         "spark.sql.shuffle.partitions": cfg.shuffle_partitions,
         "spark.sql.execution.arrow.maxRecordsPerBatch": BATCH_ROWS,
+        # Int.MaxValue turns the byte limit off. Under any other value Spark measures the Arrow batch it is
+        # filling after every row, and for list columns (the history) that measure walks the whole batch:
+        # quadratic in the batch's rows, the JVM's time in every mapInArrow. Batches are bounded by rows.
+        "spark.sql.execution.arrow.maxBytesPerBatch": 2**31 - 1,
         "spark.sql.execution.arrow.useLargeVarTypes": "false",
         "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
         "spark.sql.session.timeZone": "UTC",
