@@ -93,6 +93,49 @@ def test_bad_input_is_a_422_naming_the_field(client, body, field):
     assert r.json()["field"] == field and field in r.json()["message"]
 
 
+@pytest.fixture(scope="module")
+def fastapi_client(tmp_path_factory, artifact: Path):
+    """A second server of the same version and knobs, with the fast path (FastRank) taken out: every request
+    goes through FastAPI's route."""
+    import shutil
+
+    from tests.serve.conftest import LiveServer, serve_config
+    from unirec.serve.__main__ import uvicorn_options
+    from unirec.serve.app import FastRank, create_app
+
+    reg = tmp_path_factory.mktemp("registry-fastapi")
+    shutil.copytree(artifact, reg / "v000001")
+    cfg = serve_config(reg, [ALL, "serve.home.max_candidates=50", "server.max_body_bytes=65536"])
+    app = create_app(cfg)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not FastRank]
+    with LiveServer(app, uvicorn_options(cfg.server)) as s, httpx.Client(base_url=s.url, timeout=10) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"task": "home", "context": {"user": "7", "country": "us"}, "candidates": {"ids": ["1", 2, "3"]}},
+        {
+            "environment": "genre",
+            "context": {"genre": "comedy"},
+            "candidates": {"source": "popular", "limit": 5},
+        },
+        {"task": "home", "context": {"colour": "red"}, "candidates": {"ids": ["1"]}},  # 422, names the field
+        {"task": "home", "candidates": {"ids": []}},  # 422
+        {"task": "home", "candidates": {"ids": ["1"] * 51}},  # over max_candidates: the handler's 422
+    ],
+)
+def test_fast_path_answers_as_fastapi_does(client, fastapi_client, body):
+    """The same JSON request to the server (fast path) and to one without the fast path (FastAPI's route):
+    status, content type and body agree."""
+    fast = client.post("/v1/rank", json=body)
+    slow = fastapi_client.post("/v1/rank", json=body)
+    assert fast.status_code == slow.status_code, (fast.text, slow.text)
+    assert fast.headers["content-type"] == slow.headers["content-type"]
+    assert fast.json() == slow.json()
+
+
 def test_oversized_bodies_get_413_fast_and_memory_stays_flat(client):
     big = b'{"task": "home", "candidates": {"ids": [' + b'"123456",' * 20_000 + b'"1"]}}'
     rss = []

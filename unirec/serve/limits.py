@@ -41,16 +41,7 @@ class BodyLimit:
                 return await self._reject(send, seen)
             if not message.get("more_body", False):
                 break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: disconnect notifications
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay(b"".join(chunks), receive), send)
 
     async def _reject(self, send, size: int) -> None:
         self.on_reject("too_large")
@@ -64,6 +55,21 @@ class BodyLimit:
                    (b"connection", b"close")]  # fmt: skip
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def replay(body: bytes, receive):
+    """An ASGI ``receive`` that gives ``body`` first, in one message, then what the client sends after it
+    (disconnect notifications)."""
+    sent = False
+
+    async def receive_replayed():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_replayed
 
 
 def _content_length(scope) -> int | None:
