@@ -9,6 +9,9 @@ Endpoints::
     GET  /metrics       Prometheus text format
     GET  /openapi.json  the schema (FastAPI)
 
+A well-formed JSON rank request is answered by :class:`FastRank` before FastAPI's routing (the same request
+model and handler); every other request, bad ones included, goes through FastAPI as before.
+
 Every rank answer is counted by environment and status, every fallback by reason. Bad input is a 4xx whose
 ``field`` names the input; nothing the scorer does becomes a 500, and a 500 from anything else is counted
 as a 500. No answer names a path of this machine (the source run is named by its directory's name).
