@@ -1,4 +1,4 @@
-"""FastRank, the ASGI fast path of POST /v1/rank, against a stand-in app: what it answers itself and what
+"""FastRank (unirec.serve.fast_path), the ASGI fast path of POST /v1/rank, against a stand-in app: what it answers itself and what
 it hands to the app behind it, byte for byte."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
-from unirec.serve.app import FastRank
+from unirec.serve.fast_path import FastRank
 
 
 class Request(BaseModel):

@@ -101,7 +101,8 @@ def fastapi_client(tmp_path_factory, artifact: Path):
 
     from tests.serve.conftest import LiveServer, serve_config
     from unirec.serve.__main__ import uvicorn_options
-    from unirec.serve.app import FastRank, create_app
+    from unirec.serve.app import create_app
+    from unirec.serve.fast_path import FastRank
 
     reg = tmp_path_factory.mktemp("registry-fastapi")
     shutil.copytree(artifact, reg / "v000001")

@@ -24,20 +24,20 @@ import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Awaitable, Callable, Dict, Optional
+from typing import Dict, Optional
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from unirec.serve.api import STRICT_JSON, ErrorResponse, RankResponse, rank_request_model
 from unirec.serve.config import ServeConfig, check
 from unirec.serve.environments import Answer, Environment
-from unirec.serve.limits import BodyLimit, replay
+from unirec.serve.fast_path import FastRank
+from unirec.serve.limits import BodyLimit
 from unirec.serve.metrics import ServeMetrics
 from unirec.serve.registry import ModelHolder
 from unirec.serve.scorer import RequestError, Scorer
@@ -120,59 +120,6 @@ class _OrjsonRoute(APIRoute):
             return await handler(_OrjsonRequest(request.scope, request.receive))
 
         return route
-
-
-class FastRank:
-    """``POST /v1/rank`` of a well-formed JSON request answered without FastAPI's request machinery.
-
-    The body is parsed by orjson and validated by the same request model; a valid request goes straight to
-    the handler FastAPI would call (:func:`_rank`), and its response is sent as FastAPI would send it. Any
-    body this path does not accept as it is (another content type, JSON orjson refuses, a request the model
-    refuses) is replayed to the FastAPI app untouched, which answers it exactly as before: the same 4xx
-    bodies, fields and counts. At 1000 candidates, routing, dependency solving and the middleware stack
-    cost about 0.3 ms of the event loop per request (``BENCHMARKS.md``, "Serving").
-
-    Args:
-        app: the FastAPI app (and its middleware) behind.
-        model: the request model (:func:`unirec.serve.api.rank_request_model`).
-        rank: the handler: a validated request -> its response.
-    """
-
-    def __init__(self, app, model, rank: Callable[[object], Awaitable[Response]]):
-        self.app, self.model, self.rank = app, model, rank
-
-    async def __call__(self, scope, receive, send):
-        if not (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] == "/v1/rank"
-            and _json_content(scope)
-        ):
-            return await self.app(scope, receive, send)
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        try:
-            data = orjson.loads(body)
-            STRICT_JSON.set(True)
-            req = self.model.model_validate(data)
-        except (orjson.JSONDecodeError, ValidationError):
-            return await self.app(scope, replay(body, receive), send)
-        response = await self.rank(req)
-        await response(scope, receive, send)
-
-
-def _json_content(scope) -> bool:
-    for k, v in scope["headers"]:
-        if k == b"content-type":
-            return v.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
 
 
 async def _rank(req, holder: ModelHolder, envs: Dict[str, Environment], metrics: ServeMetrics) -> Response:

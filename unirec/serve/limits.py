@@ -9,7 +9,8 @@ inside its own body reading into a 400).
 from __future__ import annotations
 
 import json
-from typing import Callable
+import math
+from typing import Callable, Optional, Tuple
 
 
 class BodyLimit:
@@ -30,18 +31,13 @@ class BodyLimit:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             return await self._reject(send, declared)
-        chunks, seen = [], 0
-        while True:  # read the body here, bounded, so the app never sees more than max_bytes
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.max_bytes:
-                return await self._reject(send, seen)
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, replay(b"".join(chunks), receive), send)
+        # read the body here, bounded, so the app never sees more than max_bytes
+        body, seen = await read_body(receive, self.max_bytes)
+        if seen > self.max_bytes:
+            return await self._reject(send, seen)
+        if body is None:
+            return  # the client went away
+        await self.app(scope, replay(body, receive), send)
 
     async def _reject(self, send, size: int) -> None:
         self.on_reject("too_large")
@@ -55,6 +51,22 @@ class BodyLimit:
                    (b"connection", b"close")]  # fmt: skip
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive, max_bytes: float = math.inf) -> Tuple[Optional[bytes], int]:
+    """(the whole body, its size) from ASGI ``receive``; the body is None when the client went away or the
+    size passed ``max_bytes`` (reading stops there, so the size is then only the part read)."""
+    chunks, seen = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None, seen
+        chunks.append(message.get("body", b""))
+        seen += len(chunks[-1])
+        if seen > max_bytes:
+            return None, seen
+        if not message.get("more_body", False):
+            return b"".join(chunks), seen
 
 
 def replay(body: bytes, receive):
