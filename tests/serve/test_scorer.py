@@ -40,6 +40,25 @@ def test_ids_outside_the_catalogue_score_as_the_full_forward_does(scorer: Scorer
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
+def test_ids_written_otherwise_score_as_the_catalogue_text(scorer: Scorer):
+    """Catalogue text takes the row lookup; "007", " 7" and 7 take the Arrow path and score the same."""
+    ctx = {"user": "7", "country": "us"}
+    canonical = ["7", "12", "3"]
+    assert scorer.prepare("home", ctx, canonical).rows.tolist() == [
+        scorer._row_of["item"][i] for i in canonical
+    ]
+    for written in (["007", "12", "3"], [" 7", "12 ", "3"], [7, 12, 3], ["7", "12", "not-an-item"]):
+        assert scorer.prepare("home", ctx, written).rows is None, written
+    expected = scorer.score("home", ctx, canonical)
+    for written in (["007", "12", "3"], [" 7", "12 ", "3"], [7, 12, 3]):
+        np.testing.assert_array_equal(scorer.score("home", ctx, written), expected)
+    mixed = scorer.encode_prepared(
+        [scorer.prepare("home", ctx, canonical), scorer.prepare("home", ctx, [7, 12, 3])]
+    )
+    # one batch, each part by its own path: equal up to the batched matmul's rounding
+    np.testing.assert_allclose(scorer.score_encoded(mixed)[1], expected, rtol=0, atol=1e-6)
+
+
 def test_requests_encoded_together_score_as_each_alone(scorer: Scorer):
     """encode_prepared over requests of different users (their own histories, attended per candidate),
     tasks, candidate counts and history lengths gives every request the scores it gets alone."""

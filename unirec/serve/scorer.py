@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -72,8 +72,11 @@ class Prepared:
     """[1, Fc] presence."""
     task_type: torch.Tensor
     """[1] the task's id."""
-    ids: pa.Array
-    """The candidate ids, as strings."""
+    ids: Sequence
+    """The candidate ids, as the request gave them."""
+    rows: Optional[np.ndarray]
+    """[N] each id's row in the warmed catalogue when every id is written as the catalogue writes it (the
+    common case: no Arrow normalisation then), else None."""
 
 
 class RequestError(ValueError):
@@ -144,6 +147,7 @@ class Scorer:
         self._fields = list(self.spec.context)
         self._catalogue: Dict[str, pa.Array] = {}
         self._vectors: Dict[str, torch.Tensor] = {}
+        self._row_of: Dict[str, Dict[str, int]] = {}
         self._popular: Dict[str, Tuple[list, np.ndarray]] = {}
         self._memo: Dict[Tuple[str, object], Tuple[np.ndarray, float]] = {}
         self._memo_bytes = 0
@@ -170,6 +174,9 @@ class Scorer:
             for ctype in self.spec.candidates:
                 ids = self.artifact.catalogues[ctype]
                 self._catalogue[ctype] = ids
+                # Catalogue ids are canonical text, which normalisation leaves as it is: an id written
+                # exactly so is that row, and anything else takes the Arrow path.
+                self._row_of[ctype] = {t: i for i, t in enumerate(ids.to_pylist()) if t is not None}
                 self._vectors[ctype] = self.model.encode_candidates(
                     self._candidate_tensors(ctype, ids), ctype
                 )
@@ -290,7 +297,18 @@ class Scorer:
         """One request featurized (its context from the memo, its ids as Arrow), not yet encoded; the step
         that can fail on a request's own input (RequestError names it)."""
         ctx, present, task_type = self.context_tensors(task, context)
-        return Prepared(task, ctx, present, task_type, pa.array([str(i) for i in ids], pa.string()))
+        rows = self._catalogue_rows(self.spec.tasks[task].candidate, ids)
+        return Prepared(task, ctx, present, task_type, ids, rows)
+
+    def _catalogue_rows(self, ctype: str, ids: Sequence) -> Optional[np.ndarray]:
+        """[N] the catalogue row of each id, or None unless every id is one as the catalogue writes it."""
+        row_of = self._row_of.get(ctype)
+        if row_of is None:
+            return None
+        try:
+            return np.fromiter((row_of[i] for i in ids), np.int64, len(ids))
+        except (KeyError, TypeError):  # an unknown, non-canonical or non-text id
+            return None
 
     def encode_prepared(self, requests: Sequence[Prepared]) -> List[Encoded]:
         """Prepared requests encoded, in order: the context encoder runs once over every request's context
@@ -306,8 +324,7 @@ class Scorer:
                 ctx = {f: _cat([r.context[f] for r in part]) for f in part[0].context}
                 task_type = _cat([r.task_type for r in part])
                 c, memory = self.model.encode_request(ctx, _cat([r.present for r in part]), task_type)
-                ids = part[0].ids if len(part) == 1 else pa.concat_arrays([r.ids for r in part])
-                v = self._candidate_vectors(self.spec.tasks[task].candidate, ids)
+                v = self._part_vectors(self.spec.tasks[task].candidate, part)
                 head = int(self.model.head_index(task_type[:1])[0])
                 start = 0
                 for k, (i, r) in enumerate(zip(members, part)):
@@ -338,6 +355,14 @@ class Scorer:
         order, share = self._popular[task]
         rank = {i: s for i, s in zip(order, share)}
         return np.array([rank.get(str(i), 0.0) for i in ids], dtype=np.float64)
+
+    def _part_vectors(self, ctype: str, part: Sequence[Prepared]) -> torch.Tensor:
+        """[sum N_i, H] the candidate vectors of several requests' ids, in order."""
+        if all(r.rows is not None for r in part):
+            rows = part[0].rows if len(part) == 1 else np.concatenate([r.rows for r in part])
+            return self._vectors[ctype][torch.from_numpy(rows)]
+        ids = pa.array([str(i) for r in part for i in r.ids], pa.string())
+        return self._candidate_vectors(ctype, ids)
 
     def _candidate_vectors(self, ctype: str, ids: pa.Array) -> torch.Tensor:
         if ctype not in self._vectors:
