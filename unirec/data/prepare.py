@@ -58,6 +58,8 @@ def dataset_key(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int) ->
     for key in ("cache_dir", "engine", "spark", "partition_rows"):
         shaping.pop(key)
     tasks_ = {k: _plain(asdict(v)) for k, v in sorted(tasks.items())}
+    for t in tasks_.values():
+        t.pop("borrow")  # which rows train a head is the trainer's business, not the data's
     blob = json.dumps(
         {
             "data": shaping,
