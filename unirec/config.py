@@ -125,7 +125,7 @@ class TaskConfig:
     in-batch candidates when the log has them."""
     borrow: List[str] = field(default_factory=list)
     """Other tasks whose train rows also train this task's head, each posed as a request of this task: the
-    fields this task's context has keep their values, the rest take their sentinels (unirec/borrowing.py).
+    fields this task's context has keep their values, the rest take their sentinels (unirec/data/borrowing.py).
     They must rank the same candidate type and share a context field with it. Training only: this task's
     validation, evaluation and serving are unchanged. A lender the run does not train is skipped, logged."""
     train_rate: float = 1.0

@@ -31,7 +31,6 @@ from omegaconf import DictConfig, OmegaConf
 from unirec import checkpoint
 from unirec import distributed as dst
 from unirec.balancing import LossBalancer, build_balancer, check_loss_config, task_grad_norms
-from unirec.borrowing import Borrowing
 from unirec.config import Config, TrainerConfig, conf_dir, register_configs, to_object
 from unirec.data.batch import Batch
 from unirec.data.loader import MixedLoader
@@ -115,8 +114,6 @@ class Training:
     device: torch.device
     bf16: bool
     dist: dst.Dist
-    borrowing: Optional[Borrowing] = None
-    """Other tasks' rows copied as rows of the tasks that borrow them (``task.<name>.borrow``)."""
 
 
 def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training:
@@ -137,29 +134,16 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
     if cfg.trainer.compile:
         model = torch.compile(model)
     weights = {t: c.sampling_weight for t, c in cfg.task.items()}
-    loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed, d.rank, d.world, str(device))
+    borrow = {t: c.borrow for t, c in cfg.task.items()}
+    loader = MixedLoader(features, spec, cfg.loader, weights, cfg.seed, d.rank, d.world, str(device), borrow)
     plan = schedule(cfg.trainer, sum(loader.rows.values()), cfg.loader.batch_size * d.world)
     opts = build_optimizers(module, cfg.optim)
     scheds = build_schedulers(opts, plan.max_steps, cfg.optim)
     loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in module.task_names], device=device)
     balancer = build_balancer(cfg.loss, loss_weights, module.task_names)
     objective = build_objective(cfg, spec, module.task_names, features, device)
-    borrowing = Borrowing(spec, {t: c.borrow for t, c in cfg.task.items()})
     return Training(
-        spec,
-        module,
-        model,
-        opts,
-        scheds,
-        loader,
-        loss_weights,
-        balancer,
-        objective,
-        plan,
-        device,
-        bf16,
-        d,
-        borrowing or None,
+        spec, module, model, opts, scheds, loader, loss_weights, balancer, objective, plan, device, bf16, d
     )
 
 
@@ -195,8 +179,6 @@ def train_step(tr: Training, batch: Batch, grad_norms: bool = False, step: int =
     a resumed run draws the same ones. A step whose loss or gradient (the balancer's included) is not finite on any
     rank is skipped on every rank: weights, balancer, optimizer moments and the schedule stay as they were.
     """
-    if tr.borrowing is not None:
-        batch = tr.borrowing(batch)
     head = tr.module.head_index(batch.task_type)
     d, world = tr.dist, tr.dist.world
     pools = []

@@ -7,9 +7,8 @@ import logging
 import pytest
 import torch
 
-from unirec.borrowing import Borrowing
 from unirec.config import compose
-from unirec.data.batch import Batch
+from unirec.data.borrowing import Borrowing
 from unirec.train import setup, train_step
 
 
@@ -17,15 +16,6 @@ from unirec.train import setup, train_step
 def toy(toy_features):
     tr = setup(compose(["debug=toy", "loader.prefetch=0", "loader.batch_size=256"]), toy_features)
     return tr.spec, tr.loader.next_batch()
-
-
-def _rows(batch: Batch, keep: torch.Tensor) -> Batch:
-    return Batch(
-        {f: t[keep] for f, t in batch.context.items()},
-        batch.present[keep],
-        {f: t[keep] for f, t in batch.candidate.items()},
-        *(getattr(batch, a)[keep] for a in ("task_type", "label", "weight", "request_id")),
-    )
 
 
 def test_lent_rows_are_posed_as_the_borrowers_requests(toy):
@@ -37,8 +27,8 @@ def test_lent_rows_are_posed_as_the_borrowers_requests(toy):
     assert extra > 0 and len(out.task_type) == n + extra
     # The batch itself comes first, untouched.
     assert torch.equal(out.task_type[:n], batch.task_type) and torch.equal(out.present[:n], batch.present)
-    copy = _rows(out, torch.arange(n, n + extra))
-    orig = _rows(batch, lent)
+    copy = out.select(torch.arange(n, n + extra))
+    orig = batch.select(lent)
     assert (copy.task_type == home.id).all()
     for a in ("label", "weight", "request_id"):
         assert torch.equal(getattr(copy, a), getattr(orig, a)), a
@@ -57,15 +47,18 @@ def test_lent_rows_are_posed_as_the_borrowers_requests(toy):
 
 def test_a_step_trains_the_borrowers_head_on_lent_rows_only_when_asked(toy_features, toy):
     spec, batch = toy
-    only_search = _rows(batch, batch.task_type == spec.tasks["search"].id)
+    only_search = batch.select(batch.task_type == spec.tasks["search"].id)
     home = spec.tasks["home"].id
     counts = {}
     for borrow in ("[]", "[search]"):
         cfg = compose(["debug=toy", "loader.prefetch=0", f"task.home.borrow={borrow}"])
         tr = setup(cfg, toy_features)
         head = tr.module.task_names.index("home")
-        result = train_step(tr, only_search)
+        # The loader appends the copies to every batch it makes; here to a batch made by hand.
+        result = train_step(tr, tr.loader.borrowing(only_search))
         counts[borrow] = result.counts[head].item()
+        # The loader's own batches carry the copies beyond its batch size.
+        assert (len(tr.loader.next_batch()) > cfg.loader.batch_size) == (borrow != "[]"), borrow
         assert result.stepped
         # Every head runs on every row; only the rows of its own task put a gradient into it.
         grad = tr.module.heads.heads["home"][0].weight.grad
@@ -90,7 +83,7 @@ def test_a_lender_that_cannot_lend_is_refused_naming_the_key(toy, borrow, messag
 
 def test_a_lender_the_run_does_not_train_is_skipped_and_logged(toy, caplog):
     spec, batch = toy
-    with caplog.at_level(logging.WARNING, logger="unirec.borrowing"):
+    with caplog.at_level(logging.WARNING, logger="unirec.data.borrowing"):
         borrowing = Borrowing(spec, {"home": ["checkout"]})
     assert not borrowing and borrowing(batch) is batch
     assert "task.home.borrow: checkout is not trained in this run" in caplog.text

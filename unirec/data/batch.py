@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +80,29 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
+
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The rows ``rows`` (indices or a bool mask [B]) of every tensor."""
+        return Batch(
+            {k: v[rows] for k, v in self.context.items()},
+            self.present[rows],
+            {k: v[rows] for k, v in self.candidate.items()},
+            *(t[rows] for t in (self.task_type, self.label, self.weight, self.request_id)),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Batch]) -> Batch:
+        """Batches with the same fields, one after another."""
+        first = parts[0]
+        return Batch(
+            {k: torch.cat([p.context[k] for p in parts]) for k in first.context},
+            torch.cat([p.present for p in parts]),
+            {k: torch.cat([p.candidate[k] for p in parts]) for k in first.candidate},
+            *(
+                torch.cat([getattr(p, a) for p in parts])
+                for a in ("task_type", "label", "weight", "request_id")
+            ),
+        )
 
 
 def to_batch(cols: Arrays, spec: FeatureSpec) -> Batch:

@@ -19,6 +19,7 @@ import torch
 
 from unirec.config import LoaderConfig, MixStrategy
 from unirec.data.batch import Arrays, Batch, table_to_arrays, to_batch
+from unirec.data.borrowing import Borrowing
 from unirec.schema import FeatureSpec
 
 
@@ -164,6 +165,8 @@ class MixedLoader:
         seed: seeds the task draws and every stream.
         rank, world: this process's share of the data under torchrun (see :class:`TaskStream`).
         device: where rows live with ``loader.resident`` (see :mod:`unirec.data.resident`).
+        borrow: task name -> the tasks whose rows it borrows (``task.<name>.borrow``,
+            :mod:`unirec.data.borrowing`): every batch carries their copies, made in the prefetch thread.
     """
 
     def __init__(
@@ -176,8 +179,10 @@ class MixedLoader:
         rank: int = 0,
         world: int = 1,
         device: str = "cpu",
+        borrow: Optional[Mapping[str, Sequence[str]]] = None,
     ):
         self.spec, self.cfg = spec, cfg
+        self.borrowing = Borrowing(spec, borrow or {})
         files = {t: shard_files(features, "train", t) for t in spec.tasks}
         self.rows = {t: count_rows(f) for t, f in files.items()}
         empty = [t for t, n in self.rows.items() if n == 0]
@@ -217,9 +222,9 @@ class MixedLoader:
         return _concat(parts)
 
     def next_batch(self) -> Batch:
-        """The next batch with the model's dtypes already applied (int64 ids, float masks), so this work
-        happens in the prefetch thread rather than in the training step."""
-        return to_batch(self.next_arrays(), self.spec).to(self.device)
+        """The next batch with the model's dtypes already applied (int64 ids, float masks) and any borrowed
+        rows appended, so this work happens in the prefetch thread rather than in the training step."""
+        return self.borrowing(to_batch(self.next_arrays(), self.spec).to(self.device))
 
     def batches(self, pin_memory: bool = False) -> Iterator[Tuple[Batch, dict]]:
         """Endless (batch, loader state right after it): checkpoints save the state of the last batch

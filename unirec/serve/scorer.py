@@ -294,7 +294,7 @@ class Scorer:
         return self.encode_prepared([self.prepare(task, context, ids)])[0]
 
     def prepare(self, task: str, context: Mapping[str, ContextValue], ids: Sequence[str]) -> Prepared:
-        """One request featurized (its context from the memo, its ids as Arrow), not yet encoded; the step
+        """One request featurized (its context from the memo, its ids' catalogue rows), not yet encoded; the step
         that can fail on a request's own input (RequestError names it)."""
         ctx, present, task_type = self.context_tensors(task, context)
         rows = self._catalogue_rows(self.spec.tasks[task].candidate, ids)

@@ -2,7 +2,8 @@
 
 One trainer sees every canvas's logs, so the ``home`` head can also learn from what a user engaged with on
 the search or genre pages, which a bespoke home job never sees. ``task.<name>.borrow`` names the lending
-tasks. In every training step each lender's rows are copied as rows of the borrower: the fields of the
+tasks. In every training batch (:class:`unirec.data.loader.MixedLoader` makes the copies in its prefetch
+thread) each lender's rows are copied as rows of the borrower: the fields of the
 borrower's context keep their values, every other field takes its sentinel with presence 0, as it would
 in one of the borrower's own requests. The copies keep their labels, weights and request ids (so a copy's
 own other positives are never its negatives), and they train only the borrower's head.
@@ -13,6 +14,7 @@ Only training sees copies: validation, evaluation and serving rank the borrower'
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
@@ -52,7 +54,7 @@ class Borrowing:
 
     def __init__(self, spec: FeatureSpec, borrow: Mapping[str, Sequence[str]]):
         fields = list(spec.context)
-        self.pairs = []  # (lender task_type, borrower task_type, names of the fields to clear, keep [F])
+        self.pairs = []  # (lender task_type, borrower task_type, the borrower's fields, their mask [F])
         for borrower, lenders in borrow.items():
             if not lenders:
                 continue
@@ -79,43 +81,20 @@ class Borrowing:
                         f"{borrower}'s {sorted(mine.fields)}; its rows would be requests with no context"
                     )
                 keep = torch.tensor([f in mine.fields for f in fields], dtype=torch.bool)
-                clear = [f for f in fields if f not in mine.fields]
-                self.pairs.append((theirs.id, mine.id, clear, keep))
+                self.pairs.append((theirs.id, mine.id, set(mine.fields), keep))
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
 
     def __call__(self, batch: Batch) -> Batch:
         """The batch with every lender's rows appended as its borrowers' rows (the batch itself without any)."""
-        parts = []
-        for lender, borrower, clear, keep in self.pairs:
-            rows = torch.nonzero(batch.task_type == lender).squeeze(1)
-            if len(rows) == 0:
+        parts = [batch]
+        for lender, borrower, kept, keep in self.pairs:
+            lent = batch.select(batch.task_type == lender)
+            if len(lent) == 0:
                 continue
-            context = {
-                f: torch.zeros_like(t[rows]) if f in clear else t[rows] for f, t in batch.context.items()
-            }
-            present = batch.present[rows] * keep.to(batch.present.device, batch.present.dtype)
-            parts.append(
-                Batch(
-                    context,
-                    present,
-                    {f: t[rows] for f, t in batch.candidate.items()},
-                    torch.full_like(batch.task_type[rows], borrower),
-                    batch.label[rows],
-                    batch.weight[rows],
-                    batch.request_id[rows],
-                )
-            )
-        if not parts:
-            return batch
-        parts.insert(0, batch)
-        return Batch(
-            {f: torch.cat([p.context[f] for p in parts]) for f in batch.context},
-            torch.cat([p.present for p in parts]),
-            {f: torch.cat([p.candidate[f] for p in parts]) for f in batch.candidate},
-            *(
-                torch.cat([getattr(p, a) for p in parts])
-                for a in ("task_type", "label", "weight", "request_id")
-            ),
-        )
+            context = {f: t if f in kept else torch.zeros_like(t) for f, t in lent.context.items()}
+            present = lent.present * keep.to(lent.present.device, lent.present.dtype)
+            task_type = torch.full_like(lent.task_type, borrower)
+            parts.append(replace(lent, context=context, present=present, task_type=task_type))
+        return batch if len(parts) == 1 else Batch.cat(parts)
