@@ -189,6 +189,15 @@ class HistoryConfig:
     """Tie-break column within one second (present in the source and in the tasks' logs, e.g. event_order)."""
 
 
+class ValidProtocol(str, Enum):
+    """How training validates (unirec/evaluate.py)."""
+
+    sampled = "sampled"
+    """Each valid request's logged candidates (MovieLens: the positive and 100 never-seen items)."""
+    full = "full"
+    """Each valid request's positive against its whole catalogue, minus the user's train items."""
+
+
 class Engine(str, Enum):
     """What runs preparation (unirec/data/prepare.py)."""
 
@@ -362,6 +371,12 @@ class TrainerConfig:
     eval_every: int = 200
     log_every: int = 20
     eval_batch_size: int = 16_384
+    valid_protocol: ValidProtocol = ValidProtocol.sampled
+    """What validation (so the best checkpoint, each task's best step and early stopping) scores: sampled,
+    the split's logged candidates, or full, full ranking over each catalogue as ``python -m unirec.evaluate
+    --protocol full`` (one score matrix of valid requests x catalogue per task: cheap for catalogues of
+    thousands, as MovieLens', costly for millions). Sampled metrics can order checkpoints otherwise than
+    full ranking does (Krichene and Rendle, 2020), so pick full when full ranking is what is judged."""
     checkpoint_every: int = 200
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""

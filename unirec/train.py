@@ -31,11 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 from unirec import checkpoint
 from unirec import distributed as dst
 from unirec.balancing import LossBalancer, build_balancer, check_loss_config, task_grad_norms
-from unirec.config import Config, TrainerConfig, conf_dir, register_configs, to_object
+from unirec.config import Config, TrainerConfig, ValidProtocol, conf_dir, register_configs, to_object
 from unirec.data.batch import Batch
 from unirec.data.loader import MixedLoader
 from unirec.data.prepare import prepare
-from unirec.evaluate import evaluate, model_scorer, popularity_scorer
 from unirec.losses import Objective, build_objective, task_mean
 from unirec.memory import keep_freed_memory
 from unirec.model import MultiTaskRanker
@@ -43,6 +42,7 @@ from unirec.optim import build_optimizers, build_schedulers
 from unirec.progress import progress_bar
 from unirec.report import Scores, TaskLossLog, format_table, log_scalars, metric_value, write_hparams
 from unirec.schema import FeatureSpec
+from unirec.validation import FULL_METRICS, Validation
 
 log = logging.getLogger("unirec.train")
 
@@ -114,6 +114,8 @@ class Training:
     device: torch.device
     bf16: bool
     dist: dst.Dist
+    validation: Validation
+    """Scores the model and popularity on the valid split (``trainer.valid_protocol``)."""
 
 
 def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training:
@@ -142,9 +144,10 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
     loss_weights = torch.tensor([spec.tasks[t].loss_weight for t in module.task_names], device=device)
     balancer = build_balancer(cfg.loss, loss_weights, module.task_names)
     objective = build_objective(cfg, spec, module.task_names, features, device)
-    return Training(
-        spec, module, model, opts, scheds, loader, loss_weights, balancer, objective, plan, device, bf16, d
-    )
+    tc = cfg.trainer
+    validation = Validation(features, spec, tc.valid_protocol, tc.eval_batch_size, d.rank, d.world)
+    parts = (spec, module, model, opts, scheds, loader, loss_weights, balancer, objective, plan, device)
+    return Training(*parts, bf16, d, validation)
 
 
 def shared_weight(module: MultiTaskRanker) -> torch.Tensor:
@@ -322,17 +325,6 @@ def save_checkpoint(tr: Training, run_dir: Path, progress: Progress, loader_stat
     checkpoint.save(run_dir / "checkpoints", progress.step, tr.module, state, trainer, keep, best, best_of)
 
 
-def validate(tr: Training, features: Path, batch_size: int) -> Scores:
-    """Per-task metrics of the model on the valid split (eval mode, then back to train mode)."""
-    tr.model.eval()
-    try:
-        # fp32, not bf16: bf16 logits tie often within a slate, and ties would fall back to logged order.
-        scorer = model_scorer(tr.module, tr.device, autocast=False)
-        return evaluate(scorer, features, tr.spec, "valid", batch_size, tr.dist.rank, tr.dist.world)
-    finally:
-        tr.model.train()
-
-
 def _prepare_once(cfg: Config, d: dst.Dist) -> Path:
     """Rank 0 prepares (or finds) the data set first; the others then find it complete."""
     if d.main:
@@ -386,6 +378,11 @@ def check(cfg: Config) -> None:
             f"data.split.valid and data.split.test must be > 0 with a sum < 1, got {sp.valid}, {sp.test}"
         )
     task, _, metric = tc.best_metric.partition("/")
+    if tc.valid_protocol is ValidProtocol.full and metric not in FULL_METRICS:
+        raise ValueError(
+            f"trainer.best_metric={tc.best_metric!r}: trainer.valid_protocol=full computes {FULL_METRICS}; "
+            f"pick one, e.g. trainer.best_metric=mean/ndcg@10"
+        )
     if task != "mean" and task not in cfg.task:
         raise ValueError(
             f"trainer.best_metric={tc.best_metric!r}: {task!r} is neither 'mean' nor a selected task"
@@ -426,19 +423,18 @@ def _loop(cfg: Config, tr: Training, features: Path, run_dir: Path) -> Dict:
     n_params = sum(p.numel() for p in tr.module.parameters())
     log.info("model %.2fM parameters on %s (bf16=%s, ranks=%d); train rows %s; task mix %s", n_params / 1e6,
              tr.device, tr.bf16, tr.dist.world, tr.loader.rows, {t: round(p, 3) for t, p in tr.loader.probs.items()})  # fmt: skip
-    baseline = evaluate(popularity_scorer(features, tr.spec, cfg.seed), features, tr.spec, "valid",
-                        tc.eval_batch_size, tr.dist.rank, tr.dist.world)  # fmt: skip
+    baseline = tr.validation.popularity(cfg.seed)
     bar = progress_bar(tr.plan.max_steps, progress.step, tc.progress and main, tc.progress_every_s)
     out = _Outputs(writer, steplog, bar)
     start = time.perf_counter()
     batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
     try:
-        valid, samples = _steps(tc, tr, features, run_dir, progress, batches, out)
+        valid, samples = _steps(tc, tr, run_dir, progress, batches, out)
     finally:
         batches.close()  # stops the prefetch thread
         out.bar.close()
     if not valid:  # resumed at the very end: nothing left to train, still report
-        valid = validate(tr, features, tc.eval_batch_size)
+        valid = tr.validation.model(tr.module, tr.device)
     elapsed = time.perf_counter() - start
     result = {
         "valid": valid,
@@ -479,9 +475,7 @@ class _Outputs:
     bar: object
 
 
-def _steps(
-    tc: TrainerConfig, tr: Training, features: Path, run_dir: Path, progress: Progress, batches, out: _Outputs
-):
+def _steps(tc: TrainerConfig, tr: Training, run_dir: Path, progress: Progress, batches, out: _Outputs):
     """The step loop proper; returns the last validation scores and the samples trained on."""
     main, writer = tr.dist.main, out.writer
     losses_log = TaskLossLog(tr.module.task_names, tr.device)
@@ -499,7 +493,7 @@ def _steps(
         if main and log_step:
             _log_step(out, tr, step, res, losses_log.flush(), samples / (time.perf_counter() - start))
         if step % plan.eval_every == 0 or last:
-            valid = validate(tr, features, tc.eval_batch_size)
+            valid = tr.validation.model(tr.module, tr.device)
             _track_best(progress, valid, tc.best_metric, step)
             if main:
                 log_scalars(writer, "valid", valid, step)

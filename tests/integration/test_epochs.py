@@ -49,3 +49,35 @@ def test_export_best_of_one_task_and_a_clear_error_for_an_unknown_one(stopped, t
     assert read_json(version / "manifest.json")["source"]["step"] == m["best"]["tasks"]["home"]["step"]
     with pytest.raises(ArtifactError, match=r"best:nope.*best:home"):
         export(run_dir, tmp_path / "registry", "best:nope")
+
+
+def test_full_valid_protocol_matches_the_evaluate_cli_and_picks_the_best_step(tmp_path, toy_features):
+    from unirec import evaluate
+
+    cfg = compose(["debug=toy", "trainer.epochs=3", "trainer.valid_protocol=full",
+                   "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=5", "loader.batch_size=2048"])  # fmt: skip
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    m = run(cfg, tmp_path, toy_features)
+    # The last validation is the last checkpoint's full ranking on valid, as unirec.evaluate computes it.
+    cli = evaluate.run(tmp_path, "valid", ("full",), checkpoint="latest", popularity=True)["protocols"]["full"]
+    for task, scores in m["valid"].items():
+        assert set(scores) == {"ndcg@10", "recall@10", "mrr"}
+        for metric, value in scores.items():
+            assert value == pytest.approx(cli["model"][task][metric], abs=1e-9), (task, metric)
+            assert m["popularity"][task][metric] == pytest.approx(cli["popularity"][task][metric], abs=1e-9)
+    # The best step is the one whose full-ranking mean ndcg@10 is highest, as evaluate sees it.
+    epoch = m["steps_per_epoch"]
+    means = {}
+    for step in range(epoch, 3 * epoch + 1, epoch):
+        full = evaluate.run(tmp_path, "valid", ("full",), checkpoint=f"step-{step:08d}", popularity=False)
+        scores = full["protocols"]["full"]["model"]
+        means[step] = sum(s["ndcg@10"] for s in scores.values()) / len(scores)
+    assert m["best"]["step"] == max(means, key=means.get)
+    assert m["best"]["value"] == pytest.approx(max(means.values()), abs=1e-9)
+
+
+def test_full_valid_protocol_needs_a_metric_it_computes():
+    from unirec.train import check
+
+    with pytest.raises(ValueError, match=r"trainer.best_metric='mean/auc'.*valid_protocol=full"):
+        check(compose(["debug=toy", "trainer.valid_protocol=full"]))
