@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,27 +82,66 @@ def http_latencies(port: int, bodies: list, repeat: int) -> np.ndarray:
     return load(port, bodies, 1, repeat)[1]
 
 
-def bare_latencies(scorer, contexts: list, ids: list, repeat: int, full: bool) -> np.ndarray:
-    """The model alone on featurized tensors (full=True), or the in-process Scorer (featurize + score)."""
+def message(body: str) -> bytes:
+    """A pre-encoded ``POST /v1/rank`` request."""
+    head = f"POST /v1/rank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    return head.encode() + body.encode()
+
+
+class Client:
+    """One keep-alive connection, one request at a time, blocking: the lean client of :func:`load` without
+    an event loop, so its requests can be interleaved with in-process calls."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def send(self, msg: bytes) -> bytes:
+        self.sock.sendall(msg)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(1 << 16)
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(self.buf) < size:
+            self.buf += self.sock.recv(1 << 16)
+        data, self.buf = self.buf[:size], self.buf[size:]
+        assert head.startswith(b"HTTP/1.1 200") and b'"degraded":false' in data, (head, data[:300])
+        return data
+
+
+def interleaved(port: int, scorer, contexts: list, ids: list, repeat: int) -> Dict[str, np.ndarray]:
+    """Seconds per call of the HTTP endpoint, the bare forward and the in-process Scorer on the same
+    request, one of each in turn, so all three see the same machine state (a quiet spell or a busy one
+    falls on all three alike, not on one phase of the run)."""
     import pyarrow as pa
 
+    client = Client(port)
+    msgs = [message(json.dumps({"environment": "home", "context": c, "candidates": {"ids": ids}, "top_k": len(ids)}))
+            for c in contexts]  # fmt: skip
     feats = [scorer.context_tensors("home", c) for c in contexts]
     cand = scorer._candidate_tensors("item", pa.array(ids))
-    out = []
+    model = scorer.model
+
+    def bare(i: int) -> None:
+        ctx, present, tt = feats[i]
+        c, memory = model.encode_context(ctx, present, tt), model.context_memory(ctx, present)
+        torch.sigmoid(model.score_candidates(c, cand, tt, memory))
+
+    calls = {
+        "HTTP /v1/rank": lambda i: client.send(msgs[i]),
+        "bare forward": bare,
+        "in-process Scorer": lambda i: scorer.score("home", contexts[i], ids),
+    }
+    out: Dict[str, list] = {name: [] for name in calls}
     with torch.inference_mode():
         for i in range(repeat):
-            t = time.perf_counter()
-            if full:
-                ctx, present, tt = feats[i % len(feats)]
-                c, memory = (
-                    scorer.model.encode_context(ctx, present, tt),
-                    scorer.model.context_memory(ctx, present),
-                )
-                torch.sigmoid(scorer.model.score_candidates(c, cand, tt, memory))
-            else:
-                scorer.score("home", contexts[i % len(contexts)], ids)
-            out.append(time.perf_counter() - t)
-    return np.array(out)
+            for name, call in calls.items():
+                t = time.perf_counter()
+                call(i % len(contexts))
+                out[name].append(time.perf_counter() - t)
+    client.sock.close()
+    return {name: np.array(v) for name, v in out.items()}
 
 
 def load(port: int, bodies: list, concurrency: int, requests: int) -> Tuple[float, np.ndarray]:
@@ -110,11 +149,7 @@ def load(port: int, bodies: list, concurrency: int, requests: int) -> Tuple[floa
     sending its next request as soon as its answer is in, until ``requests`` are answered in all."""
     import asyncio
 
-    messages = [
-        f"POST /v1/rank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(b)}\r\n\r\n".encode()
-        + b.encode()
-        for b in bodies
-    ]
+    messages = [message(b) for b in bodies]
     latencies: list = []
     left = [requests]
 
@@ -154,6 +189,8 @@ def main() -> None:
         "--batch-window-ms", type=float, default=2.0, help="home's micro-batching window, 2nd server"
     )
     p.add_argument("--max-batch", type=int, default=16, help="home's max_batch, 2nd server")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="further overrides for both servers, e.g. serve.home.threads=1")  # fmt: skip
     p.add_argument("--history", choices=("mean", "attention", "transformer"),
                    help="train the toy model with the history field pooled so; each request sends a history")  # fmt: skip
     args = p.parse_args()
@@ -183,25 +220,14 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start_server(registry, port)
+    proc = start_server(registry, port, args.set)
     try:
         for n in (100, 1000):
             ids = catalogue[:n]
             assert len(ids) == n, f"the catalogue has {len(catalogue)} items, fewer than {n}"
-            bodies = [
-                json.dumps({"environment": "home", "context": c, "candidates": {"ids": ids}, "top_k": n})
-                for c in contexts
-            ]
-            http_latencies(port, bodies, 50)  # warm-up: every context featurized once (the scorer's memo)
-            bare_latencies(scorer, contexts, ids, 50, full=True)
-            bare_latencies(scorer, contexts, ids, 50, full=False)
-            print(f"N={n:5d}  HTTP /v1/rank   {ms(http_latencies(port, bodies, args.repeat))}")
-            print(
-                f"N={n:5d}  bare forward    {ms(bare_latencies(scorer, contexts, ids, args.repeat, full=True))}"
-            )
-            print(
-                f"N={n:5d}  in-process Scorer {ms(bare_latencies(scorer, contexts, ids, args.repeat, full=False))}"
-            )
+            interleaved(port, scorer, contexts, ids, 50)  # warm-up: every context featurized once (memo)
+            for name, lat in interleaved(port, scorer, contexts, ids, args.repeat).items():
+                print(f"N={n:5d}  {name:17s} {ms(lat)}")
         bodies = [
             json.dumps({"environment": "home", "context": c, "candidates": {"ids": catalogue[:100]}})
             for c in contexts
@@ -228,7 +254,7 @@ def main() -> None:
         f"serve.home.batch_window_ms={args.batch_window_ms}",
         f"serve.home.max_batch={args.max_batch}",
     ]
-    proc = start_server(registry, port, batching)
+    proc = start_server(registry, port, [*args.set, *batching])
     try:
         concurrent_load(port, bodies, "micro-batched")
     finally:

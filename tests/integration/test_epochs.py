@@ -59,7 +59,7 @@ def test_full_valid_protocol_matches_the_evaluate_cli_and_picks_the_best_step(tm
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     m = run(cfg, tmp_path, toy_features)
     # The last validation is the last checkpoint's full ranking on valid, as unirec.evaluate computes it.
-    cli = evaluate.run(tmp_path, "valid", ("full",), checkpoint="latest", popularity=True)["protocols"]["full"]
+    cli = evaluate.run(tmp_path, "valid", ("full",), checkpoint="latest")["protocols"]["full"]
     for task, scores in m["valid"].items():
         assert set(scores) == {"ndcg@10", "recall@10", "mrr"}
         for metric, value in scores.items():
