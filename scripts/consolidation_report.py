@@ -301,7 +301,7 @@ def bare_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------------- report
 
 
-BASELINES = ("popularity_all", "bpr_mf")
+BASELINES = ("popularity_all", "bpr_mf", "transitions")
 """Baselines of the full protocol beside the task's own popularity (:mod:`unirec.baselines`)."""
 
 
@@ -488,9 +488,9 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
         "",
         f"Headline: {'full-ranking' if suite.headline == 'full' else 'logged-impression'} NDCG@10, test.",
         "",
-        "| task | unified | bespoke | popularity (task) | popularity (all canvases) | BPR-MF | lift vs bespoke "
-        "| unified ≥ bespoke | paired wins | p (paired t over seeds) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | unified | bespoke | popularity (task) | popularity (all canvases) | BPR-MF | transitions "
+        "| lift vs bespoke | unified ≥ bespoke | paired wins | p (paired t over seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tasks:
         c = res["test"][f"{suite.headline}|{t}|ndcg@10"]
@@ -504,7 +504,9 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
         )
     lines += ["", "p < 0.05: the difference between unified and bespoke is significant over the seeds (paired "
               "t-test; every seed pairs a unified and a bespoke run on the same data). BPR-MF ranks only tasks "
-              "whose requests carry a user; popularity (all canvases) counts every canvas's train engagements.",
+              "whose requests carry a user, transitions (what came next after the user's recent items) only "
+              "tasks whose requests carry a history; popularity (all canvases) counts every canvas's train "
+              "engagements.",
               ""]  # fmt: skip
     lines += ["", "## Observations (computed from the figures above)", ""]
     lines += [f"- {o}" for o in observations(res, suite)]

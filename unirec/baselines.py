@@ -1,4 +1,4 @@
-"""Baselines beside the model in the full-ranking protocol: pooled popularity and BPR-MF.
+"""Baselines beside the model in the full-ranking protocol: pooled popularity, BPR-MF and item transitions.
 
 - **popularity, all canvases** (:func:`unirec.evaluate.popularity_matrix_scorer` with ``pooled``): every
   request of a task gets the train
@@ -10,7 +10,14 @@
   split's full-ranking ndcg@10 of those tasks, and a small grid of widths and L2 strengths picked on valid.
   It scores only tasks whose requests carry a user: a request without one has no row to factorise.
 
-Both are :data:`unirec.evaluate.MatrixScorer` s, so they rank exactly the requests, catalogue and
+- **item transitions** (:func:`fit_transitions`): a first-order sequential baseline (a Markov chain over
+  items, in the spirit of item-to-item "what came next" lists). Over every user's train engagements in
+  time order it counts how often item b came within ``K`` events after item a (weight 1/d at distance d);
+  a request's score for b sums the counts from its ``m`` most recent history items (weight 1/j for the
+  j-th most recent), ties broken by pooled train popularity. K and m are picked on valid. It scores the
+  tasks whose context has an ordered field (the history) over the candidates' id table.
+
+All are :data:`unirec.evaluate.MatrixScorer` s, so they rank exactly the requests, catalogue and
 exclusions the model does (:func:`unirec.evaluate.full_ranking`).
 """
 
@@ -27,7 +34,8 @@ import torch
 
 from unirec.data.features import Featurizer
 from unirec.data.ids import normalise_ids
-from unirec.evaluate import rank_metrics, ranking_requests, seen_items
+from unirec.evaluate import HISTORY, rank_metrics, ranking_requests, seen_items
+from unirec.kinds import kind_of
 
 log = logging.getLogger("unirec.baselines")
 
@@ -167,3 +175,118 @@ def _scorer(mf: _MF, users: Dict[str, int], tasks: Sequence[str], user_field: st
         return (user[rows] @ item.T + bias.T).double()
 
     return TaskScorer(tasks, score)
+
+
+@dataclass(frozen=True)
+class TransitionsConfig:
+    """The item-transition baseline; ``windows`` x ``recent`` is the grid picked on valid."""
+
+    windows: Tuple[int, ...] = (1, 3, 10)
+    """K: item b counts as following item a when it came at most K events later (weight 1/d at distance d)."""
+    recent: Tuple[int, ...] = (1, 3, 10)
+    """m: the request's most recent history items that vote (weight 1/j for the j-th most recent)."""
+    max_items: int = 20_000
+    """Largest catalogue it builds its dense [C, C] count matrix for (4 bytes a cell); beyond it, skipped."""
+
+
+def fit_transitions(
+    root: Path,
+    featurizer: Featurizer,
+    catalogues: Dict[str, pa.Array],
+    cfg: Optional[TransitionsConfig] = None,
+) -> Optional[TaskScorer]:
+    """The transition baseline for the tasks whose context has an ordered field over their candidates' id
+    table, the grid point best on valid; None when no task has one, their candidate types differ or the
+    catalogue is over ``cfg.max_items``."""
+    cfg = cfg or TransitionsConfig()
+    spec, root = featurizer.spec, Path(root)
+    field_of = {}
+    for t, ts in spec.tasks.items():
+        table = spec.candidate_fields[spec.candidates[ts.candidate].id_field].table
+        ordered = [
+            f for f in ts.fields if kind_of(spec.context[f]).ordered and spec.context[f].table == table
+        ]
+        if ordered:
+            field_of[t] = ordered[0]
+    types = {spec.tasks[t].candidate for t in field_of}
+    if not field_of or len(types) != 1:
+        return None
+    ctype = types.pop()
+    cat = catalogues[ctype]
+    if len(cat) > cfg.max_items:
+        log.info("transitions: %d candidates, over max_items=%d; skipped", len(cat), cfg.max_items)
+        return None
+    row_of = {c: i for i, c in enumerate(cat.to_pylist())}
+    users, rows = _train_sequences(root, spec, row_of)
+    popularity = np.bincount(rows, minlength=len(cat)).astype(np.float32)
+    tiebreak = 1e-3 * popularity / max(1.0, float(popularity.max()))  # below any count of 1/K
+    seen = seen_items(root, cat, "user", "valid")
+    valid = {t: ranking_requests(root, "valid", t, cat, seen) for t in field_of}
+    best: Tuple[float, Optional[TaskScorer], dict] = (-1.0, None, {})
+    for window in cfg.windows:
+        counts = _transition_counts(users, rows, len(cat), window)
+        for recent in cfg.recent:
+            scorer = _transition_scorer(counts, tiebreak, row_of, field_of, recent)
+            value = _valid_ndcg(valid, scorer)
+            log.info("transitions K %d m %d: valid ndcg@10 %.4f", window, recent, value)
+            if value > best[0]:
+                best = (value, scorer, {"window": window, "recent": recent, "valid_ndcg@10": value})
+    scorer = best[1]
+    scorer.chosen = best[2]
+    return scorer
+
+
+def _train_sequences(root: Path, spec, row_of: Dict[str, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Every train engagement in (user, time) order -> (user codes [E], catalogue rows [E]): from
+    ``raw/interactions.parquet`` when the data set has one (ties in its ``event_order``), else from the
+    train positives of the tasks whose requests carry a user (ties by request id)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from unirec.evaluate import _labeled
+
+    path = root / "raw" / HISTORY
+    if path.exists():
+        t = pq.read_table(path)
+        t = t.filter(pc.equal(t["split"], "train"))
+        order = "event_order" if "event_order" in t.column_names else "timestamp"
+        t = t.select(["user_id", "item_id", "timestamp", order]).rename_columns(["user", "item", "ts", "tie"])
+    else:
+        t = _labeled(root, "train", None)
+        t = t.filter(pc.and_(pc.greater(t["label"], 0), pc.is_valid(t["user"])))
+        t = t.select(["user", "candidate", "timestamp", "request_id"]).rename_columns(
+            ["user", "item", "ts", "tie"]
+        )
+    t = t.set_column(0, "user", normalise_ids(t["user"])).set_column(1, "item", normalise_ids(t["item"]))
+    t = t.sort_by([("user", "ascending"), ("ts", "ascending"), ("tie", "ascending")])
+    rows = np.array([row_of.get(i, -1) for i in t["item"].to_pylist()], dtype=np.int64)
+    users = pc.dictionary_encode(t["user"]).combine_chunks().indices.to_numpy()
+    keep = rows >= 0  # an item outside the catalogue breaks no chain: its neighbours become adjacent
+    return users[keep], rows[keep]
+
+
+def _transition_counts(users: np.ndarray, rows: np.ndarray, n: int, window: int) -> np.ndarray:
+    """[n, n] weighted counts of b following a within ``window`` events of one user (weight 1/distance).
+
+    >>> _transition_counts(np.array([0, 0, 0, 1]), np.array([0, 1, 2, 1]), 3, 2).tolist()
+    [[0.0, 1.0, 0.5], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    """
+    counts = np.zeros((n, n), np.float32)
+    for d in range(1, window + 1):
+        same = users[:-d] == users[d:]
+        np.add.at(counts, (rows[:-d][same], rows[d:][same]), np.float32(1.0 / d))
+    return counts
+
+
+def _transition_scorer(counts, tiebreak, row_of, field_of: Dict[str, str], recent: int) -> TaskScorer:
+    weights = 1.0 / np.arange(recent, 0, -1, dtype=np.float32)  # oldest of the m first, the newest weighs 1
+
+    def score(task: str, context: pa.Table) -> torch.Tensor:
+        out = np.tile(tiebreak, (context.num_rows, 1))
+        for r, history in enumerate(context[field_of[task]].to_pylist()):
+            known = [row_of[i] for i in map(str, history or ()) if i in row_of][-recent:]
+            if known:
+                out[r] += weights[-len(known) :] @ counts[known]
+        return torch.from_numpy(out).double()
+
+    return TaskScorer(field_of, score)

@@ -41,6 +41,7 @@ from unirec.data.features import Featurizer
 from unirec.data.ids import normalise_ids
 from unirec.data.loader import eval_batches
 from unirec.data.prepare import popularity_counts
+from unirec.kinds import kind_of
 from unirec.metrics import TaskMetrics
 from unirec.schema import FeatureSpec
 
@@ -337,8 +338,8 @@ def baseline_digest(
     features: Path, featurizer: Featurizer, catalogues, split: str, k: int = 10, seed: int = 0
 ) -> str:
     """A digest of everything the baselines' full-ranking figures on ``split`` depend on: each catalogue,
-    the pooled train counts over it, the interactions and requests (users, positives, exclusions) of the
-    valid split (BPR-MF's early stopping) and of ``split``, ``k`` and ``seed``. Two data sets with the same
+    the pooled train counts over it, the interactions and requests (users, histories, positives, exclusions)
+    of the valid split (BPR-MF's and the transitions' choice) and of ``split``, ``k`` and ``seed``. Two data sets with the same
     digest get the same baseline figures, so they are computed once (MovieLens: the seed draws which canvas
     an event goes to, not what the pooled baselines see)."""
     import hashlib
@@ -359,19 +360,24 @@ def baseline_digest(
                 req = ranking_requests(root, s, t, ids, seen)
                 users = req.context["user"].to_pylist() if "user" in req.context.column_names else []
                 h.update(f"{s} {t} {users} {req.unrankable}".encode())
+                for f in (f for f in spec.tasks[t].fields if kind_of(spec.context[f]).ordered):  # histories
+                    h.update(f"{f} {req.context[f].to_pylist()}".encode())
                 for p, x in zip(req.positives, req.exclude):
                     h.update(p.tobytes() + b"|" + x.tobytes())
     return h.hexdigest()[:20]
 
 
 def baseline_scorers(features: Path, featurizer: Featurizer, catalogues, seed: int = 0) -> Dict:
-    """``popularity_all`` and ``bpr_mf`` (when some task's requests carry a user), :mod:`unirec.baselines`."""
-    from unirec.baselines import BPRConfig, fit_bpr
+    """``popularity_all``, ``bpr_mf`` (when some task's requests carry a user) and ``transitions`` (when some
+    task's context has a history), :mod:`unirec.baselines`."""
+    from unirec.baselines import BPRConfig, fit_bpr, fit_transitions
 
     out = {"popularity_all": popularity_matrix_scorer(features, featurizer, catalogues, seed, pooled=True)}
-    bpr = fit_bpr(Path(features).parent, featurizer, catalogues, BPRConfig(seed=seed))
-    if bpr is not None:
-        out["bpr_mf"] = bpr
+    fitted = {
+        "bpr_mf": fit_bpr(Path(features).parent, featurizer, catalogues, BPRConfig(seed=seed)),
+        "transitions": fit_transitions(Path(features).parent, featurizer, catalogues),
+    }
+    out.update({name: scorer for name, scorer in fitted.items() if scorer is not None})
     return out
 
 

@@ -85,6 +85,9 @@ class Kind:
     """Type of the field's column in the unified labeled data (and of a request value given to Arrow)."""
     has_table: ClassVar[bool] = True
     """Whether the field reads an embedding table (and so a vocabulary)."""
+    ordered: ClassVar[bool] = False
+    """Whether a value is a list of ids in time order, oldest first (what the transition baseline of
+    :mod:`unirec.baselines` reads as the request's recent items)."""
 
     def bad_values(self, col: pa.Array) -> Optional[pa.Array]:
         """Boolean mask of raw log values that cannot be this kind (rejected as ``bad_type``); None: all fine."""
@@ -257,6 +260,7 @@ class Sequence(Kind):
 
     name = "sequence"
     raw_type = pa.list_(pa.string())
+    ordered = True
 
     def bad_values(self, col):
         t = _as_array(col).type

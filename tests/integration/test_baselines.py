@@ -97,3 +97,34 @@ def test_seeds_whose_pooled_inputs_agree_share_the_baseline_figures(tmp_path):
     assert "baselines_from" in out_b and "baselines_from" not in out_a and len(list(cache.iterdir())) == 1
     assert reused == first and out_b["baselines"] == out_a["baselines"]
     assert _baselines(*b, "test", 10, 0, None, fresh) == first  # what the cache stands in for
+
+
+def _chains(d, n_users=60, n_items=40, per_user=12, seed=0):
+    """Every user rates a run of consecutive items of one cycle (k, k+1, ...), in time order: what comes next
+    is the item after the last one, which transitions find and popularity cannot."""
+    write_grouplens(d, n_users=n_users, n_items=n_items)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(1, n_users + 1):
+        start = int(rng.integers(0, n_items))
+        items = [(start + k) % n_items + 1 for k in range(per_user)]
+        rows += [f"{u}\t{i}\t4\t{880_000_000 + 1000 * u + k}" for k, i in enumerate(items)]
+    (d / "u.data").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def test_transitions_find_what_comes_next_and_rank_only_tasks_with_a_history(tmp_path):
+    from unirec.baselines import TransitionsConfig, fit_transitions
+
+    features, featurizer, cats = _prepare(_chains(tmp_path / "ml-100k"), tmp_path / "cache")
+    tr = fit_transitions(features.parent, featurizer, cats, TransitionsConfig(windows=(1, 3), recent=(1, 3)))
+    assert tr.tasks == {"home", "search", "genre"}  # related requests carry no history
+    assert (
+        tr.chosen["window"] in (1, 3) and tr.chosen["recent"] in (1, 3) and tr.chosen["valid_ndcg@10"] > 0.9
+    )
+    pop = popularity_matrix_scorer(features, featurizer, cats, pooled=True)
+    res = full_ranking({"tr": tr, "pop": pop}, features.parent, featurizer.spec, "test", cats)
+    assert set(res["tr"]) == {"home", "search", "genre"}
+    # The next item of the chain is first for (nearly) every user; popularity sees a flat catalogue.
+    assert res["tr"]["home"]["recall@10"] > 0.95 and res["tr"]["home"]["ndcg@10"] > 0.9, res["tr"]
+    assert res["pop"]["home"]["ndcg@10"] < 0.5

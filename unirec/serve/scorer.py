@@ -306,7 +306,7 @@ class Scorer:
         if row_of is None:
             return None
         try:
-            return np.fromiter((row_of[i] for i in ids), np.int64, len(ids))
+            return np.fromiter(map(row_of.__getitem__, ids), np.int64, len(ids))  # no generator frame per id
         except (KeyError, TypeError):  # an unknown, non-canonical or non-text id
             return None
 
