@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -21,7 +22,6 @@ from unirec.data.ids import normalise_ids
 from unirec.serve.batching import MicroBatcher
 from unirec.serve.cache import ScoreCache
 from unirec.serve.config import EnvironmentConfig, Fallback, HistorySource
-from unirec.serve.pool import WarmPool
 from unirec.serve.scorer import RequestError, Scorer
 
 log = logging.getLogger("unirec.serve")
@@ -57,7 +57,7 @@ class Environment:
     def __init__(self, name: str, cfg: EnvironmentConfig):
         self.name, self.cfg = name, cfg
         self.cache = ScoreCache(cfg.cache.size, cfg.cache.ttl_s, cfg.cache.max_bytes)
-        self.pool = WarmPool(cfg.threads, f"score-{name}")
+        self.pool = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"score-{name}")
         self.batcher = (
             MicroBatcher(self.pool, cfg.threads, cfg.batch_window_ms / 1000, cfg.max_batch)
             if cfg.batch_window_ms > 0
