@@ -1,8 +1,8 @@
 """Serving latency: the real HTTP server on loopback against the bare in-process forward, same inputs.
 
 Prints p50/p99 of ``POST /v1/rank`` at 100 and 1000 candidates beside the bare model forward
-(``encode_context`` + ``score_candidates`` on already featurized tensors) and the in-process Scorer, then
-throughput and p50/p99 at concurrency 1, 16 and 64 (100 candidates), without and with micro-batching, and
+(``encode_context`` + ``score_candidates`` on already featurized tensors) and the in-process Scorer, the
+three timed interleaved (one call of each in turn, so all see the same machine state), then throughput and p50/p99 at concurrency 1, 16 and 64 (100 candidates), without and with micro-batching, and
 the latency of a score-cache hit. Timing assertions live nowhere else.
 
     python scripts/bench_serve.py                        # trains a toy model with 2000 items first (~40 s)
