@@ -16,6 +16,14 @@ from unirec.serve.app import candidates_json
         (["only"], [None]),
         (["n"], [math.nan]),  # never produced (non-finite scores fall back), but still valid JSON
         ([], []),
+        # Text ids are written as one array split at its '","' boundaries: ids that hold those characters,
+        # escapes, empty ids, and numbers among texts or alone (the one-by-one path) must not move them.
+        (['x","y', "z\\", '\\","', '","', "", "\n", '"'], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]),
+        ([7], [0.5]),
+        (["a", 7], [0.5, 0.25]),
+        ([7, "a"], [0.5, 0.25]),
+        (["a", "b", 3, "c"], [0.1, 0.2, 0.3, 0.4]),
+        ([str(i) for i in range(1000)], [i / 1000 for i in range(1000)]),
     ],
 )
 def test_candidates_json_equals_orjson_of_the_dicts(ids, scores):

@@ -218,11 +218,18 @@ def candidates_json(ids: list, ctype: str, scores: list) -> bytes:
     """
     if not ids:
         return b"[]"
-    between = b',"type":' + orjson.dumps(ctype) + b',"score":'
-    # Numbers and null hold no comma, so the scores' array splits into its items safely; ids may, so each
-    # id is written on its own.
+    # Numbers and null hold no comma, so the scores' array splits into its items safely.
     score_items = orjson.dumps(scores)[1:-1].split(b",")
-    items = map(between.join, zip(map(orjson.dumps, ids), score_items))
+    typed = b',"type":' + orjson.dumps(ctype) + b',"score":'
+    written = orjson.dumps(ids)
+    if written.startswith(b'["') and written.endswith(b'"]'):
+        # Text ids: the array splits at its '","' boundaries, a sequence no encoded string holds (a quote
+        # inside one is escaped); fewer pieces than ids means some id is a number, written one by one below.
+        inner = written[2:-2].split(b'","')
+        if len(inner) == len(ids):
+            items = map((b'"' + typed).join, zip(inner, score_items))
+            return b'[{"id":"' + b'},{"id":"'.join(items) + b"}]"
+    items = map(typed.join, zip(map(orjson.dumps, ids), score_items))
     return b'[{"id":' + b'},{"id":'.join(items) + b"}]"
 
 
