@@ -217,7 +217,7 @@ def fit_transitions(
         log.info("transitions: %d candidates, over max_items=%d; skipped", len(cat), cfg.max_items)
         return None
     row_of = {c: i for i, c in enumerate(cat.to_pylist())}
-    users, rows = _train_sequences(root, spec, row_of)
+    users, rows = _train_sequences(root, row_of)
     popularity = np.bincount(rows, minlength=len(cat)).astype(np.float32)
     tiebreak = 1e-3 * popularity / max(1.0, float(popularity.max()))  # below any count of 1/K
     seen = seen_items(root, cat, "user", "valid")
@@ -236,7 +236,7 @@ def fit_transitions(
     return scorer
 
 
-def _train_sequences(root: Path, spec, row_of: Dict[str, int]) -> Tuple[np.ndarray, np.ndarray]:
+def _train_sequences(root: Path, row_of: Dict[str, int]) -> Tuple[np.ndarray, np.ndarray]:
     """Every train engagement in (user, time) order -> (user codes [E], catalogue rows [E]): from
     ``raw/interactions.parquet`` when the data set has one (ties in its ``event_order``), else from the
     train positives of the tasks whose requests carry a user (ties by request id)."""

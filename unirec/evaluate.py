@@ -339,9 +339,9 @@ def baseline_digest(
 ) -> str:
     """A digest of everything the baselines' full-ranking figures on ``split`` depend on: each catalogue,
     the pooled train counts over it, the interactions and requests (users, histories, positives, exclusions)
-    of the valid split (BPR-MF's and the transitions' choice) and of ``split``, ``k`` and ``seed``. Two data sets with the same
-    digest get the same baseline figures, so they are computed once (MovieLens: the seed draws which canvas
-    an event goes to, not what the pooled baselines see)."""
+    of the valid split (BPR-MF's and the transitions' choice) and of ``split``, ``k`` and ``seed``. Two data
+    sets with the same digest get the same baseline figures, so they are computed once (MovieLens: the seed
+    draws which canvas an event goes to, not what the pooled baselines see)."""
     import hashlib
 
     spec, root = featurizer.spec, Path(features).parent
