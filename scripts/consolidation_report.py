@@ -473,6 +473,7 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
               f"({res['seeds']} seeds; mean ± std over seeds; test split).", ""]  # fmt: skip
     if res.get("notes_on_time"):  # how the wall time was taken, where the run was not one quiet process
         lines += [f"Wall time: {res['notes_on_time']}", ""]
+    lines += [line for note in res.get("amended", []) for line in (f"> {note}", "")]  # added after the run
     lines += [f"- {n}" for n in suite.notes]
     lines += [
         f"- Training: every run trains up to {res['epochs']} epochs over its own data"

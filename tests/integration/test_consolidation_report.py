@@ -50,6 +50,16 @@ def test_reduced_consolidation_report(tmp_path):
         assert (out / sub / "consolidation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ml = (out / "ml100k" / "consolidation.md").read_text()
     assert "Full ranking" in ml and "HR@10" in ml
+    res = json.loads((out / "ml100k" / "consolidation.json").read_text())
+    assert len(res["test"]["full|home|ndcg@10"]["transitions"]) == 2  # requests with a history
+    assert "transitions" not in res["test"]["full|related|ndcg@10"]  # no history in a related request
+    # --render rewrites the report from the JSON alone, with the notes amended after the run
+    res["amended"] = ["A note added after the run."]
+    (out / "ml100k" / "consolidation.json").write_text(json.dumps(res))
+    render = [sys.executable, str(ROOT / "scripts" / "consolidation_report.py"), "--suites", "ml100k",
+              "--render", "--out", str(out)]  # fmt: skip
+    assert subprocess.run(render, cwd=tmp_path, env=env, capture_output=True, timeout=300).returncode == 0
+    assert "> A note added after the run." in (out / "ml100k" / "consolidation.md").read_text()
 
 
 def test_the_run_lock_keeps_two_processes_off_one_run(tmp_path):
