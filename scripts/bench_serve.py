@@ -2,8 +2,9 @@
 
 Prints p50/p99 of ``POST /v1/rank`` at 100 and 1000 candidates beside the bare model forward
 (``encode_context`` + ``score_candidates`` on already featurized tensors) and the in-process Scorer, the
-three timed interleaved (one call of each in turn, so all see the same machine state), then throughput and p50/p99 at concurrency 1, 16 and 64 (100 candidates), without and with micro-batching, and
-the latency of a score-cache hit. Timing assertions live nowhere else.
+three timed interleaved (one call of each in turn, so all see the same machine state), then throughput and
+p50/p99 at concurrency 1, 16 and 64 (100 candidates), without and with micro-batching, and the latency of a
+score-cache hit. Timing assertions live nowhere else.
 
     python scripts/bench_serve.py                        # trains a toy model with 2000 items first (~40 s)
     python scripts/bench_serve.py --registry models/     # an existing registry
@@ -117,8 +118,8 @@ def interleaved(port: int, scorer, contexts: list, ids: list, repeat: int) -> Di
     import pyarrow as pa
 
     client = Client(port)
-    msgs = [message(json.dumps({"environment": "home", "context": c, "candidates": {"ids": ids}, "top_k": len(ids)}))
-            for c in contexts]  # fmt: skip
+    body = {"environment": "home", "candidates": {"ids": ids}, "top_k": len(ids)}
+    msgs = [message(json.dumps({**body, "context": c})) for c in contexts]
     feats = [scorer.context_tensors("home", c) for c in contexts]
     cand = scorer._candidate_tensors("item", pa.array(ids))
     model = scorer.model
@@ -189,8 +190,13 @@ def main() -> None:
         "--batch-window-ms", type=float, default=2.0, help="home's micro-batching window, 2nd server"
     )
     p.add_argument("--max-batch", type=int, default=16, help="home's max_batch, 2nd server")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="further overrides for both servers, e.g. serve.home.threads=1")  # fmt: skip
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for both servers, e.g. serve.home.threads=1",
+    )
     p.add_argument("--history", choices=("mean", "attention", "transformer"),
                    help="train the toy model with the history field pooled so; each request sends a history")  # fmt: skip
     args = p.parse_args()

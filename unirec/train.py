@@ -145,7 +145,7 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
     balancer = build_balancer(cfg.loss, loss_weights, module.task_names)
     objective = build_objective(cfg, spec, module.task_names, features, device)
     tc = cfg.trainer
-    validation = Validation(features, spec, tc.valid_protocol, tc.eval_batch_size, d.rank, d.world)
+    validation = Validation(features, spec, tc.valid_protocol, tc.eval_batch_size, d)
     parts = (spec, module, model, opts, scheds, loader, loss_weights, balancer, objective, plan, device)
     return Training(*parts, bf16, d, validation)
 

@@ -15,6 +15,7 @@ import torch
 
 from unirec.config import ValidProtocol
 from unirec.data.features import Featurizer
+from unirec.distributed import Dist
 from unirec.evaluate import (
     evaluate,
     full_ranking,
@@ -43,7 +44,7 @@ class Validation:
             request against its whole catalogue, minus the user's train items; every rank computes all of
             it, which is cheap for catalogues of thousands).
         batch_size: rows per scoring batch of the sampled protocol.
-        rank, world: this process's rank and the number of ranks.
+        dist: this process's rank among the ranks (the sampled protocol shards the rows over them).
 
     Example:
         >>> Validation(Path("."), None, ValidProtocol.sampled, 1024).protocol.value
@@ -51,11 +52,16 @@ class Validation:
     """
 
     def __init__(
-        self, features: Path, spec: FeatureSpec, protocol: ValidProtocol, batch_size: int, rank: int = 0,
-        world: int = 1,
-    ):  # fmt: skip
+        self,
+        features: Path,
+        spec: FeatureSpec,
+        protocol: ValidProtocol,
+        batch_size: int,
+        dist: Optional[Dist] = None,
+    ):
+        dist = dist or Dist()
         self.features, self.spec, self.protocol = Path(features), spec, ValidProtocol(protocol)
-        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.batch_size, self.rank, self.world = batch_size, dist.rank, dist.world
         self._loaded: Optional[Tuple[Featurizer, Dict]] = None
 
     def model(self, model: torch.nn.Module, device: torch.device) -> Scores:
