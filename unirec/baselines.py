@@ -236,6 +236,30 @@ def fit_transitions(
     return scorer
 
 
+def transition_table(features: Path, spec, id_field: str, window: int) -> np.ndarray:
+    """The counts of the model's transition prior (:mod:`unirec.model.transitions`): [T, T] over the rows of
+    ``id_field``'s table, from the train engagements of the prepared data set above ``features`` (the
+    sentinel and out-of-vocabulary rows stay 0). Every catalogue's ids are featurized to their rows."""
+    from unirec.kinds import FIRST_ID
+
+    featurizer = Featurizer.load(Path(features))
+    table = spec.candidate_fields[id_field].table
+    row_of: Dict[str, int] = {}
+    for ctype, cs in spec.candidates.items():
+        if cs.id_field != id_field:
+            continue
+        ids = featurizer.catalogue_ids(ctype)
+        rows = featurizer.candidates(ctype, ids)[f"cand.{id_field}"].to_numpy()
+        row_of.update((i, int(r)) for i, r in zip(ids.to_pylist(), rows) if r >= FIRST_ID)
+    users, rows = _train_sequences(Path(features).parent, row_of)
+    counts = _transition_counts(users, rows, spec.tables[table].size, window)
+    log.info(
+        "transition prior: %d train engagements, %d item pairs within %d events",
+        len(rows), int((counts > 0).sum()), window,
+    )  # fmt: skip
+    return counts
+
+
 def _train_sequences(root: Path, row_of: Dict[str, int]) -> Tuple[np.ndarray, np.ndarray]:
     """Every train engagement in (user, time) order -> (user codes [E], catalogue rows [E]): from
     ``raw/interactions.parquet`` when the data set has one (ties in its ``event_order``), else from the

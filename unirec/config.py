@@ -292,6 +292,22 @@ class ModelConfig:
     dot_product: bool = False
     """Add ``<c, v> / sqrt(H)`` of the context and candidate vectors to every head's logit: the term a
     full-catalogue softmax trains cheaply (``loss.catalogue``)."""
+    transitions: bool = False
+    """Add the item-transition prior ``w_k * log(1 + s)`` to the logit of every task whose context has a
+    history over its candidates' id table: s is what followed the request's recent items in the train
+    engagements, counted once before training and kept in the weights; w_k is one weight per task
+    (``transitions_fit``; unirec/model/transitions.py)."""
+    transitions_fit: str = "valid"
+    """How the per-task weights w_k are fitted: valid (the network trains without the prior; at every
+    validation each w_k is set to the value of a small grid that ranks the valid split best, in full
+    ranking, and kept in that checkpoint) or learned (w_k trained by gradient with the network, from 1;
+    a training row's own transition left out of its counts)."""
+    transitions_window: int = 10
+    """K: a later item counts as following when it came at most K events after (weight 1/distance)."""
+    transitions_recent: int = 10
+    """m: the request's latest history items that vote (weight 1/j for the j-th latest)."""
+    transitions_max_rows: int = 20_000
+    """Largest id table the prior builds its dense [rows, rows] counts for (4 bytes a cell)."""
 
 
 @dataclass

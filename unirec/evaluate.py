@@ -281,14 +281,20 @@ def full_ranking(
 
 
 def model_matrix_scorer(
-    model, featurizer: Featurizer, catalogues: Dict[str, pa.Array], device=None
+    model, featurizer: Featurizer, catalogues: Dict[str, pa.Array], device=None, logits: bool = False
 ) -> MatrixScorer:
-    """Scores of the model over each whole catalogue (encoded once), post-sigmoid like :func:`model_scorer`."""
+    """Scores of the model over each whole catalogue (encoded once), post-sigmoid like :func:`model_scorer`
+    (``logits``: the logits themselves)."""
     device = device or torch.device("cpu")
     spec = featurizer.spec
+    fields = {
+        c: _on(prefixed_tensors(featurizer.candidates(c, ids), "cand."), device)
+        for c, ids in catalogues.items()
+    }
     with torch.inference_mode():
-        vectors = {c: model.encode_candidates(_on(prefixed_tensors(featurizer.candidates(c, ids), "cand."), device), c)
-                   for c, ids in catalogues.items()}  # fmt: skip
+        vectors = {c: model.encode_candidates(f, c) for c, f in fields.items()}
+    prior = getattr(model, "transitions", None)
+    id_rows = {c: f.get(prior.id_field) if prior is not None else None for c, f in fields.items()}
 
     def score(task: str, context: pa.Table) -> torch.Tensor:
         feats = featurizer.context(context)
@@ -297,8 +303,9 @@ def model_matrix_scorer(
         task_type = torch.full((context.num_rows,), spec.tasks[task].id, dtype=torch.long, device=device)
         with torch.inference_mode():
             c, memory = model.encode_request(ctx, present, task_type)
-            logits = model.score_matrix(c, vectors[spec.tasks[task].candidate], task_type, memory)
-        return torch.sigmoid(logits.double()).cpu()
+            ctype = spec.tasks[task].candidate
+            out = model.score_matrix(c, vectors[ctype], task_type, memory, id_rows[ctype]).double()
+        return (out if logits else torch.sigmoid(out)).cpu()
 
     return score
 

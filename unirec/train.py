@@ -126,12 +126,20 @@ def setup(cfg: Config, features: Path, d: Optional[dst.Dist] = None) -> Training
     torch.manual_seed(cfg.seed)
     spec = FeatureSpec.load(features / "feature_spec.json")
     device, bf16 = setup_device(cfg.trainer, d.local_rank)
-    module = MultiTaskRanker(spec, cfg.model, sparse=cfg.optim.sparse_embeddings).to(device)
+    module = MultiTaskRanker(spec, cfg.model, sparse=cfg.optim.sparse_embeddings)
+    if module.transitions is not None:  # counted from the train split once, then part of the weights
+        from unirec.baselines import transition_table
+
+        prior = module.transitions
+        prior.counts.copy_(torch.from_numpy(transition_table(features, spec, prior.id_field, prior.window)))
+    module = module.to(device)
     model: torch.nn.Module = module
     if d.world > 1:
-        # Every head scores every row, so no parameter is ever unused: the cheap DDP path.
+        # Every head scores every row, so no parameter is ever unused: the cheap DDP path. The model's
+        # buffers are constants every rank builds alike (the transition counts among them, [T, T]):
+        # nothing to broadcast before each forward.
         model = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device] if device.type == "cuda" else None
+            module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
         )
     if cfg.trainer.compile:
         model = torch.compile(model)
@@ -369,6 +377,13 @@ def check(cfg: Config) -> None:
         raise ValueError(f"trainer.eval_every_epochs must be >= 1, got {tc.eval_every_epochs}")
     if cfg.loss.negatives < 1:
         raise ValueError(f"loss.negatives must be >= 1, got {cfg.loss.negatives}")
+    from unirec.model.transitions import FITS
+
+    if cfg.model.transitions_fit not in FITS:
+        raise ValueError(f"model.transitions_fit must be one of {FITS}, got {cfg.model.transitions_fit!r}")
+    for key in ("transitions_window", "transitions_recent"):
+        if getattr(cfg.model, key) < 1:
+            raise ValueError(f"model.{key} must be >= 1, got {getattr(cfg.model, key)}")
     if tc.progress_every_s < 0:
         raise ValueError(
             f"trainer.progress_every_s must be >= 0 (0: a line every step), got {tc.progress_every_s}"

@@ -8,12 +8,16 @@ full ranking does (Krichene and Rendle, KDD 2020).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from unirec.config import ValidProtocol
+from unirec.data.batch import prefixed_tensors
 from unirec.data.features import Featurizer
 from unirec.distributed import Dist
 from unirec.evaluate import (
@@ -23,13 +27,20 @@ from unirec.evaluate import (
     model_scorer,
     popularity_matrix_scorer,
     popularity_scorer,
+    rank_metrics,
+    ranking_requests,
+    seen_items,
 )
 from unirec.report import Scores
 from unirec.schema import FeatureSpec
 
+log = logging.getLogger("unirec.validation")
+
 SPLIT = "valid"
 FULL_METRICS = ("ndcg@10", "recall@10", "mrr")
 """The metrics of the full protocol (:func:`unirec.evaluate.full_ranking` at its default cut-off)."""
+PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+"""The transition prior weights :func:`calibrate_transitions` tries (0: the network alone)."""
 COUNTS = ("requests", "unrankable")
 """Keys of a full-ranking result that count requests rather than score them: not logged as metrics."""
 
@@ -66,9 +77,14 @@ class Validation:
 
     def model(self, model: torch.nn.Module, device: torch.device) -> Scores:
         """Per-task metrics of ``model`` (eval mode, then back to train mode); fp32, since bf16 logits tie
-        often within a slate and ties would fall back to logged order."""
+        often within a slate and ties would fall back to logged order. A transition prior fitted on valid
+        (``model.transitions_fit=valid``) gets its weights first (:func:`calibrate_transitions`)."""
         model.eval()
         try:
+            prior = getattr(model, "transitions", None)
+            if prior is not None and prior.fit == "valid":
+                chosen = calibrate_transitions(model, self.features.parent, *self._catalogues(), device)
+                log.info("transition prior weights, fitted on valid: %s", chosen)
             if self.protocol is ValidProtocol.full:
                 return self._full(model_matrix_scorer(model, *self._catalogues(), device))
             scorer = model_scorer(model, device, autocast=False)
@@ -94,3 +110,48 @@ class Validation:
         featurizer, cats = self._catalogues()
         scores = full_ranking({"m": scorer}, self.features.parent, featurizer.spec, SPLIT, cats)["m"]
         return {task: {k: v for k, v in s.items() if k not in COUNTS} for task, s in scores.items()}
+
+
+def calibrate_transitions(
+    model,
+    root: Path,
+    featurizer: Featurizer,
+    catalogues: Dict[str, pa.Array],
+    device=None,
+    grid: Sequence[float] = PRIOR_GRID,
+    chunk: int = 1024,
+) -> Dict[str, float]:
+    """Set each prior task's weight to the value of ``grid`` whose ``logit + w * log(1 + s)`` ranks the
+    valid split best (full-ranking ndcg@10, the network held as it is); task -> the weight chosen.
+
+    The network's logits and the prior's term are computed once per request (in chunks of ``chunk``
+    requests), and every weight of the grid is scored from them."""
+    prior, spec = model.transitions, featurizer.spec
+    chosen = {}
+    for k, task in enumerate(model.task_names):
+        if not bool(prior.uses[k]):
+            continue
+        ctype = spec.tasks[task].candidate
+        cat = catalogues[ctype]
+        req = ranking_requests(root, SPLIT, task, cat, seen_items(root, cat, "user", SPLIT))
+        if not req.context.num_rows:
+            continue
+        ids = prefixed_tensors(featurizer.candidates(ctype, cat), "cand.")[prior.id_field].to(device)
+        with torch.no_grad():
+            prior.weight[k] = 0.0
+        network = model_matrix_scorer(model, featurizer, {ctype: cat}, device, logits=True)
+        ndcg = np.zeros(len(grid))
+        for a in range(0, req.context.num_rows, chunk):
+            part = req.context.slice(a, chunk)
+            base = network(task, part)
+            ctx = prefixed_tensors(featurizer.context(part), "ctx.")
+            with torch.inference_mode():
+                term = prior.request_rows({f: t.to(device) for f, t in ctx.items()})[:, ids].double().cpu()
+            pos, exc = req.positives[a : a + chunk], req.exclude[a : a + chunk]
+            for g, w in enumerate(grid):
+                ndcg[g] += rank_metrics(base + w * term, pos, exc, 10)["ndcg@10"].sum()
+        best = float(grid[int(np.argmax(ndcg))])  # the first of equals: the smaller weight
+        with torch.no_grad():
+            prior.weight[k] = best
+        chosen[task] = best
+    return chosen

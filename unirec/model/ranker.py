@@ -26,6 +26,7 @@ from that row), so every parameter is in every step's graph, as DDP needs.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -38,7 +39,10 @@ from unirec.model.embeddings import FieldEmbeddings, build_tables
 from unirec.model.heads import TaskHeads
 from unirec.model.pooling import INIT_STD
 from unirec.model.towers import build_tower
+from unirec.model.transitions import PRIOR, TransitionPrior
 from unirec.schema import FeatureSpec
+
+log = logging.getLogger("unirec.model")
 
 Memory = Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
 """Target-aware field -> its history encoded once per request (tensors [R, L, ...], the mask [R, L] last),
@@ -124,6 +128,9 @@ class MultiTaskRanker(nn.Module):
         for t in spec.tasks.values():
             ctype_of[t.id] = self.candidate_types.index(t.candidate)
         self.register_buffer("candidate_type_of_task", ctype_of, persistent=False)
+        self.transitions: Optional[TransitionPrior] = None
+        if cfg.transitions:
+            self.transitions = _transition_prior(spec, cfg, self.task_names)
 
     def encode_context(
         self,
@@ -188,10 +195,20 @@ class MultiTaskRanker(nn.Module):
         return self.head_of_type[task_type]
 
     def context_memory(self, context: Dict[str, torch.Tensor], present: torch.Tensor) -> Memory:
-        """What target-aware fields attend over, encoded once per request (empty without such fields)."""
-        if not self.context_embedding.target_aware:
-            return {}
-        return self.context_embedding.memories(context, self.tables, present)
+        """What target-aware fields attend over, encoded once per request, and the transition prior's
+        rows (:data:`unirec.model.transitions.PRIOR`; empty without either)."""
+        memory = {}
+        if self.context_embedding.target_aware:
+            memory = self.context_embedding.memories(context, self.tables, present)
+        if self._prior_on():
+            memory[PRIOR] = (self.transitions.request_rows(context),)
+        return memory
+
+    def _prior_on(self) -> bool:
+        """Whether logits get the transition prior now: always in eval mode; in training mode only when
+        its weights are learned (``transitions_fit=learned``), so a prior fitted on valid leaves the
+        network to train alone, as it would without it."""
+        return self.transitions is not None and (not self.training or self.transitions.in_training)
 
     def encode_request(
         self, context: Dict[str, torch.Tensor], present: torch.Tensor, task_type: torch.Tensor
@@ -201,14 +218,25 @@ class MultiTaskRanker(nn.Module):
         return self.encode_context(context, present, task_type, memory), memory
 
     def all_logits(self, batch) -> torch.Tensor:
-        return self._row_logits(*self._encode(batch), batch.task_type)
+        logits = self._row_logits(*self._encode(batch), batch.task_type)
+        if not self._prior_on():
+            return logits
+        prior = self._own_prior(batch)
+        return logits + (self.transitions.weight * self.transitions.uses) * prior.unsqueeze(1)
+
+    def _own_prior(self, batch) -> torch.Tensor:
+        """[B] each row's transition prior for its own candidate; in training mode a positive row's own
+        transition is left out of the counts (:mod:`unirec.model.transitions`)."""
+        leave_out = batch.label > 0 if self.training and batch.label is not None else None
+        ids = batch.candidate[self.transitions.id_field]
+        return self.transitions.own(batch.context, ids, leave_out)
 
     def _encode(self, batch):
         c, memory = self.encode_request(batch.context, batch.present, batch.task_type)
         return c, self.encode_rows(batch.candidate, batch.task_type), memory
 
     def _row_logits(self, c: torch.Tensor, v: torch.Tensor, memory: Memory, task_type: torch.Tensor):
-        for name, mem in memory.items():
+        for name, mem in _attention(memory).items():
             c = c + self.context_embedding.fields[name].attend_rows(mem, v)
         return self.interact(c, v, task_type)
 
@@ -229,13 +257,19 @@ class MultiTaskRanker(nn.Module):
         """
         c, v, memory = self._encode(batch)
         own = self._row_logits(c, v, memory, batch.task_type)
-        own = own.gather(1, self.head_index(batch.task_type).unsqueeze(1)).squeeze(1)
+        head = self.head_index(batch.task_type)
+        own = own.gather(1, head.unsqueeze(1)).squeeze(1)
+        ids = None
+        if self._prior_on():
+            own = own + self.transitions.coefficient(head) * self._own_prior(batch)
+            ids = batch.candidate[self.transitions.id_field]
         if pools is None and catalogues is None:
             return own
         pairs = []
         for rows, pool in pools or ():
             mem = {name: tuple(t[rows] for t in m) for name, m in memory.items()}
-            pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem))
+            pool_ids = None if ids is None else ids[pool]
+            pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem, pool_ids))
         if catalogues is None:
             return own, pairs
         return own, pairs, [self.catalogue_logits(c[rows], cand, ct) for rows, cand, ct in catalogues]
@@ -249,28 +283,59 @@ class MultiTaskRanker(nn.Module):
     ):
         """One request's context vector [1, H] against N candidates (of its task's type) -> [N] logits."""
         ctype = self.candidate_types[int(self.candidate_type_of_task[task_type.reshape(-1)[0]])]
-        return self.score_vectors(c, self.encode_candidates(candidate, ctype), task_type, memory)
+        ids = candidate.get(self.transitions.id_field) if self.transitions is not None else None
+        return self.score_vectors(c, self.encode_candidates(candidate, ctype), task_type, memory, ids)
 
     def score_vectors(
-        self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor, memory: Memory = None
+        self,
+        c: torch.Tensor,
+        v: torch.Tensor,
+        task_type: torch.Tensor,
+        memory: Memory = None,
+        ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """One request's context vector [1, H] against N encoded candidates [N, H] (e.g. a catalogue
-        encoded once) -> [N] logits of that request's task; ``memory``: its :meth:`context_memory`."""
-        return self.score_matrix(c, v, task_type, memory)[0]
+        encoded once) -> [N] logits of that request's task; ``memory``: its :meth:`context_memory`;
+        ``ids``: the candidates' id rows [N], which the transition prior needs (see :meth:`prior_logits`)."""
+        return self.score_matrix(c, v, task_type, memory, ids)[0]
 
     def score_matrix(
-        self, c: torch.Tensor, v: torch.Tensor, task_type: torch.Tensor, memory: Memory = None
+        self,
+        c: torch.Tensor,
+        v: torch.Tensor,
+        task_type: torch.Tensor,
+        memory: Memory = None,
+        ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """R requests' context vectors [R, H] against the same N encoded candidates [N, H] -> [R, N] logits,
-        each row from its own request's task head (task_type [R]); full-catalogue ranking uses this."""
+        each row from its own request's task head (task_type [R]); full-catalogue ranking uses this.
+        ``ids``: the candidates' id rows [N] (for the transition prior, :meth:`prior_logits`)."""
         r, n = c.shape[0], v.shape[0]
         head = self.head_index(task_type)
+        prior = self.prior_logits(memory, ids, head)
         if r == 1:  # the serving path: no copies of v
-            return self.head_logits(self.request_rows(c, v, memory), v, head.expand(n)).view(1, n)
-        attended = self._attended(v, memory)
-        cs = c.unsqueeze(1).expand(r, n, -1)
-        cs = (cs if attended is None else cs + attended).reshape(r * n, -1)
-        return self.head_logits(cs, v.repeat(r, 1), head.repeat_interleave(n)).view(r, n)
+            out = self.head_logits(self.request_rows(c, v, memory), v, head.expand(n)).view(1, n)
+        else:
+            attended = self._attended(v, memory)
+            cs = c.unsqueeze(1).expand(r, n, -1)
+            cs = (cs if attended is None else cs + attended).reshape(r * n, -1)
+            out = self.head_logits(cs, v.repeat(r, 1), head.repeat_interleave(n)).view(r, n)
+        return out if prior is None else out + prior
+
+    def prior_logits(
+        self, memory: Memory, ids: Optional[torch.Tensor], head: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The transition prior's term [R, N] of R requests (their ``memory``, heads [R]) for candidates
+        whose id rows are ``ids`` ([N], or [R, N]); None when the model has no prior or none of the heads
+        uses it (then ``ids`` may be None)."""
+        if not self._prior_on() or not bool(self.transitions.uses[head].any()):
+            return None
+        if memory is None or PRIOR not in memory or ids is None:
+            raise ValueError(
+                "the model adds a transition prior (model.transitions): pass "
+                "memory=model.context_memory(context, present) and the candidates' id rows as ids"
+            )
+        return self.transitions.logits(memory[PRIOR][0], ids, head)
 
     def request_rows(self, c: torch.Tensor, v: torch.Tensor, memory: Memory = None) -> torch.Tensor:
         """One request's context vector [1, H] as each of its N candidates [N, H] sees it -> [N, H]: the
@@ -294,7 +359,54 @@ class MultiTaskRanker(nn.Module):
                 "memory=model.context_memory(context, present)"
             )
         attended = None
-        for name, mem in (memory or {}).items():
+        for name, mem in _attention(memory).items():
             a = self.context_embedding.fields[name].attend_all(mem, v)  # [R, N, H]
             attended = a if attended is None else attended + a
         return attended
+
+
+def _attention(memory: Memory) -> Dict[str, Tuple[torch.Tensor, ...]]:
+    """The target-aware fields' part of a memory (without the transition prior's rows)."""
+    return {name: m for name, m in (memory or {}).items() if name != PRIOR}
+
+
+def _transition_prior(spec: FeatureSpec, cfg: ModelConfig, names: Sequence[str]) -> Optional[TransitionPrior]:
+    """The prior over the table shared by an ordered context field (the history) and a task's candidate
+    ids; the tasks whose context has that field use it. None (with a warning) when no task has one."""
+    from unirec.kinds import kind_of
+
+    for name in names:
+        ts = spec.tasks[name]
+        id_field = spec.candidates[ts.candidate].id_field
+        table = spec.candidate_fields[id_field].table
+        for f in ts.fields:
+            if kind_of(spec.context[f]).ordered and spec.context[f].table == table:
+                rows = spec.tables[table].size
+                if rows > cfg.transitions_max_rows:
+                    raise ValueError(
+                        f"model.transitions: table {table!r} has {rows} rows, over "
+                        f"model.transitions_max_rows={cfg.transitions_max_rows} (its counts are a dense "
+                        "[rows, rows] float table)"
+                    )
+                uses = [
+                    f in spec.tasks[t].fields
+                    and spec.candidates[spec.tasks[t].candidate].id_field == id_field
+                    for t in names
+                ]
+                return TransitionPrior(
+                    rows,
+                    f,
+                    id_field,
+                    uses,
+                    cfg.transitions_window,
+                    cfg.transitions_recent,
+                    cfg.transitions_fit,
+                )
+    # A model of tasks without a history (a bespoke related-items model of a grid that sets the prior for
+    # every model) ranks as it would without the setting; said once, not an error.
+    log.warning(
+        "model.transitions: no task of %s has an ordered field (a history) over its candidates' id "
+        "table; the model has no transition prior",
+        list(names),
+    )
+    return None

@@ -59,6 +59,8 @@ class Encoded:
     """[N, H] the candidate vectors."""
     head: int
     """The index of the request's task head."""
+    prior: Optional[torch.Tensor] = None
+    """[N] the transition prior's term of the logits (model.transitions), None without one."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class Scorer:
         self._catalogue: Dict[str, pa.Array] = {}
         self._vectors: Dict[str, torch.Tensor] = {}
         self._row_of: Dict[str, Dict[str, int]] = {}
+        self._id_rows: Dict[str, torch.Tensor] = {}
+        """Candidate type -> [C] the id table row of each catalogue row (for the transition prior)."""
         self._popular: Dict[str, Tuple[list, np.ndarray]] = {}
         self._memo: Dict[Tuple[str, object], Tuple[np.ndarray, float]] = {}
         self._memo_bytes = 0
@@ -177,9 +181,10 @@ class Scorer:
                 # Catalogue ids are canonical text, which normalisation leaves as it is: an id written
                 # exactly so is that row, and anything else takes the Arrow path.
                 self._row_of[ctype] = {t: i for i, t in enumerate(ids.to_pylist()) if t is not None}
-                self._vectors[ctype] = self.model.encode_candidates(
-                    self._candidate_tensors(ctype, ids), ctype
-                )
+                fields = self._candidate_tensors(ctype, ids)
+                self._vectors[ctype] = self.model.encode_candidates(fields, ctype)
+                if self.model.transitions is not None and self.model.transitions.id_field in fields:
+                    self._id_rows[ctype] = fields[self.model.transitions.id_field]
         for task, t in self.spec.tasks.items():
             ids = self._catalogue[t.candidate].slice(0, 8).to_pylist()
             scores = self.score(task, {}, ids)
@@ -324,14 +329,21 @@ class Scorer:
                 ctx = {f: _cat([r.context[f] for r in part]) for f in part[0].context}
                 task_type = _cat([r.task_type for r in part])
                 c, memory = self.model.encode_request(ctx, _cat([r.present for r in part]), task_type)
-                v = self._part_vectors(self.spec.tasks[task].candidate, part)
-                head = int(self.model.head_index(task_type[:1])[0])
+                ctype = self.spec.tasks[task].candidate
+                v = self._part_vectors(ctype, part)
+                heads = self.model.head_index(task_type[:1])
+                head = int(heads[0])
+                ids = self._part_ids(ctype, part, heads)
                 start = 0
                 for k, (i, r) in enumerate(zip(members, part)):
-                    vi = v[start : start + len(r.ids)]
+                    end = start + len(r.ids)
+                    vi = v[start:end]
                     mem = {n: tuple(t[k : k + 1] for t in m) for n, m in memory.items()}
-                    out[i] = Encoded(self.model.request_rows(c[k : k + 1], vi, mem), vi, head)
-                    start += len(r.ids)
+                    prior = None
+                    if ids is not None:
+                        prior = self.model.prior_logits(mem, ids[start:end], heads)[0]
+                    out[i] = Encoded(self.model.request_rows(c[k : k + 1], vi, mem), vi, head, prior)
+                    start = end
         return out
 
     def score_encoded(self, requests: Sequence[Encoded]) -> List[np.ndarray]:
@@ -343,6 +355,10 @@ class Scorer:
             v = _cat([r.candidates for r in requests])
             head = _cat([torch.full((n,), r.head) for n, r in zip(sizes, requests)])
             logits = self.model.head_logits(rows, v, head)
+            if any(r.prior is not None for r in requests):
+                logits = logits + _cat(
+                    [torch.zeros(n) if r.prior is None else r.prior for n, r in zip(sizes, requests)]
+                )
         scores = torch.sigmoid(logits.double()).numpy()
         return np.split(scores, np.cumsum(sizes[:-1]))
 
@@ -363,6 +379,18 @@ class Scorer:
             return self._vectors[ctype][torch.from_numpy(rows)]
         ids = pa.array([str(i) for r in part for i in r.ids], pa.string())
         return self._candidate_vectors(ctype, ids)
+
+    def _part_ids(self, ctype: str, part: Sequence[Prepared], head: torch.Tensor) -> Optional[torch.Tensor]:
+        """[sum N_i] the id table rows of several requests' ids, in order; None unless the model's
+        transition prior scores the task (``head`` [1])."""
+        prior = self.model.transitions
+        if prior is None or not bool(prior.uses[head].any()):
+            return None
+        if ctype in self._id_rows and all(r.rows is not None for r in part):
+            rows = part[0].rows if len(part) == 1 else np.concatenate([r.rows for r in part])
+            return self._id_rows[ctype][torch.from_numpy(rows)]
+        ids = pa.array([str(i) for r in part for i in r.ids], pa.string())
+        return self._candidate_tensors(ctype, ids)[prior.id_field]
 
     def _candidate_vectors(self, ctype: str, ids: pa.Array) -> torch.Tensor:
         if ctype not in self._vectors:
