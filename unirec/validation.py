@@ -21,6 +21,7 @@ from unirec.data.batch import prefixed_tensors
 from unirec.data.features import Featurizer
 from unirec.distributed import Dist
 from unirec.evaluate import (
+    Requests,
     evaluate,
     full_ranking,
     model_matrix_scorer,
@@ -74,6 +75,7 @@ class Validation:
         self.features, self.spec, self.protocol = Path(features), spec, ValidProtocol(protocol)
         self.batch_size, self.rank, self.world = batch_size, dist.rank, dist.world
         self._loaded: Optional[Tuple[Featurizer, Dict]] = None
+        self._requests: Dict[str, Requests] = {}  # the valid requests of the prior's tasks, read once
 
     def model(self, model: torch.nn.Module, device: torch.device) -> Scores:
         """Per-task metrics of ``model`` (eval mode, then back to train mode); fp32, since bf16 logits tie
@@ -83,7 +85,8 @@ class Validation:
         try:
             prior = getattr(model, "transitions", None)
             if prior is not None and prior.fit == "valid":
-                chosen = calibrate_transitions(model, self.features.parent, *self._catalogues(), device)
+                root, (featurizer, cats) = self.features.parent, self._catalogues()
+                chosen = calibrate_transitions(model, root, featurizer, cats, device, requests=self._requests)
                 log.info("transition prior weights, fitted on valid: %s", chosen)
             if self.protocol is ValidProtocol.full:
                 return self._full(model_matrix_scorer(model, *self._catalogues(), device))
@@ -120,12 +123,14 @@ def calibrate_transitions(
     device=None,
     grid: Sequence[float] = PRIOR_GRID,
     chunk: int = 1024,
+    requests: Optional[Dict[str, Requests]] = None,
 ) -> Dict[str, float]:
     """Set each prior task's weight to the value of ``grid`` whose ``logit + w * log(1 + s)`` ranks the
     valid split best (full-ranking ndcg@10, the network held as it is); task -> the weight chosen.
 
     The network's logits and the prior's term are computed once per request (in chunks of ``chunk``
-    requests), and every weight of the grid is scored from them."""
+    requests), and every weight of the grid is scored from them. ``requests``: a cache of each task's valid
+    requests, filled on first use (a run calibrates at every validation; the split is read once)."""
     prior, spec = model.transitions, featurizer.spec
     chosen = {}
     for k, task in enumerate(model.task_names):
@@ -133,7 +138,10 @@ def calibrate_transitions(
             continue
         ctype = spec.tasks[task].candidate
         cat = catalogues[ctype]
-        req = ranking_requests(root, SPLIT, task, cat, seen_items(root, cat, "user", SPLIT))
+        cache = {} if requests is None else requests
+        if task not in cache:
+            cache[task] = ranking_requests(root, SPLIT, task, cat, seen_items(root, cat, "user", SPLIT))
+        req = cache[task]
         if not req.context.num_rows:
             continue
         ids = prefixed_tensors(featurizer.candidates(ctype, cat), "cand.")[prior.id_field].to(device)

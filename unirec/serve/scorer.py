@@ -374,9 +374,9 @@ class Scorer:
 
     def _part_vectors(self, ctype: str, part: Sequence[Prepared]) -> torch.Tensor:
         """[sum N_i, H] the candidate vectors of several requests' ids, in order."""
-        if all(r.rows is not None for r in part):
-            rows = part[0].rows if len(part) == 1 else np.concatenate([r.rows for r in part])
-            return self._vectors[ctype][torch.from_numpy(rows)]
+        rows = _part_rows(part)
+        if rows is not None:
+            return self._vectors[ctype][rows]
         ids = pa.array([str(i) for r in part for i in r.ids], pa.string())
         return self._candidate_vectors(ctype, ids)
 
@@ -386,9 +386,9 @@ class Scorer:
         prior = self.model.transitions
         if prior is None or not bool(prior.uses[head].any()):
             return None
-        if ctype in self._id_rows and all(r.rows is not None for r in part):
-            rows = part[0].rows if len(part) == 1 else np.concatenate([r.rows for r in part])
-            return self._id_rows[ctype][torch.from_numpy(rows)]
+        rows = _part_rows(part)
+        if ctype in self._id_rows and rows is not None:
+            return self._id_rows[ctype][rows]
         ids = pa.array([str(i) for r in part for i in r.ids], pa.string())
         return self._candidate_tensors(ctype, ids)[prior.id_field]
 
@@ -422,6 +422,13 @@ class Scorer:
         order = order[per_id[order] > 0]
         total = per_id.sum() or 1.0
         return [ids[i].as_py() for i in order], per_id[order] / total
+
+
+def _part_rows(part: Sequence[Prepared]) -> Optional[torch.Tensor]:
+    """[sum N_i] the catalogue rows of several requests' ids, in order; None unless every id has one."""
+    if not all(r.rows is not None for r in part):
+        return None
+    return torch.from_numpy(part[0].rows if len(part) == 1 else np.concatenate([r.rows for r in part]))
 
 
 def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
