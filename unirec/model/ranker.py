@@ -26,7 +26,6 @@ from that row), so every parameter is in every step's graph, as DDP needs.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -39,10 +38,8 @@ from unirec.model.embeddings import FieldEmbeddings, build_tables
 from unirec.model.heads import TaskHeads
 from unirec.model.pooling import INIT_STD
 from unirec.model.towers import build_tower
-from unirec.model.transitions import PRIOR, TransitionPrior
+from unirec.model.transitions import PRIOR, TransitionPrior, build_prior
 from unirec.schema import FeatureSpec
-
-log = logging.getLogger("unirec.model")
 
 Memory = Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]
 """Target-aware field -> its history encoded once per request (tensors [R, L, ...], the mask [R, L] last),
@@ -130,7 +127,7 @@ class MultiTaskRanker(nn.Module):
         self.register_buffer("candidate_type_of_task", ctype_of, persistent=False)
         self.transitions: Optional[TransitionPrior] = None
         if cfg.transitions:
-            self.transitions = _transition_prior(spec, cfg, self.task_names)
+            self.transitions = build_prior(spec, cfg, self.task_names)
 
     def encode_context(
         self,
@@ -368,45 +365,3 @@ class MultiTaskRanker(nn.Module):
 def _attention(memory: Memory) -> Dict[str, Tuple[torch.Tensor, ...]]:
     """The target-aware fields' part of a memory (without the transition prior's rows)."""
     return {name: m for name, m in (memory or {}).items() if name != PRIOR}
-
-
-def _transition_prior(spec: FeatureSpec, cfg: ModelConfig, names: Sequence[str]) -> Optional[TransitionPrior]:
-    """The prior over the table shared by an ordered context field (the history) and a task's candidate
-    ids; the tasks whose context has that field use it. None (with a warning) when no task has one."""
-    from unirec.kinds import kind_of
-
-    for name in names:
-        ts = spec.tasks[name]
-        id_field = spec.candidates[ts.candidate].id_field
-        table = spec.candidate_fields[id_field].table
-        for f in ts.fields:
-            if kind_of(spec.context[f]).ordered and spec.context[f].table == table:
-                rows = spec.tables[table].size
-                if rows > cfg.transitions_max_rows:
-                    raise ValueError(
-                        f"model.transitions: table {table!r} has {rows} rows, over "
-                        f"model.transitions_max_rows={cfg.transitions_max_rows} (its counts are a dense "
-                        "[rows, rows] float table)"
-                    )
-                uses = [
-                    f in spec.tasks[t].fields
-                    and spec.candidates[spec.tasks[t].candidate].id_field == id_field
-                    for t in names
-                ]
-                return TransitionPrior(
-                    rows,
-                    f,
-                    id_field,
-                    uses,
-                    cfg.transitions_window,
-                    cfg.transitions_recent,
-                    cfg.transitions_fit,
-                )
-    # A model of tasks without a history (a bespoke related-items model of a grid that sets the prior for
-    # every model) ranks as it would without the setting; said once, not an error.
-    log.warning(
-        "model.transitions: no task of %s has an ordered field (a history) over its candidates' id "
-        "table; the model has no transition prior",
-        list(names),
-    )
-    return None

@@ -25,12 +25,19 @@ canvases' clicks of canvases without a user), the share taken out is approximate
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import logging
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-from unirec.kinds import FIRST_ID
+from unirec.kinds import FIRST_ID, kind_of
+
+if TYPE_CHECKING:
+    from unirec.config import ModelConfig
+    from unirec.schema import FeatureSpec
+
+log = logging.getLogger("unirec.model")
 
 FITS = ("valid", "learned")
 """How the weights are fitted (``model.transitions_fit``)."""
@@ -131,3 +138,43 @@ class TransitionPrior(nn.Module):
                 c = torch.where(mine, (c - 1.0 / distance).clamp_min(0.0), c)
             s = s + votes[j] * c
         return torch.log1p(s)
+
+
+def build_prior(spec: FeatureSpec, cfg: ModelConfig, names: Sequence[str]) -> Optional[TransitionPrior]:
+    """The prior over the table shared by an ordered context field (the history) and a task's candidate
+    ids; the tasks whose context has that field use it. None (with a warning) when no task has one."""
+    for name in names:
+        ts = spec.tasks[name]
+        id_field = spec.candidates[ts.candidate].id_field
+        table = spec.candidate_fields[id_field].table
+        for f in ts.fields:
+            if kind_of(spec.context[f]).ordered and spec.context[f].table == table:
+                rows = spec.tables[table].size
+                if rows > cfg.transitions_max_rows:
+                    raise ValueError(
+                        f"model.transitions: table {table!r} has {rows} rows, over "
+                        f"model.transitions_max_rows={cfg.transitions_max_rows} (its counts are a dense "
+                        "[rows, rows] float table)"
+                    )
+                uses = [
+                    f in spec.tasks[t].fields
+                    and spec.candidates[spec.tasks[t].candidate].id_field == id_field
+                    for t in names
+                ]
+                return TransitionPrior(
+                    rows,
+                    f,
+                    id_field,
+                    uses,
+                    cfg.transitions_window,
+                    cfg.transitions_recent,
+                    cfg.transitions_fit,
+                )
+    # A model of tasks without a history (a bespoke related-items model of a grid that sets the prior for
+    # every model) ranks as it would without the setting; said once, not an error.
+    log.warning(
+        "model.transitions: no task of %s has an ordered field (a history) over its candidates' id "
+        "table; the model has no transition prior",
+        list(names),
+    )
+    return None
