@@ -6,7 +6,8 @@ relatedness r in [0, 1] is the suite ``synthetic-<r>``):
 1. **Equal tuning.** Every grid point (learning rate x model size) trains the unified model (all tasks) and
    one bespoke model per task (``task=[<that task>]``: the same code, one task's data, its own vocabulary)
    with seed 0. Each run trains the same number of epochs over its own data and keeps the checkpoint with
-   the best validation NDCG@10 (sampled protocol, checked every epoch), so training length is tuned alike.
+   the best validation NDCG@10 (``trainer.valid_protocol``, every ``trainer.eval_every_epochs``), so
+   training length is tuned alike.
    The unified model picks the grid point with the best mean validation score over tasks; each bespoke
    model picks its own best grid point for its task. The validation score is the suite's headline
    protocol: full ranking for MovieLens, the logged impressions for the synthetic canvases.
@@ -453,6 +454,7 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
         "seeds": args.seeds,
         "epochs": suite.epochs,
         "patience": getattr(args, "patience", None),
+        "validation": validation_of(Path(meta["unified"][0]["run"])),
         "grid": {"lr": args.lrs, "size": {s: SIZES[s] for s in args.sizes}},
         "sweep_valid_ndcg@10": sweep,
         "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
@@ -464,6 +466,24 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
         "command": " ".join(["python", "scripts/consolidation_report.py", *sys.argv[1:]]),
     }
     return out
+
+
+def validation_of(run: Path) -> Dict:
+    """How a run validated (from its ``config.yaml``): every how many epochs, under which protocol."""
+    from omegaconf import OmegaConf
+
+    trainer = OmegaConf.load(run / "config.yaml").trainer
+    return {"every_epochs": int(trainer.eval_every_epochs), "protocol": str(trainer.valid_protocol)}
+
+
+def checked(res: Dict) -> str:
+    """The report's words for how its runs validated (older results did not record it)."""
+    v = res.get("validation")
+    if v is None:
+        return "validation cadence not recorded"
+    every = "every epoch" if v["every_epochs"] == 1 else f"every {v['every_epochs']} epochs"
+    protocol = "full ranking" if v["protocol"] == "full" else "the logged candidates"
+    return f"checked {every} by {protocol}"
 
 
 def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
@@ -478,11 +498,11 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
     lines += [
         f"- Training: every run trains up to {res['epochs']} epochs over its own data"
         + (
-            f", stops after {res['patience']} epochs without a better validation mean,"
+            f", stops after {res['patience']} validations without a better validation mean,"
             if res.get("patience")
             else ""
         )
-        + " and keeps the checkpoint with the best validation NDCG@10 (checked every epoch). Bespoke = the same "
+        + f" and keeps the checkpoint with the best validation NDCG@10 ({checked(res)}). Bespoke = the same "
         "code trained on one task's data only.",
         "",
         "## Verdict on the headline metric",

@@ -79,7 +79,10 @@ def model_scorer(
         with torch.inference_mode(), ctx:
             # Post-sigmoid scores: torchmetrics' ranking metrics treat a score <= 0 as "not retrieved",
             # which would zero out negative logits; the sigmoid keeps every request's order.
-            return torch.sigmoid(model(batch.to(device)).double()).cpu()
+            # Each request's context is encoded once for its rows (as serving does).
+            b = batch.to(device)
+            logits = model.request_logits(b) if hasattr(model, "request_logits") else model(b)
+            return torch.sigmoid(logits.double()).cpu()
 
     return score
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -80,16 +80,23 @@ class Validation:
     def model(self, model: torch.nn.Module, device: torch.device) -> Scores:
         """Per-task metrics of ``model`` (eval mode, then back to train mode); fp32, since bf16 logits tie
         often within a slate and ties would fall back to logged order. A transition prior fitted on valid
-        (``model.transitions_fit=valid``) gets its weights first (:func:`calibrate_transitions`)."""
+        (``model.transitions_fit=valid``) gets its weights first (:func:`calibrate_transitions`); under the
+        full protocol the calibration's own ranking at the chosen weight is those tasks' metrics, so each
+        request is scored once."""
         model.eval()
         try:
+            calibrated: Scores = {}
             prior = getattr(model, "transitions", None)
             if prior is not None and prior.fit == "valid":
                 root, (featurizer, cats) = self.features.parent, self._catalogues()
-                chosen = calibrate_transitions(model, root, featurizer, cats, device, requests=self._requests)
+                chosen = calibrate_transitions(
+                    model, root, featurizer, cats, device, requests=self._requests, scores=calibrated
+                )
                 log.info("transition prior weights, fitted on valid: %s", chosen)
             if self.protocol is ValidProtocol.full:
-                return self._full(model_matrix_scorer(model, *self._catalogues(), device))
+                scorer = model_matrix_scorer(model, *self._catalogues(), device)
+                scorer.tasks = [t for t in self.spec.tasks if t not in calibrated]
+                return {**self._full(scorer), **calibrated}
             scorer = model_scorer(model, device, autocast=False)
             return evaluate(scorer, self.features, self.spec, SPLIT, self.batch_size, self.rank, self.world)
         finally:
@@ -124,13 +131,16 @@ def calibrate_transitions(
     grid: Sequence[float] = PRIOR_GRID,
     chunk: int = 1024,
     requests: Optional[Dict[str, Requests]] = None,
+    scores: Optional[Scores] = None,
 ) -> Dict[str, float]:
     """Set each prior task's weight to the value of ``grid`` whose ``logit + w * log(1 + s)`` ranks the
     valid split best (full-ranking ndcg@10, the network held as it is); task -> the weight chosen.
 
     The network's logits and the prior's term are computed once per request (in chunks of ``chunk``
     requests), and every weight of the grid is scored from them. ``requests``: a cache of each task's valid
-    requests, filled on first use (a run calibrates at every validation; the split is read once)."""
+    requests, filled on first use (a run calibrates at every validation; the split is read once).
+    ``scores``: filled with each calibrated task's full-ranking metrics (:data:`FULL_METRICS`, means over
+    its requests) at the chosen weight, as :func:`unirec.evaluate.full_ranking` would give them."""
     prior, spec = model.transitions, featurizer.spec
     chosen = {}
     for k, task in enumerate(model.task_names):
@@ -148,7 +158,7 @@ def calibrate_transitions(
         with torch.no_grad():
             prior.weight[k] = 0.0
         network = model_matrix_scorer(model, featurizer, {ctype: cat}, device, logits=True)
-        ndcg = np.zeros(len(grid))
+        parts: List[Dict[str, List[np.ndarray]]] = [{} for _ in grid]
         for a in range(0, req.context.num_rows, chunk):
             part = req.context.slice(a, chunk)
             base = network(task, part)
@@ -157,9 +167,13 @@ def calibrate_transitions(
                 term = prior.request_rows({f: t.to(device) for f, t in ctx.items()})[:, ids].double().cpu()
             pos, exc = req.positives[a : a + chunk], req.exclude[a : a + chunk]
             for g, w in enumerate(grid):
-                ndcg[g] += rank_metrics(base + w * term, pos, exc, 10)["ndcg@10"].sum()
-        best = float(grid[int(np.argmax(ndcg))])  # the first of equals: the smaller weight
+                for key, v in rank_metrics(base + w * term, pos, exc, 10).items():
+                    parts[g].setdefault(key, []).append(v)
+        means = [{key: float(np.concatenate(v).mean()) for key, v in p.items()} for p in parts]
+        g = int(np.argmax([m["ndcg@10"] for m in means]))  # the first of equals: the smaller weight
         with torch.no_grad():
-            prior.weight[k] = best
-        chosen[task] = best
+            prior.weight[k] = float(grid[g])
+        chosen[task] = float(grid[g])
+        if scores is not None:
+            scores[task] = {key: means[g][key] for key in FULL_METRICS}
     return chosen

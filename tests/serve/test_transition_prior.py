@@ -15,11 +15,13 @@ import torch
 from tests.conftest import run_train
 from tests.serve.conftest import assert_scores_match_forward
 from unirec.baselines import transition_table
-from unirec.evaluate import model_matrix_scorer
+from unirec.config import ValidProtocol
+from unirec.data.loader import eval_batches
+from unirec.evaluate import full_ranking, load, model_matrix_scorer
 from unirec.export import export
 from unirec.schema import FeatureSpec
 from unirec.serve.scorer import Scorer
-from unirec.validation import PRIOR_GRID
+from unirec.validation import FULL_METRICS, PRIOR_GRID, Validation
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +96,40 @@ def test_full_ranking_and_serving_add_the_same_prior(scorer, prior_run):
     finally:
         with torch.no_grad():
             scorer.model.transitions.weight.copy_(saved)  # the module's scorer, as loaded
+
+
+def test_full_validation_reuses_the_calibration_s_ranking(prior_run):
+    """Under the full protocol the prior's tasks take their metrics from the weight fit's own ranking: they
+    equal a fresh full ranking of the calibrated model, and the tasks without a prior are ranked too."""
+    loaded = load(prior_run, "best")
+    model, featurizer = loaded.model, loaded.featurizer
+    v = Validation(loaded.features, featurizer.spec, ValidProtocol.full, 1024)
+    got = v.model(model, torch.device("cpu"))
+    uses = dict(zip(model.task_names, model.transitions.uses.tolist()))
+    assert set(got) == set(featurizer.spec.tasks) and not uses["related"]
+    cats = {c: featurizer.catalogue_ids(c) for c in featurizer.spec.candidates}
+    model.eval()
+    want = full_ranking(
+        {"m": model_matrix_scorer(model, featurizer, cats)},
+        loaded.features.parent,
+        featurizer.spec,
+        "valid",
+        cats,
+    )["m"]
+    for task, scores in got.items():
+        assert set(scores) == set(FULL_METRICS), scores
+        for key in FULL_METRICS:
+            assert scores[key] == pytest.approx(want[task][key], abs=1e-9), (task, key)
+
+
+@pytest.mark.parametrize("task", ["home", "related"])
+def test_evaluation_encodes_a_request_once_and_scores_as_the_forward(prior_run, task):
+    """The sampled protocol's scorer encodes each request's context once for its rows
+    (``request_logits``): the same logits as the row-by-row forward, history attention and prior included."""
+    loaded = load(prior_run, "best")
+    model, spec = loaded.model.eval(), loaded.featurizer.spec
+    batch = next(iter(eval_batches(loaded.features, spec, "valid", task, 512)))
+    assert len(torch.unique(batch.request_id)) < len(batch) / 2  # many rows a request
+    with torch.inference_mode():
+        want, got = model(batch), model.request_logits(batch)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

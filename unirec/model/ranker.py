@@ -27,7 +27,7 @@ from that row), so every parameter is in every step's graph, as DDP needs.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -263,13 +263,33 @@ class MultiTaskRanker(nn.Module):
         if pools is None and catalogues is None:
             return own
         pairs = []
-        for rows, pool in pools or ():
-            mem = {name: tuple(t[rows] for t in m) for name, m in memory.items()}
+        for (rows, pool), mem in zip(pools or (), _pool_memories(memory, pools or ())):
             pool_ids = None if ids is None else ids[pool]
             pairs.append(self.score_matrix(c[rows], v[pool], batch.task_type[rows], mem, pool_ids))
         if catalogues is None:
             return own, pairs
         return own, pairs, [self.catalogue_logits(c[rows], cand, ct) for rows, cand, ct in catalogues]
+
+    def request_logits(self, batch) -> torch.Tensor:
+        """:meth:`forward`'s own-task logits [B] (no pools), with each request's context encoded once for
+        all its rows: rows of one (request_id, task_type) share one context by construction (the labels
+        join a request's context onto each of its candidates), and an evaluation batch holds about a
+        hundred rows a request, whose history projections would otherwise be recomputed on every row."""
+        key = torch.stack([batch.request_id, batch.task_type])
+        _, inverse = torch.unique(key, dim=1, return_inverse=True)
+        rows = torch.arange(len(inverse), device=inverse.device)
+        first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device)
+        first = first.scatter_reduce(0, inverse, rows, "amin")
+        context = {k: t[first] for k, t in batch.context.items()}
+        c, memory = self.encode_request(context, batch.present[first], batch.task_type[first])
+        v = self.encode_rows(batch.candidate, batch.task_type)
+        rowwise = {name: tuple(t[inverse] for t in m) for name, m in _attention(memory).items()}
+        own = self._row_logits(c[inverse], v, rowwise, batch.task_type)
+        head = self.head_index(batch.task_type)
+        own = own.gather(1, head.unsqueeze(1)).squeeze(1)
+        if self._prior_on():
+            own = own + self.transitions.coefficient(head) * self._own_prior(batch)
+        return own
 
     def score_candidates(
         self,
@@ -365,3 +385,15 @@ class MultiTaskRanker(nn.Module):
 def _attention(memory: Memory) -> Dict[str, Tuple[torch.Tensor, ...]]:
     """The target-aware fields' part of a memory (without the transition prior's rows)."""
     return {name: m for name, m in (memory or {}).items() if name != PRIOR}
+
+
+def _pool_memories(memory: Memory, pools: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> List[Memory]:
+    """Each pool's rows of the batch's ``memory``, gathered once for all pools and split: the backward of a
+    gather allocates a zero gradient of the whole memory ([B, L, D] for a history), so one gather instead
+    of one per pool saves that fill and its accumulation per pool on every step."""
+    if not pools or not memory:
+        return [{} for _ in pools]
+    sizes = [len(rows) for rows, _ in pools]
+    every = torch.cat([rows for rows, _ in pools])
+    split = {name: [t[every].split(sizes) for t in m] for name, m in memory.items()}
+    return [{name: tuple(parts[i] for parts in ts) for name, ts in split.items()} for i in range(len(pools))]
