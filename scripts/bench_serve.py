@@ -60,7 +60,8 @@ def toy_registry(tmp: Path, history: str = "") -> Path:
 
 
 def start_server(registry: Path, port: int, extra: Sequence[str] = ()) -> subprocess.Popen:
-    args = ["serve=[home,genre]", f"server.registry={registry}", f"server.port={port}", "server.freshness_s=0",
+    # The server runs in another directory: a relative --registry is resolved here.
+    args = ["serve=[home,genre]", f"server.registry={Path(registry).resolve()}", f"server.port={port}", "server.freshness_s=0",
             "serve.home.cache.size=0", "serve.home.timeout_ms=5000", "serve.genre.timeout_ms=5000",
             "serve.home.max_concurrent=128", *extra]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "unirec.serve", *args], env=ENV, cwd=tempfile.gettempdir())
@@ -111,7 +112,7 @@ class Client:
         return data
 
 
-def interleaved(port: int, scorer, contexts: list, ids: list, repeat: int) -> Dict[str, np.ndarray]:
+def interleaved(port: int, scorer, contexts: list, ids: list, repeat: int, block: int = 1) -> Dict[str, np.ndarray]:
     """Seconds per call of the HTTP endpoint, the bare forward and the in-process Scorer on the same
     request, one of each in turn, so all three see the same machine state (a quiet spell or a busy one
     falls on all three alike, not on one phase of the run)."""
@@ -136,11 +137,12 @@ def interleaved(port: int, scorer, contexts: list, ids: list, repeat: int) -> Di
     }
     out: Dict[str, list] = {name: [] for name in calls}
     with torch.inference_mode():
-        for i in range(repeat):
+        for a in range(0, repeat, block):
             for name, call in calls.items():
-                t = time.perf_counter()
-                call(i % len(contexts))
-                out[name].append(time.perf_counter() - t)
+                for i in range(a, min(a + block, repeat)):
+                    t = time.perf_counter()
+                    call(i % len(contexts))
+                    out[name].append(time.perf_counter() - t)
     client.sock.close()
     return {name: np.array(v) for name, v in out.items()}
 

@@ -9,8 +9,9 @@ Endpoints::
     GET  /metrics       Prometheus text format
     GET  /openapi.json  the schema (FastAPI)
 
-A well-formed JSON rank request is answered by :class:`FastRank` before FastAPI's routing (the same request
-model and handler); every other request, bad ones included, goes through FastAPI as before.
+A well-formed JSON rank request is answered by :class:`FastRank` before FastAPI's routing and middleware
+stack (the same request model and handler); every other request, bad ones included, goes through FastAPI as
+before. The body limit stands in front of both.
 
 Every rank answer is counted by environment and status, every fallback by reason. Bad input is a 4xx whose
 ``field`` names the input; nothing the scorer does becomes a 500, and a 500 from anything else is counted
@@ -24,7 +25,7 @@ import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import orjson
 from fastapi import FastAPI, Request
@@ -76,12 +77,15 @@ def create_app(cfg: ServeConfig, holder: Optional[ModelHolder] = None) -> FastAP
         for env in envs.values():
             env.close()
 
-    app = FastAPI(title="unirec ranking service", version="1", lifespan=lifespan)
+    def front(stack):
+        # The fast path inside the body limit (it only ever sees a bounded body), both in front of the
+        # whole middleware stack.
+        fast = FastRank(stack, model=RankRequest, rank=lambda req: _rank(req, holder, envs, metrics))
+        return BodyLimit(fast, max_bytes=cfg.server.max_body_bytes, on_reject=_rejected(metrics))
+
+    app = _Service(front, title="unirec ranking service", version="1", lifespan=lifespan)
     app.router.route_class = _OrjsonRoute
     app.state.holder, app.state.metrics, app.state.environments = holder, metrics, envs
-    # Added first, so BodyLimit (added next) wraps it: the fast path only ever sees a bounded body.
-    app.add_middleware(FastRank, model=RankRequest, rank=lambda req: _rank(req, holder, envs, metrics))
-    app.add_middleware(BodyLimit, max_bytes=cfg.server.max_body_bytes, on_reject=_rejected(metrics))
     app.add_exception_handler(RequestValidationError, _invalid(metrics))
     app.add_exception_handler(HTTPException, _http_error(metrics))
     errors = {c: {"model": ErrorResponse} for c in (400, 413, 422, 503, 504)}
@@ -92,6 +96,20 @@ def create_app(cfg: ServeConfig, holder: Optional[ModelHolder] = None) -> FastAP
 
     _add_status_routes(app, cfg, holder, metrics)
     return app
+
+
+class _Service(FastAPI):
+    """FastAPI with ``front`` (the body limit and :class:`FastRank`) wrapped around its whole middleware
+    stack rather than inside it: a fast-path request skips Starlette's error middleware and FastAPI's own
+    layers, each of which wraps every ``send``. Nothing is lost by it: the fast path answers its own errors
+    (``_rank`` turns any exception into a counted 500), and uvicorn answers 500 for anything that escapes."""
+
+    def __init__(self, front: Callable, **kwargs):
+        self._front = front
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self):
+        return self._front(super().build_middleware_stack())
 
 
 class _OrjsonRequest(Request):

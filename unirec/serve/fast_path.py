@@ -1,7 +1,7 @@
 """The fast path of ``POST /v1/rank``: a well-formed JSON request answered before FastAPI's routing.
 
-:func:`unirec.serve.app.create_app` puts :class:`FastRank` just inside the body limit; requests it does
-not take go to the FastAPI app behind it unchanged.
+:func:`unirec.serve.app.create_app` puts :class:`FastRank` just inside the body limit, both in front of
+FastAPI's whole middleware stack; requests it does not take go to that stack unchanged.
 """
 
 from __future__ import annotations
