@@ -23,6 +23,8 @@ Usage::
     python scripts/ablations.py --raw-dir data/ml-100k                        # both suites, ~45 min on 2 cores
     python scripts/ablations.py --suites synthetic --variants tower sampling=uniform
     python scripts/ablations.py --render                                       # rewrite the .md from the .json
+    python scripts/ablations.py --suites ml100k --raw-dir data/ml-100k --lr 0.005 --size W --patience 2 \
+        --set loss.negatives=64 model.tower_layers=1 model.transitions=true   # the MovieLens recipe
 
 Finished runs are reused (``--work``, default ``runs/ablations``; a run whose settings changed trains
 again), so an interrupted report resumes; ``--fresh`` starts over.
@@ -160,7 +162,7 @@ def select_variants(names: Optional[Sequence[str]]) -> List[Variant]:
 def suites(args) -> Dict[str, cr.Suite]:
     """The suites' data overrides (tasks are read from the composed config by :func:`setup_suite`)."""
     raw = str(Path(args.raw_dir).resolve()) if args.raw_dir else None
-    common = [f"loader.batch_size={BATCH_SIZE}"]
+    common = [f"loader.batch_size={BATCH_SIZE}", *getattr(args, "set", [])]
     if args.cache_dir:
         common.append(f"data.cache_dir={Path(args.cache_dir).resolve()}")
     syn = [f"data.synthetic.{k}={v}" for k, v in cr.SYNTHETIC_SIZE[args.quick].items()]
@@ -212,14 +214,25 @@ def _has_key(cfg, key: str) -> bool:
     return True
 
 
-def pins(suite) -> Tuple[Dict[str, str], List[str]]:
+def recipe(args) -> Tuple[float, str]:
+    """(learning rate, size name) of every run: ``--lr`` and ``--size``, else :data:`LR` and :data:`SIZE`."""
+    return getattr(args, "lr", None) or LR, getattr(args, "size", None) or SIZE
+
+
+def validation(suite, args) -> Dict:
+    """How the runs validate (``trainer.eval_every_epochs``, ``trainer.valid_protocol``), from the config."""
+    trainer = cr.compose(suite, None, *recipe(args), 0).trainer
+    return {"every_epochs": int(trainer.eval_every_epochs), "protocol": str(trainer.valid_protocol.value)}
+
+
+def pins(suite, args=None) -> Tuple[Dict[str, str], List[str]]:
     """The baseline overrides this version's config accepts, and the keys it does not have yet."""
-    cfg = cr.compose(suite, None, LR, SIZE, 0)
+    cfg = cr.compose(suite, None, *recipe(args), 0)
     kept = {k: v for k, v in BASELINE.items() if _has_key(cfg, k)}
     return kept, [k for k in BASELINE if k not in kept]
 
 
-def preflight(suite, variants: Sequence[Variant], pinned: Dict[str, str], seed: int) -> List[str]:
+def preflight(suite, variants: Sequence[Variant], pinned: Dict[str, str], seed: int, args=None) -> List[str]:
     """Compose every variant and build its model before any training, so an option this version does not
     have fails now, naming the variant. Returns the task names (from the baseline's config)."""
     import torch.utils.tensorboard  # noqa: F401  (imported now, so the first run's wall time does not pay it)
@@ -232,7 +245,7 @@ def preflight(suite, variants: Sequence[Variant], pinned: Dict[str, str], seed: 
     tasks: List[str] = []
     for v in variants:
         try:
-            cfg = cr.compose(suite, None, LR, SIZE, seed, v.overrides(pinned))
+            cfg = cr.compose(suite, None, *recipe(args), seed, v.overrides(pinned))
             key = repr(cfg.data) + repr(sorted(cfg.task))
             if key not in features:
                 features[key] = prepare(cfg.data, cfg.task, cfg.seed)
@@ -257,9 +270,10 @@ def train_and_test(suite, variant: Variant, pinned, seed: int, work: Path, args,
     key = {
         "suite": [o for o in suite.overrides if not o.startswith("data.cache_dir=")],
         "overrides": variant.overrides(pinned),
-        "lr": LR,
-        "size": cr.SIZES[SIZE],
+        "lr": recipe(args)[0],
+        "size": cr.SIZES[recipe(args)[1]],
         "epochs": suite.epochs,
+        "patience": getattr(args, "patience", None),
         "seed": seed,
     }
     marker = d / "ablation.json"
@@ -269,7 +283,7 @@ def train_and_test(suite, variant: Variant, pinned, seed: int, work: Path, args,
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the trainer's tables: one line per run instead
-            m = cr.train(suite, None, LR, SIZE, seed, d, args, extra=variant.overrides(pinned))
+            m = cr.train(suite, None, *recipe(args), seed, d, args, extra=variant.overrides(pinned))
             marker.write_text(json.dumps(key, indent=2))
             res = cr.evaluate(d, "test", (suite.headline,))
     except Exception as e:
@@ -304,8 +318,8 @@ BASE = Variant("baseline", "baseline", ())
 def setup_suite(suite, variants: List[Variant], args) -> Tuple[Dict[str, str], List[str]]:
     """Pins the baseline, reads the task names into ``suite.tasks`` and checks every variant can run;
     returns the pinned overrides and the keys left unpinned."""
-    pinned, unpinned = pins(suite)
-    tasks = preflight(suite, [BASE, *variants], pinned, args.seeds[0])
+    pinned, unpinned = pins(suite, args)
+    tasks = preflight(suite, [BASE, *variants], pinned, args.seeds[0], args)
     suite.tasks = {t: t for t in tasks}
     print(f"[{suite.name}] tasks {', '.join(tasks)}; {1 + len(variants)} configurations x "
           f"{len(args.seeds)} seeds" + (f"; not in this version's config, so not pinned: {', '.join(unpinned)}"
@@ -355,8 +369,10 @@ def run_suite(suite, variants: List[Variant], pinned: Dict[str, str], unpinned: 
         "settings": {
             "seeds": list(args.seeds),
             "epochs": suite.epochs,
-            "lr": LR,
-            **cr.SIZES[SIZE],
+            "lr": recipe(args)[0],
+            **cr.SIZES[recipe(args)[1]],
+            "patience": getattr(args, "patience", None),
+            "validation": validation(suite, args),
             "batch_size": BATCH_SIZE,
             "data": _portable(suite.overrides),
             "quick": bool(args.quick),
@@ -456,8 +472,10 @@ def write_markdown(res: Dict, path: Path) -> None:
         f"- Tasks (from the composed config): {', '.join(tasks)}.",
         f"- Training, every run alike: lr {st['lr']:g}, embedding {st['embedding_dim']}, hidden "
         f"{st['hidden_dim']}, batch {st['batch_size']}, {st['epochs']} epoch{'s' if st['epochs'] > 1 else ''} "
-        f"({steps} steps for the baseline), validation every epoch, the checkpoint with the best validation "
-        f"mean {METRIC} kept and tested.",
+        f"({steps} steps for the baseline)"
+        + (f", stopping after {st['patience']} validations without a better mean" if st.get("patience") else "")
+        + f", the checkpoint with the best validation mean {METRIC} kept and tested "
+        f"({cr.checked({'validation': st.get('validation')}) if st.get('validation') else 'checked every epoch'}).",
         "- Baseline (the core default, pinned): `" + " ".join(f"{k}={v}" for k, v in res["baseline"].items()) + "`."
         + (f" Not in this version's config, so not pinned: {', '.join(res['unpinned'])}." if res["unpinned"] else ""),
         f"- Each variant changes one axis of the baseline. Selection score (\"valid\"): the validation mean "
@@ -619,6 +637,13 @@ def main(argv=None) -> None:
                     help="subset of the variant table: an axis (tower), axis=value (tower=mmoe) or "
                          "key=value (model.tower=mmoe); default: all of " + ", ".join(AXES))  # fmt: skip
     ap.add_argument("--epochs", type=int, help="epochs per run (default: 3 for ml100k, 2 for synthetic)")
+    ap.add_argument("--lr", type=float, help=f"learning rate of every run (default {LR})")
+    ap.add_argument("--size", choices=sorted(cr.SIZES), help=f"model size of every run (default {SIZE})")
+    ap.add_argument(
+        "--patience", type=int, help="stop a run after this many validations without a better mean"
+    )
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for every run, e.g. the MovieLens recipe: loss.negatives=64 model.transitions=true")  # fmt: skip
     ap.add_argument("--work", default="runs/ablations", help="run directories (reused when finished)")
     ap.add_argument("--out", default="reports", help="reports go to <out>/<suite>/ablations.{md,json}")
     ap.add_argument("--cache-dir", help="prepared-data cache (default: data.cache_dir / $UNIREC_CACHE)")
