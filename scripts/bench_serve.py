@@ -112,10 +112,13 @@ class Client:
         return data
 
 
-def interleaved(port: int, scorer, contexts: list, ids: list, repeat: int, block: int = 1) -> Dict[str, np.ndarray]:
+def interleaved(
+    port: int, scorer, contexts: list, ids: list, repeat: int, block: int = 1
+) -> Dict[str, np.ndarray]:
     """Seconds per call of the HTTP endpoint, the bare forward and the in-process Scorer on the same
     request, one of each in turn, so all three see the same machine state (a quiet spell or a busy one
-    falls on all three alike, not on one phase of the run)."""
+    falls on all three alike, not on one phase of the run). ``block``: calls of each in a row before the
+    next (1: strictly alternating; larger blocks keep each side's caches warm)."""
     import pyarrow as pa
 
     client = Client(port)
