@@ -253,13 +253,8 @@ class MultiTaskRanker(nn.Module):
         DDP's gradient hooks on every parameter.
         """
         c, v, memory = self._encode(batch)
-        own = self._row_logits(c, v, memory, batch.task_type)
-        head = self.head_index(batch.task_type)
-        own = own.gather(1, head.unsqueeze(1)).squeeze(1)
-        ids = None
-        if self._prior_on():
-            own = own + self.transitions.coefficient(head) * self._own_prior(batch)
-            ids = batch.candidate[self.transitions.id_field]
+        own = self._own_logits(c, v, memory, batch)
+        ids = batch.candidate[self.transitions.id_field] if self._prior_on() else None
         if pools is None and catalogues is None:
             return own
         pairs = []
@@ -284,7 +279,12 @@ class MultiTaskRanker(nn.Module):
         c, memory = self.encode_request(context, batch.present[first], batch.task_type[first])
         v = self.encode_rows(batch.candidate, batch.task_type)
         rowwise = {name: tuple(t[inverse] for t in m) for name, m in _attention(memory).items()}
-        own = self._row_logits(c[inverse], v, rowwise, batch.task_type)
+        return self._own_logits(c[inverse], v, rowwise, batch)
+
+    def _own_logits(self, c: torch.Tensor, v: torch.Tensor, memory: Memory, batch) -> torch.Tensor:
+        """Rows' context [B, H] (one per row) and candidate [B, H] vectors -> [B] logits of each row's own
+        head, its own transition prior added when the prior is on."""
+        own = self._row_logits(c, v, memory, batch.task_type)
         head = self.head_index(batch.task_type)
         own = own.gather(1, head.unsqueeze(1)).squeeze(1)
         if self._prior_on():
