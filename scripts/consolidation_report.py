@@ -355,16 +355,21 @@ def run_suite(suite: Suite, args) -> Dict:
             # The baselines depend on the data only, which the seed's unified run holds in full.
             return d, m, evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
 
-    # A helper process (--jobs) goes through the runs from the other end and skips any run another process
-    # holds, so the processes meet in the middle; it writes no report.
+    def take_free(runs, split: str) -> None:
+        """Train and evaluate every run no other process holds, longest first (unified before bespoke;
+        seed order within each), so processes sharing the work (``--jobs``) end within about one short
+        bespoke run of each other instead of one waiting out another's unified run."""
+        for run in sorted(runs, key=lambda r: -len(r[1])):
+            run_and_evaluate(run, split, wait=False)
+
+    # A helper process (--jobs) takes the runs free at the time, longest first, and writes no report.
     helper = getattr(args, "helper", False)
     # A process that only takes some seeds needs no sweep where the grid has one point: nothing to choose.
     only = getattr(args, "only_seeds", None)
     sweeping = [] if (only or helper) and len(grid) == 1 else grid
     sweep_runs = [(kind, ts, lr, size, 0) for lr, size in sweeping for kind, ts in kinds()]
     if helper:
-        for run in reversed(sweep_runs):
-            run_and_evaluate(run, "valid", wait=False)
+        take_free(sweep_runs, "valid")
     # 1. sweep with seed 0, selected on valid
     sweep: Dict[str, Dict[str, float]] = {}
     for run in sweep_runs:
@@ -380,9 +385,8 @@ def run_suite(suite: Suite, args) -> Dict:
     seed_runs = [
         (kind, ts, *chosen[kind], seed) for seed in only or range(args.seeds) for kind, ts in kinds()
     ]
+    take_free(seed_runs, "test")
     if helper:
-        for run in reversed(seed_runs):
-            run_and_evaluate(run, "test", wait=False)
         log("helper done: the runs it took are trained and evaluated")
         return None
     # 2. seeds, 3. test

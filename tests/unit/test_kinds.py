@@ -15,12 +15,13 @@ from unirec.kinds import (
     OOV,
     SENTINEL,
     Categorical,
+    EmbeddingOptions,
     kind_of,
     register,
     vocabulary_lookup,
 )
-from unirec.model import MultiTaskRanker
-from unirec.model.pooling import SEQUENCE_POOLINGS
+from unirec.model import MultiTaskRanker, ranker
+from unirec.model.pooling import SEQUENCE_POOLINGS, TargetAttention
 from unirec.schema import CandidateSpec, FeatureSpec, FieldSpec, TableSpec, TaskSpec
 
 
@@ -48,10 +49,13 @@ def _spec(max_len: int = 4) -> FeatureSpec:
     )
 
 
+@pytest.mark.parametrize("block", [1, 4096])
 @pytest.mark.parametrize("pooling", list(SEQUENCE_POOLINGS))
-def test_each_pooling_scores_a_catalogue_as_the_row_forward_does(pooling):
+def test_each_pooling_scores_a_catalogue_as_the_row_forward_does(pooling, block, monkeypatch):
     """score_matrix (context and history encoded once per request, N candidates batched) == the training
-    forward on (request, candidate) rows, for every pooling; an empty history is the missing vector."""
+    forward on (request, candidate) rows, for every pooling, whether the requests go through in one block
+    or one by one (``BLOCK_PAIRS``); an empty history is the missing vector."""
+    monkeypatch.setattr(ranker, "BLOCK_PAIRS", block)
     torch.manual_seed(0)
     cfg = ModelConfig(embedding_dim=8, hidden_dim=16, sequence_pooling=pooling, sequence_layers=2)
     m = MultiTaskRanker(_spec(), cfg).eval()
@@ -74,6 +78,30 @@ def test_each_pooling_scores_a_catalogue_as_the_row_forward_does(pooling):
             torch.testing.assert_close(one, matrix[r], rtol=0, atol=1e-5)
             rows = _rows(ctx, present, tt, items, r)
             torch.testing.assert_close(m(rows), matrix[r], rtol=0, atol=1e-5)
+
+
+def test_attention_keys_from_the_projected_table_equal_the_projected_slots():
+    """With more history slots in the batch than rows in the table, TargetAttention projects the table's
+    rows once and looks the keys up: the same keys, and the same gradients for every parameter, as
+    projecting each slot (which it still does for a batch smaller than the table, e.g. one request)."""
+    torch.manual_seed(0)
+    att = TargetAttention(4, EmbeddingOptions(8, 16, "attention", 1, 1, 0.0))
+    table = torch.nn.Embedding(5, 8)
+    seen = []
+    att.key.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    x = torch.tensor([[0, 1, 2, 3], [4, 4, 0, 1]])  # 8 slots, 5 table rows
+    _, k, _ = att.memory(x, table)
+    assert seen == [(4, 8)]  # the key ran on the recency rows only, not on the [2, 4, 8] slots
+    want = att.key(table(x) + att.recency)
+    torch.testing.assert_close(k, want)
+    w = torch.randn_like(want)
+    params = [table.weight, att.key.weight, att.key.bias, att.recency]
+    got = torch.autograd.grad((k * w).sum(), params)
+    for g, h in zip(got, torch.autograd.grad((want * w).sum(), params)):
+        torch.testing.assert_close(g, h)
+    seen.clear()
+    att.memory(x[:1], table)  # 4 slots < 5 rows: each slot projected
+    assert seen == [(1, 4, 8)]
 
 
 def _rows(ctx, present, tt, items, r):

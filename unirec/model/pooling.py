@@ -128,25 +128,39 @@ class TargetAttention(nn.Module):
     def pool(self, memory: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The context slot from the history already encoded (:meth:`memory`) -> [R, D]."""
         e, k, mask = memory
-        logits = torch.einsum("d,rld->rl", self.slot, k) / math.sqrt(e.shape[-1])
-        return torch.einsum("rl,rld->rd", _masked_softmax(logits, mask), e)
+        logits = (k * self.slot).sum(-1) / math.sqrt(e.shape[-1])
+        return _weighted_sum(_masked_softmax(logits, mask), e)
 
     def memory(self, x: torch.Tensor, table: nn.Embedding) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """History ids [R, L] -> (values [R, L, D], keys [R, L, D], mask [R, L])."""
+        """History ids [R, L] -> (values [R, L, D], keys [R, L, D], mask [R, L]).
+
+        The key is linear, so ``key(row + recency) = W row + key(recency)``: where the table has fewer rows
+        than the batch has slots (a training or evaluation batch over a catalogue of thousands), its rows
+        are projected once and looked up, instead of projecting every slot."""
         e = table(x) + self.recency
-        return e, self.key(e), x != SENTINEL
+        if table.sparse or table.num_embeddings > x.numel():
+            return e, self.key(e), x != SENTINEL
+        k = F.embedding(x, F.linear(table.weight, self.key.weight)) + self.key(self.recency)
+        return e, k, x != SENTINEL
 
     def attend_rows(self, memory: Tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
         """Each row's candidate vector [R, H] against its own history -> a context correction [R, H]."""
         e, k, mask = memory
-        logits = torch.einsum("rd,rld->rl", self.query(v), k) / math.sqrt(e.shape[-1])
-        return self.out(torch.einsum("rl,rld->rd", _masked_softmax(logits, mask), e))
+        logits = (k * self.query(v).unsqueeze(1)).sum(-1) / math.sqrt(e.shape[-1])
+        return self.out(_weighted_sum(_masked_softmax(logits, mask), e))
 
     def attend_all(self, memory: Tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
         """The same N candidate vectors [N, H] against each of R histories -> corrections [R, N, H]."""
         e, k, mask = memory
         logits = torch.einsum("nd,rld->rnl", self.query(v), k) / math.sqrt(e.shape[-1])
         return self.out(torch.einsum("rnl,rld->rnd", _masked_softmax(logits, mask.unsqueeze(1)), e))
+
+
+def _weighted_sum(w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Weights [R, L] over rows [R, L, D] -> [R, D]. Broadcast and summed rather than a batched matrix
+    product: the backward of ``bmm`` with an inner size of 1 is an outer product that CPU kernels run
+    several times slower than the same elementwise product."""
+    return (w.unsqueeze(-1) * e).sum(1)
 
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
