@@ -716,8 +716,8 @@ def parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         default=1,
-        help="training processes sharing the machine's cores (each run is locked; helpers take runs from the "
-        "other end): one single-threaded run per core beats one run on every core for these small models",
+        help="training processes sharing the machine's cores (each run is locked; every process takes the free "
+        "runs longest first): one single-threaded run per core beats one run on every core for these small models",
     )
     ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs helper process
     ap.add_argument(

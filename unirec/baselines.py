@@ -1,9 +1,9 @@
 """Baselines beside the model in the full-ranking protocol: pooled popularity, BPR-MF and item transitions.
 
-- **popularity, all canvases** (:func:`unirec.evaluate.popularity_matrix_scorer` with ``pooled``): every
+- **popularity, all canvases** (:func:`unirec.ranking.popularity_matrix_scorer` with ``pooled``): every
   request of a task gets the train
   engagement counts of its candidate type summed over every task that ranks that type, the list a team
-  would ship before any model (the per-task popularity of :mod:`unirec.evaluate` counts one canvas only).
+  would ship before any model (the per-task popularity of :mod:`unirec.ranking` counts one canvas only).
 - **BPR-MF** (:func:`fit_bpr`): matrix factorisation with the BPR loss (Rendle et al., 2009) over every
   train interaction of every user (``raw/interactions.parquet`` when the data set has one, else the
   positives of the tasks whose requests carry a user), uniform negatives, early stopping on the valid
@@ -17,8 +17,8 @@
   j-th most recent), ties broken by pooled train popularity. K and m are picked on valid. It scores the
   tasks whose context has an ordered field (the history) over the candidates' id table.
 
-All are :data:`unirec.evaluate.MatrixScorer` s, so they rank exactly the requests, catalogue and
-exclusions the model does (:func:`unirec.evaluate.full_ranking`).
+All are :data:`unirec.ranking.MatrixScorer` s, so they rank exactly the requests, catalogue and
+exclusions the model does (:func:`unirec.ranking.full_ranking`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,21 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from unirec.data.features import Featurizer
 from unirec.data.ids import normalise_ids
-from unirec.evaluate import HISTORY, rank_metrics, ranking_requests, seen_items
+from unirec.data.prepare import popularity_counts
 from unirec.kinds import kind_of
+from unirec.ranking import (
+    HISTORY,
+    labeled,
+    popularity_matrix_scorer,
+    rank_metrics,
+    ranking_requests,
+    seen_items,
+)
 
 log = logging.getLogger("unirec.baselines")
 
@@ -78,7 +87,7 @@ class _MF(torch.nn.Module):
 
 
 def _interactions(seen: Dict[str, np.ndarray]) -> Tuple[Dict[str, int], np.ndarray]:
-    """Each user's train items (:func:`unirec.evaluate.seen_items` for valid) -> (raw user id -> row,
+    """Each user's train items (:func:`unirec.ranking.seen_items` for valid) -> (raw user id -> row,
     [N, 2] (user row, catalogue row) train interactions)."""
     users = {u: i for i, u in enumerate(sorted(seen))}
     pairs = [np.stack([np.full(len(rows), users[u]), rows], 1) for u, rows in seen.items()]
@@ -267,8 +276,6 @@ def _train_sequences(root: Path, row_of: Dict[str, int]) -> Tuple[np.ndarray, np
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from unirec.evaluate import _labeled
-
     path = root / "raw" / HISTORY
     if path.exists():
         t = pq.read_table(path)
@@ -276,7 +283,7 @@ def _train_sequences(root: Path, row_of: Dict[str, int]) -> Tuple[np.ndarray, np
         order = "event_order" if "event_order" in t.column_names else "timestamp"
         t = t.select(["user_id", "item_id", "timestamp", order]).rename_columns(["user", "item", "ts", "tie"])
     else:
-        t = _labeled(root, "train", None)
+        t = labeled(root, "train", None)
         t = t.filter(pc.and_(pc.greater(t["label"], 0), pc.is_valid(t["user"])))
         t = t.select(["user", "candidate", "timestamp", "request_id"]).rename_columns(
             ["user", "item", "ts", "tie"]
@@ -314,3 +321,48 @@ def _transition_scorer(counts, tiebreak, row_of, field_of: Dict[str, str], recen
         return torch.from_numpy(out).double()
 
     return TaskScorer(field_of, score)
+
+
+def baseline_digest(
+    features: Path, featurizer: Featurizer, catalogues, split: str, k: int = 10, seed: int = 0
+) -> str:
+    """A digest of everything the baselines' full-ranking figures on ``split`` depend on: each catalogue,
+    the pooled train counts over it, the interactions and requests (users, histories, positives, exclusions)
+    of the valid split (BPR-MF's and the transitions' choice) and of ``split``, ``k`` and ``seed``. Two data
+    sets with the same digest get the same baseline figures, so they are computed once (MovieLens: the seed
+    draws which canvas an event goes to, not what the pooled baselines see)."""
+    import hashlib
+
+    spec, root = featurizer.spec, Path(features).parent
+    h = hashlib.sha256(f"{split} k={k} seed={seed}".encode())
+    counts = popularity_counts(pq.read_table(Path(features) / "popularity.parquet"), spec)
+    for ctype, ids in sorted(catalogues.items()):
+        tasks = sorted(t for t, ts in spec.tasks.items() if ts.candidate == ctype)
+        h.update(f"\n{ctype} {tasks}\n".encode() + "\t".join(ids.to_pylist()).encode())
+        idx = featurizer.candidates(ctype, ids)[f"cand.{spec.candidates[ctype].id_field}"].to_numpy()
+        h.update(np.asarray(sum(counts[t] for t in tasks)[idx], dtype=np.float64).tobytes())
+        for s in dict.fromkeys(("valid", split)):
+            seen = seen_items(root, ids, "user", s)
+            for u in sorted(seen):
+                h.update(f"{u}:".encode() + seen[u].tobytes())
+            for t in tasks:
+                req = ranking_requests(root, s, t, ids, seen)
+                users = req.context["user"].to_pylist() if "user" in req.context.column_names else []
+                h.update(f"{s} {t} {users} {req.unrankable}".encode())
+                for f in (f for f in spec.tasks[t].fields if kind_of(spec.context[f]).ordered):  # histories
+                    h.update(f"{f} {req.context[f].to_pylist()}".encode())
+                for p, x in zip(req.positives, req.exclude):
+                    h.update(p.tobytes() + b"|" + x.tobytes())
+    return h.hexdigest()[:20]
+
+
+def baseline_scorers(features: Path, featurizer: Featurizer, catalogues, seed: int = 0) -> Dict:
+    """``popularity_all``, ``bpr_mf`` (when some task's requests carry a user) and ``transitions`` (when some
+    task's context has a history), :mod:`unirec.baselines`."""
+    out = {"popularity_all": popularity_matrix_scorer(features, featurizer, catalogues, seed, pooled=True)}
+    fitted = {
+        "bpr_mf": fit_bpr(Path(features).parent, featurizer, catalogues, BPRConfig(seed=seed)),
+        "transitions": fit_transitions(Path(features).parent, featurizer, catalogues),
+    }
+    out.update({name: scorer for name, scorer in fitted.items() if scorer is not None})
+    return out

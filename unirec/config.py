@@ -190,7 +190,7 @@ class HistoryConfig:
 
 
 class ValidProtocol(str, Enum):
-    """How training validates (unirec/evaluate.py)."""
+    """How training validates (unirec/validation.py)."""
 
     sampled = "sampled"
     """Each valid request's logged candidates (MovieLens: the positive and 100 never-seen items)."""

@@ -16,6 +16,9 @@ from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, Retriev
 
 _AT_K = re.compile(r"^(ndcg|recall)@(\d+)$")
 
+Scores = Dict[str, Dict[str, float]]
+"""Task -> metric name -> value: what an evaluation of either protocol returns."""
+
 
 def build_metric(name: str) -> Metric:
     """``auc``, ``mrr``, ``ndcg@K`` or ``recall@K``.

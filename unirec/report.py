@@ -6,7 +6,7 @@ from typing import Dict, List
 
 import torch
 
-from unirec.evaluate import Scores
+from unirec.metrics import Scores
 
 
 class TaskLossLog:

@@ -1,5 +1,5 @@
 """What training scores on the valid split: the model and the popularity baseline, under one protocol
-(``trainer.valid_protocol``), with the metric code of :mod:`unirec.evaluate`.
+(``trainer.valid_protocol``), with the metric code of :mod:`unirec.sampled` and :mod:`unirec.ranking`.
 
 The protocol decides which checkpoint is best, each task's best step and when patience stops a run, so
 it should be the protocol the model is judged by: sampled metrics can order checkpoints otherwise than
@@ -20,26 +20,24 @@ from unirec.config import ValidProtocol
 from unirec.data.batch import prefixed_tensors
 from unirec.data.features import Featurizer
 from unirec.distributed import Dist
-from unirec.evaluate import (
+from unirec.metrics import Scores
+from unirec.ranking import (
     Requests,
-    evaluate,
     full_ranking,
     model_matrix_scorer,
-    model_scorer,
     popularity_matrix_scorer,
-    popularity_scorer,
     rank_metrics,
     ranking_requests,
     seen_items,
 )
-from unirec.report import Scores
+from unirec.sampled import evaluate, model_scorer, popularity_scorer
 from unirec.schema import FeatureSpec
 
 log = logging.getLogger("unirec.validation")
 
 SPLIT = "valid"
 FULL_METRICS = ("ndcg@10", "recall@10", "mrr")
-"""The metrics of the full protocol (:func:`unirec.evaluate.full_ranking` at its default cut-off)."""
+"""The metrics of the full protocol (:func:`unirec.ranking.full_ranking` at its default cut-off)."""
 PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 """The transition prior weights :func:`calibrate_transitions` tries (0: the network alone)."""
 COUNTS = ("requests", "unrankable")
@@ -140,7 +138,7 @@ def calibrate_transitions(
     requests), and every weight of the grid is scored from them. ``requests``: a cache of each task's valid
     requests, filled on first use (a run calibrates at every validation; the split is read once).
     ``scores``: filled with each calibrated task's full-ranking metrics (:data:`FULL_METRICS`, means over
-    its requests) at the chosen weight, as :func:`unirec.evaluate.full_ranking` would give them."""
+    its requests) at the chosen weight, as :func:`unirec.ranking.full_ranking` would give them."""
     prior, spec = model.transitions, featurizer.spec
     chosen = {}
     for k, task in enumerate(model.task_names):

@@ -7,11 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.unit.test_movielens import write_grouplens
-from unirec.baselines import BPRConfig, fit_bpr
+from unirec.baselines import BPRConfig, baseline_digest, fit_bpr
 from unirec.config import compose
 from unirec.data.features import Featurizer
 from unirec.data.prepare import popularity_counts, prepare
-from unirec.evaluate import _baselines, baseline_digest, full_ranking, popularity_matrix_scorer
+from unirec.evaluate import _baselines
+from unirec.ranking import full_ranking, popularity_matrix_scorer
 
 ML_TASKS = "task=[" + ",".join(f"movielens/{t}" for t in ("home", "related", "search", "genre")) + "]"
 

@@ -17,8 +17,9 @@ from tests.serve.conftest import assert_scores_match_forward
 from unirec.baselines import transition_table
 from unirec.config import ValidProtocol
 from unirec.data.loader import eval_batches
-from unirec.evaluate import full_ranking, load, model_matrix_scorer
+from unirec.evaluate import load
 from unirec.export import export
+from unirec.ranking import full_ranking, model_matrix_scorer
 from unirec.schema import FeatureSpec
 from unirec.serve.scorer import Scorer
 from unirec.validation import FULL_METRICS, PRIOR_GRID, Validation

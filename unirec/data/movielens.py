@@ -112,7 +112,7 @@ CANVAS_COLUMNS = {
 """Each canvas log's context columns; every log also has ``item_id, label, timestamp, split, event_order``
 (negatives carry their request's event's order)."""
 INTERACTIONS = "interactions.parquet"
-"""Every event of the derivation with its split; see :func:`unirec.evaluate.seen_items`."""
+"""Every event of the derivation with its split; see :func:`unirec.ranking.seen_items`."""
 AGE_BUCKETS = ((18, "under18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
 """(upper bound exclusive, name); 56 and older is ``56+`` (the MovieLens-1M buckets)."""
 _NO_TITLE = ("unknown", "unkonwn")  # item 267 in GroupLens / RecBole

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from unirec.config import ModelConfig
-from unirec.evaluate import full_ranking, rank_metrics, ranking_requests, seen_items
 from unirec.model import MultiTaskRanker
 from unirec.model.towers import TOWERS
+from unirec.ranking import full_ranking, rank_metrics, ranking_requests, seen_items
 from unirec.schema import CandidateSpec, FeatureSpec, FieldSpec, TableSpec, TaskSpec
 
 CATALOGUE = pa.array(["10", "11", "12", "13", "14"])
