@@ -5,7 +5,7 @@
 
 ``RUN_DIR``: a finished unified run of the recipe (e.g. one of ``scripts/consolidation_report.py``'s); its
 best checkpoint is what the validation scores. Trailing arguments are Hydra overrides on top of
-``experiment=ml100k trainer.eval_every_epochs=2`` (the committed report's recipe).
+``experiment=ml100k`` (the report's recipe; how often a run validates changes neither figure).
 
 Prints medians over ``--repeats``: seconds per train step (``--steps`` steps over batches already in
 memory, after a warm-up) and seconds per validation (``unirec.validation.Validation.model``, the prior's
@@ -39,8 +39,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    recipe = ["experiment=ml100k", f"data.raw_dir={args.raw_dir}", "trainer.eval_every_epochs=2"]
-    cfg = compose([*recipe, *args.overrides])
+    cfg = compose(["experiment=ml100k", f"data.raw_dir={args.raw_dir}", *args.overrides])
     tr = setup(cfg, prepare(cfg.data, cfg.task, cfg.seed))
     batches = [to_batch(tr.loader.next_arrays(), tr.spec) for _ in range(args.steps + 5)]
     for b in batches[:5]:

@@ -274,7 +274,6 @@ def _train_sequences(root: Path, row_of: Dict[str, int]) -> Tuple[np.ndarray, np
     ``raw/interactions.parquet`` when the data set has one (ties in its ``event_order``), else from the
     train positives of the tasks whose requests carry a user (ties by request id)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     path = root / "raw" / HISTORY
     if path.exists():
