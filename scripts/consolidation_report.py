@@ -261,6 +261,41 @@ def evaluate(
     return res
 
 
+def per_task(run_dir: Path, tasks: Sequence[str], protocols: Sequence[str]) -> Dict:
+    """A unified run as environments that each serve their own task's best step (``best:<task>``, as
+    ``python -m unirec.export RUN --checkpoint best:<task>`` exports it): which checkpoint each task takes
+    and, for every checkpoint other than the best-mean one, the model's test figures there (the best-mean
+    checkpoint's are the run's own evaluation). Cached beside the run."""
+    from unirec.evaluate import run as eval_run
+    from unirec.export import ArtifactError, checkpoint_dir
+
+    cache = run_dir / f"eval-test-per-task-{'-'.join(protocols)}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    best = checkpoint_dir(run_dir, "best").name
+    steps = {}
+    for t in tasks:
+        try:
+            steps[t] = checkpoint_dir(run_dir, f"best:{t}").name
+        except ArtifactError:  # a run from before per-task pointers: its best-mean checkpoint
+            steps[t] = best
+    out: Dict = {"best": best, "steps": steps, "figures": {}}
+    for step in sorted(set(steps.values()) - {best}):
+        res = eval_run(run_dir, "test", protocols, checkpoint=step, popularity=False)
+        out["figures"][step] = {p: res["protocols"][p]["model"] for p in protocols}
+    cache.write_text(json.dumps(out, indent=2, sort_keys=True))
+    return out
+
+
+def at_own_step(res: Dict, protocol: str, task: str) -> Dict:
+    """A unified run's figures for ``task`` at the checkpoint best for it (:func:`per_task`)."""
+    own = res["per_task"]
+    step = own["steps"][task]
+    if step == own["best"]:
+        return res["protocols"][protocol]["model"][task]
+    return own["figures"][step][protocol][task]
+
+
 def headline(res: Dict, suite: Suite, task: str, who: str = "model") -> float:
     return res["protocols"][suite.headline][who][task]["ndcg@10"]
 
@@ -353,7 +388,10 @@ def run_suite(suite: Suite, args) -> Dict:
             if split == "valid":
                 return d, m, evaluate(d, "valid", (suite.headline,))
             # The baselines depend on the data only, which the seed's unified run holds in full.
-            return d, m, evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
+            res = evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
+            if kind == "unified":
+                res = {**res, "per_task": per_task(d, ts, suite.protocols)}
+            return d, m, res
 
     def take_free(runs, split: str) -> None:
         """Train and evaluate every run no other process holds, longest first (unified before bespoke;
@@ -425,6 +463,9 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
                 b = [r["protocols"][protocol]["model"][t][metric] for r in test[f"bespoke-{t}"]]
                 p = [r["protocols"][protocol]["popularity"][t][metric] for r in test["unified"]]
                 table[(protocol, t, metric)] = {"unified": u, "bespoke": b, "popularity": p}
+                if all("per_task" in r for r in test["unified"]):
+                    own = [at_own_step(r, protocol, t)[metric] for r in test["unified"]]
+                    table[(protocol, t, metric)]["unified_own_step"] = own
                 for base in BASELINES:  # trained on the unified run's data, so one per seed
                     runs = [r["protocols"][protocol].get(base, {}).get(t) for r in test["unified"]]
                     if all(runs):
@@ -452,6 +493,12 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
             sum(foot[k]["serving_rss_mb"] - floor for k in bespoke_kinds),
         ),
     }
+    if all("per_task" in r for r in test["unified"]):  # one export per environment, at its task's best step
+        steps = len(set(test["unified"][0]["per_task"]["steps"].values()))
+        fp["artifact_bytes_own_steps"] = (
+            steps * foot["unified"]["artifact_bytes"],
+            sum(foot[k]["artifact_bytes"] for k in bespoke_kinds),
+        )
     out = {
         "suite": suite.name,
         "title": suite.title,
@@ -464,6 +511,9 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
         "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
         "test": {"|".join(k): v for k, v in table.items()},
         "footprint": fp,
+        "own_steps": [
+            {k: r["per_task"][k] for k in ("best", "steps")} for r in test["unified"] if "per_task" in r
+        ],
         "serving_floor_rss_mb": floor,
         "runs": meta,
         "seconds": round(seconds, 1),
@@ -533,6 +583,7 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
               "tasks whose requests carry a history; popularity (all canvases) counts every canvas's train "
               "engagements.",
               ""]  # fmt: skip
+    lines += own_step_section(res, suite)
     lines += ["", "## Observations (computed from the figures above)", ""]
     lines += [f"- {o}" for o in observations(res, suite)]
     for protocol in suite.protocols:
@@ -544,8 +595,8 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
             "",
             f"## {name[protocol]}",
             "",
-            "| task | metric | unified | bespoke | popularity | lift |",
-            "|---|---|---|---|---|---|",
+            "| task | metric | unified | unified, own step | bespoke | popularity | lift |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key, c in res["test"].items():
             p, t, metric = key.split("|")
@@ -555,7 +606,8 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
             label = (
                 "HR@10" if (p == "sampled" and metric == "recall@10" and suite.name == "ml100k") else metric
             )
-            lines.append(f"| {t} | {label} | {fmt(c['unified'])} | {fmt(c['bespoke'])} | {fmt(c['popularity'])} | "
+            own = fmt(c["unified_own_step"]) if "unified_own_step" in c else "n/a"
+            lines.append(f"| {t} | {label} | {fmt(c['unified'])} | {own} | {fmt(c['bespoke'])} | {fmt(c['popularity'])} | "
                          f"{(mu - mb) / mb * 100:+.1f}% |")  # fmt: skip
     fp = res["footprint"]
     lines += ["", "## Footprint: one unified model against the sum of the bespoke ones", "",
@@ -566,8 +618,10 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
         "artifact_bytes": "artifact bytes (exported)",
         "serving_rss_mb": "serving memory, MB (peak RSS of a process that loads and warms it; one per model)",
         "serving_rss_over_floor_mb": f"serving memory above a bare process ({res['serving_floor_rss_mb']:.0f} MB), MB",
+        "artifact_bytes_own_steps": "artifact bytes, one export per environment at its task's own step (seed 0's "
+        "distinct checkpoints)",
     }
-    for k in labels:
+    for k in [k for k in labels if k in fp]:
         u, b = fp[k]
         lines.append(f"| {labels[k]} | {u:,.1f} | {b:,.1f} | {_ratio(u, b)} |" if isinstance(u, float) else
                      f"| {labels[k]} | {u:,} | {b:,} | {_ratio(u, b)} |")  # fmt: skip
@@ -586,6 +640,34 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
         )
     lines += ["", "![per-task NDCG@10](consolidation.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def own_step_section(res: Dict, suite: Suite) -> List[str]:
+    """The unified run served at each task's own best validation step against the bespoke models, which
+    already stop at theirs."""
+    cells = {t: res["test"][f"{suite.headline}|{t}|ndcg@10"] for t in suite.tasks}
+    if not all("unified_own_step" in c for c in cells.values()):
+        return []
+    n = len(res.get("own_steps", []))
+    moved = {t: sum(s["steps"][t] != s["best"] for s in res["own_steps"]) for t in suite.tasks}
+    lines = ["", "## Unified, each environment at its own task's best step", "",
+             "The same joint runs, each task taken at the checkpoint best for it on validation (what "
+             "`python -m unirec.export RUN --checkpoint best:<task>` exports for that task's environment), "
+             "instead of the one checkpoint best on the validation mean over tasks. The bespoke models already "
+             "stop at their own task's best step, so this pairs like with like; the cost is one export per "
+             "distinct step (footprint below).", "",
+             "| task | unified, one checkpoint | unified, own step | bespoke | lift vs bespoke | own step ≥ bespoke "
+             "| paired wins | p (paired t over seeds) | seeds at another step |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for t, c in cells.items():
+        mo, mb = np.mean(c["unified_own_step"]), np.mean(c["bespoke"])
+        wins = sum(u >= b for u, b in zip(c["unified_own_step"], c["bespoke"]))
+        lines.append(
+            f"| {t} | {fmt(c['unified'])} | {fmt(c['unified_own_step'])} | {fmt(c['bespoke'])} | "
+            f"{(mo - mb) / mb * 100:+.1f}% | {'yes' if mo >= mb else '**no**'} | {wins}/{len(c['bespoke'])} | "
+            f"{paired_p(c['unified_own_step'], c['bespoke']):.3f} | {moved[t]}/{n} |"
+        )
+    return lines
 
 
 def observations(res: Dict, suite: Suite) -> List[str]:
@@ -616,6 +698,16 @@ def observations(res: Dict, suite: Suite) -> List[str]:
                        f"(unified ahead in {wins}/{n}).")  # fmt: skip
         elif gap < 0:
             out.append(f"{t}: bespoke wins in every seed ({gap:+.4f}): consolidation costs this task here.")
+    own = [t for t, c in cells.items() if "unified_own_step" in c]
+    if own:
+        behind = [t for t in own if means[t]["unified_own_step"] < means[t]["bespoke"]]
+        significant = [t for t in own if paired_p(cells[t]["unified_own_step"], cells[t]["bespoke"]) < 0.05]
+        out.append(
+            "At each task's own best step, unified ≥ bespoke on the mean for every task"
+            if not behind
+            else f"At each task's own best step, unified is below bespoke on the mean for: {', '.join(behind)}"
+        )
+        out[-1] += f"; significant (p < 0.05) on: {', '.join(significant) or 'none'}."
     for t, m in means.items():
         bases = {k: m[k] for k in ("popularity", *BASELINES) if k in m}
         strongest = max(bases, key=bases.get)

@@ -39,6 +39,7 @@ def test_reduced_consolidation_report(tmp_path):
         for task in TASKS:
             cell = res["test"][f"{headline}|{task}|ndcg@10"]
             assert len(cell["unified"]) == len(cell["bespoke"]) == len(cell["popularity"]) == 2
+            assert len(cell["unified_own_step"]) == 2  # each task at its own best step of the joint run
             assert all(0.0 <= v <= 1.0 for v in cell["unified"] + cell["bespoke"])
         fp = res["footprint"]
         # four bespoke models, each with its own embedding tables, against one
@@ -47,6 +48,7 @@ def test_reduced_consolidation_report(tmp_path):
         assert fp["serving_rss_mb"][1] > fp["serving_rss_mb"][0] > 0
         md = (out / sub / "consolidation.md").read_text()
         assert all(f"| {t} |" in md for t in TASKS) and "Footprint" in md and "Equal tuning" in md
+        assert "each environment at its own task's best step" in md
         assert (out / sub / "consolidation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ml = (out / "ml100k" / "consolidation.md").read_text()
     assert "Full ranking" in ml and "HR@10" in ml

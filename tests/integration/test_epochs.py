@@ -81,3 +81,34 @@ def test_full_valid_protocol_needs_a_metric_it_computes():
 
     with pytest.raises(ValueError, match=r"trainer.best_metric='mean/auc'.*valid_protocol=full"):
         check(compose(["debug=toy", "trainer.valid_protocol=full"]))
+
+
+def test_the_report_serves_each_task_at_its_own_best_step(tmp_path, toy_features):
+    """The consolidation report's per-task-step figures: a task whose ``best:<task>`` is not the best-mean
+    checkpoint is evaluated there, the others keep the run's own evaluation."""
+    from tests.conftest import load_script
+    from unirec import evaluate
+
+    report = load_script("consolidation_report")
+    cfg = compose(["debug=toy", "trainer.epochs=2", "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=5",
+                   "loader.batch_size=2048"])  # fmt: skip
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    m = run(cfg, tmp_path, toy_features)
+    ckpts = tmp_path / "checkpoints"
+    steps = sorted(p.name for p in ckpts.glob("step-*"))
+    best = (ckpts / checkpoint.BEST).read_text().strip()
+    other = next(s for s in steps if s != best)
+    tasks = list(cfg.task)
+    moved, kept = tasks[0], tasks[1:]
+    for t in tasks:  # one task's best step elsewhere, the others on the best-mean checkpoint
+        (ckpts / checkpoint.best_pointer(t)).write_text(other if t == moved else best)
+    own = report.per_task(tmp_path, tasks, ("full",))
+    assert own["best"] == best and own["steps"][moved] == other and set(own["figures"]) == {other}
+    res = {**evaluate.run(tmp_path, "test", ("full",), popularity=False), "per_task": own}
+    there = evaluate.run(tmp_path, "test", ("full",), checkpoint=other, popularity=False)
+    assert report.at_own_step(res, "full", moved) == there["protocols"]["full"]["model"][moved]
+    assert there["protocols"]["full"]["model"][moved] != res["protocols"]["full"]["model"][moved]
+    for t in kept:
+        assert report.at_own_step(res, "full", t) == res["protocols"]["full"]["model"][t]
+    assert m["best"]["step"] == int(best.split("-")[1])
+    assert report.per_task(tmp_path, tasks, ("full",)) == own  # cached beside the run
