@@ -281,7 +281,8 @@ def per_task(run_dir: Path, tasks: Sequence[str], protocols: Sequence[str]) -> D
             steps[t] = best
     out: Dict = {"best": best, "steps": steps, "figures": {}}
     for step in sorted(set(steps.values()) - {best}):
-        res = eval_run(run_dir, "test", protocols, checkpoint=step, popularity=False)
+        mine = [t for t in tasks if steps[t] == step]  # only the tasks served from this step
+        res = eval_run(run_dir, "test", protocols, checkpoint=step, popularity=False, tasks=mine)
         out["figures"][step] = {p: res["protocols"][p]["model"] for p in protocols}
     cache.write_text(json.dumps(out, indent=2, sort_keys=True))
     return out

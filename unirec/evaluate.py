@@ -87,13 +87,18 @@ def run(
     popularity: bool = True,
     baselines: bool = False,
     baseline_cache: Optional[Path] = None,
+    tasks: Optional[Sequence[str]] = None,
 ) -> Dict:
     """Both protocols for the model (and the popularity baseline) on ``split``; a JSON-ready dict.
     ``baselines``: also pooled popularity and BPR-MF in the full protocol (:mod:`unirec.baselines`);
     ``baseline_cache``: a directory where their figures are kept under :func:`baseline_digest`, and taken
-    from when the digest is there."""
+    from when the digest is there; ``tasks``: only these tasks (default every task of the run; the sampled
+    popularity's tie-breaking jitter is drawn in task order, so its figures move in the fourth decimal)."""
     loaded = load(source, checkpoint, data)
     spec, feats = loaded.featurizer.spec, loaded.features
+    unknown = sorted(set(tasks or ()) - set(spec.tasks))
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not tasks of {source}; its tasks: {sorted(spec.tasks)}")
     out: Dict = {"source": str(source), "checkpoint": loaded.checkpoint, "features": str(feats),
                  "split": split, "k": k, "protocols": {}, "seconds": {}}  # fmt: skip
     for protocol in protocols:
@@ -103,20 +108,17 @@ def run(
             scorers = {"model": model_matrix_scorer(loaded.model, loaded.featurizer, cats)}
             if popularity:
                 scorers["popularity"] = popularity_matrix_scorer(feats, loaded.featurizer, cats, seed)
-            full = full_ranking(scorers, feats.parent, spec, split, cats, k)
+            full = full_ranking(scorers, feats.parent, spec, split, cats, k, tasks=tasks)
             if baselines:
                 full.update(_baselines(feats, loaded.featurizer, cats, split, k, seed, baseline_cache, out))
             out["protocols"]["full"] = full
             out.setdefault("baselines", {})  # the baselines' chosen settings (set by _baselines)
         elif protocol == "sampled":
-            res = {
-                "model": evaluate(
-                    model_scorer(loaded.model, torch.device("cpu"), False), feats, spec, split, batch_size
-                )
-            }
+            score = model_scorer(loaded.model, torch.device("cpu"), False)
+            res = {"model": evaluate(score, feats, spec, split, batch_size, tasks=tasks)}
             if popularity:
                 res["popularity"] = evaluate(
-                    popularity_scorer(feats, spec, seed), feats, spec, split, batch_size
+                    popularity_scorer(feats, spec, seed), feats, spec, split, batch_size, tasks=tasks
                 )
             out["protocols"]["sampled"] = res
         else:
@@ -163,11 +165,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     ap.add_argument("--no-popularity", action="store_true", help="skip the popularity baseline")
     ap.add_argument("--baselines", action="store_true",
                     help="full protocol: also popularity over all canvases and BPR-MF (tuned on valid)")  # fmt: skip
+    ap.add_argument("--tasks", nargs="+", help="only these tasks (default: every task of the run)")
     ap.add_argument("--out", type=Path, help="write the JSON here (default: stdout)")
     args = ap.parse_args(argv)
     try:
         res = run(args.source, args.split, args.protocol, args.checkpoint, args.data, args.k,
-                  popularity=not args.no_popularity, baselines=args.baselines)  # fmt: skip
+                  popularity=not args.no_popularity, baselines=args.baselines, tasks=args.tasks)  # fmt: skip
     except (OSError, ValueError, KeyError) as e:
         ap.exit(2, f"error: {e}\n")
     for protocol, by in res["protocols"].items():

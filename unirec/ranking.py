@@ -177,12 +177,16 @@ def full_ranking(
     catalogues: Dict[str, pa.Array],
     k: int = 10,
     user_field: str = "user",
+    tasks: Optional[Sequence[str]] = None,
 ) -> Dict[str, Scores]:
     """Scorer name -> task -> full-ranking metrics (means over requests, plus ``requests`` and
-    ``unrankable`` counts). Every scorer ranks the same requests with the same exclusions."""
+    ``unrankable`` counts), for every task of ``spec`` or only ``tasks``. Every scorer ranks the same
+    requests with the same exclusions."""
     seen = {c: seen_items(root, ids, user_field, split) for c, ids in catalogues.items()}
     out: Dict[str, Scores] = {name: {} for name in scorers}
     for task, t in spec.tasks.items():
+        if tasks is not None and task not in tasks:
+            continue
         req = ranking_requests(root, split, task, catalogues[t.candidate], seen[t.candidate], user_field)
         chunk = max(1, _PAIRS_PER_CHUNK // max(1, len(catalogues[t.candidate])))
         for name, score in scorers.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,14 +31,17 @@ def evaluate(
     batch_size: int,
     rank: int = 0,
     world: int = 1,
+    tasks: Optional[Sequence[str]] = None,
 ) -> Scores:
-    """Per-task metrics of ``score`` (batch -> [B] scores) over every row of ``split``.
+    """Per-task metrics of ``score`` (batch -> [B] scores) over every row of ``split``, for every task of
+    ``spec`` or only ``tasks``.
 
     Under torchrun each rank scores its share of the rows; torchmetrics gathers the states of every rank
     before computing, so every rank returns the metrics of the whole split.
     """
-    metrics = TaskMetrics({t: s.metrics for t, s in spec.tasks.items()})
-    for task in spec.tasks:
+    chosen = [t for t in spec.tasks if tasks is None or t in tasks]
+    metrics = TaskMetrics({t: spec.tasks[t].metrics for t in chosen})
+    for task in chosen:
         for batch in eval_batches(features, spec, split, task, batch_size, rank, world):
             metrics.update(task, score(batch), batch.label, batch.request_id)
     return metrics.compute()

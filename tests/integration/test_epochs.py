@@ -104,6 +104,7 @@ def test_the_report_serves_each_task_at_its_own_best_step(tmp_path, toy_features
         (ckpts / checkpoint.best_pointer(t)).write_text(other if t == moved else best)
     own = report.per_task(tmp_path, tasks, ("full",))
     assert own["best"] == best and own["steps"][moved] == other and set(own["figures"]) == {other}
+    assert set(own["figures"][other]["full"]) == {moved}  # only the task served from that step is evaluated
     res = {**evaluate.run(tmp_path, "test", ("full",), popularity=False), "per_task": own}
     there = evaluate.run(tmp_path, "test", ("full",), checkpoint=other, popularity=False)
     assert report.at_own_step(res, "full", moved) == there["protocols"]["full"]["model"][moved]
@@ -112,3 +113,21 @@ def test_the_report_serves_each_task_at_its_own_best_step(tmp_path, toy_features
         assert report.at_own_step(res, "full", t) == res["protocols"]["full"]["model"][t]
     assert m["best"]["step"] == int(best.split("-")[1])
     assert report.per_task(tmp_path, tasks, ("full",)) == own  # cached beside the run
+
+
+def test_evaluate_one_task_gives_that_task_s_figures_of_all(tmp_path, toy_features):
+    from unirec import evaluate
+
+    cfg = compose(["debug=toy", "trainer.epochs=1", "loader.batch_size=2048"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    run(cfg, tmp_path, toy_features)
+    every = evaluate.run(tmp_path, "test", ("full", "sampled"))["protocols"]
+    task = list(cfg.task)[-1]
+    one = evaluate.run(tmp_path, "test", ("full", "sampled"), tasks=[task])["protocols"]
+    # The sampled popularity's tie-breaking jitter is drawn in task order, so only its full ranking is
+    # the same figure whichever tasks are evaluated.
+    for protocol, who in (("full", "model"), ("full", "popularity"), ("sampled", "model")):
+        assert set(one[protocol][who]) == {task}
+        assert one[protocol][who][task] == pytest.approx(every[protocol][who][task], abs=1e-12)
+    with pytest.raises(ValueError, match=r"\['nope'\] are not tasks of"):
+        evaluate.run(tmp_path, "test", ("full",), tasks=["nope"])
