@@ -38,15 +38,20 @@ def write_markdown(adv: Dict, path: Path) -> None:
         "",
         "Predicted benefit = the sum over the other tasks of Z_i→j / Z_j→j: how much of task j's own step's "
         "progress the other tasks' steps add, averaged over the measured steps (± its standard error). "
-        "gains / loses: two standard errors clear of 0; unclear: not.",
+        "gains / loses: two standard errors clear of 0; unclear: not. Predicted relative lift = the benefit "
+        "times the task's headroom (1 − m) / m, m its validation "
+        f"{adv.get('headroom_metric', 'metric')} at the end of the short run: it orders the tasks by how much "
+        "they stand to gain.",
         "",
-        "| task | predicted benefit | verdict | recommendation |",
-        "|---|---|---|---|",
+        "| task | predicted benefit | verdict | short-run metric | predicted relative lift | recommendation |",
+        "|---|---|---|---|---|---|",
     ]
     for t in names:
         a = adv["advice"][t]
+        metric = a.get(f"short_run_{adv.get('headroom_metric')}")
         lines.append(
-            f"| {t} | {a['benefit']:+.3f} ± {a['stderr']:.3f} | {a['verdict']} | {a['recommendation']} |"
+            f"| {t} | {a['benefit']:+.3f} ± {a['stderr']:.3f} | {a['verdict']} | {_cell(metric, '.4f')} | "
+            f"{_cell(a.get('predicted_lift'))} | {a['recommendation']} |"
         )
     lines += [
         "",

@@ -266,6 +266,34 @@ def build_advice(names: List[str], acc: AffinityLog, ov: Dict, max_tasks: int) -
     }
 
 
+def headroom(value: Optional[float]) -> float:
+    """(1 - v) / v of a metric in (0, 1]: how far a task is from a perfect score, relative to where it is.
+    NaN where the metric is missing or not in (0, 1]."""
+    if value is None or not 0 < value <= 1:
+        return math.nan
+    return (1 - value) / value
+
+
+def add_predicted_lift(adv: Dict, valid: Mapping[str, Mapping[str, float]], metric: str) -> None:
+    """Each task's predicted relative lift of one model for all tasks: the predicted benefit (a relative
+    gain in the task's loss, first order) times the task's :func:`headroom` in ``metric`` on validation at
+    the end of the short run. A task near the top of its metric has little to gain however related the
+    others are; one far from it gains relatively more from the same benefit. The sign is the benefit's,
+    so the verdict is unchanged; the lift orders the tasks by how much they stand to gain."""
+    adv["headroom_metric"] = metric
+    for t, a in adv["advice"].items():
+        value = valid.get(t, {}).get(metric)
+        lift = a["benefit"] * headroom(value)
+        a[f"short_run_{metric}"] = value
+        a["headroom"] = None if math.isnan(headroom(value)) else headroom(value)
+        a["predicted_lift"] = None if math.isnan(lift) else lift  # None, not NaN: standard JSON
+        if a["predicted_lift"] is not None:
+            a["evidence"].append(
+                f"short-run validation {metric} {value:.4f}: headroom {a['headroom']:.2f}, predicted relative "
+                f"lift {a['predicted_lift']:+.3f}"
+            )
+
+
 def best_grouping_score(am: Mapping[str, Mapping[str, Optional[float]]], groups: List[List[str]]) -> float:
     """Total normalised affinity onto each task from its group, for a given grouping (unknown pairs: 0)."""
     return sum(am[i][j] or 0.0 for g in groups for j in g for i in g if i != j)
@@ -310,6 +338,8 @@ def run(cfg: Config, out_dir: Path, features: Optional[Path] = None) -> Dict:
     names = tr.module.task_names
     ov = overlaps(tr.spec, features)
     adv = build_advice(names, acc, ov, cfg.advise.max_group_tasks)
+    metric = cfg.trainer.best_metric.partition("/")[2]
+    add_predicted_lift(adv, tr.validation.model(tr.module, tr.device), metric)
     t2 = time.perf_counter()
     adv.update(
         steps=advise_steps(cfg),
@@ -341,7 +371,9 @@ def main(cfg: DictConfig) -> Dict:
     adv = run(config, out)
     for t in adv["tasks"]:
         a = adv["advice"][t]
-        print(f"{t}: {a['verdict']} ({a['benefit']:+.3f} ± {a['stderr']:.3f}); {a['recommendation']}")
+        lift = "n/a" if a["predicted_lift"] is None else f"{a['predicted_lift']:+.3f}"
+        print(f"{t}: {a['verdict']} ({a['benefit']:+.3f} ± {a['stderr']:.3f}; predicted relative lift {lift}); "
+              f"{a['recommendation']}")  # fmt: skip
     print(f"advice: {out / 'advice.md'}")
     return adv
 

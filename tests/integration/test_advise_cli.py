@@ -61,6 +61,11 @@ def test_the_benefit_and_grouping_agree_with_the_written_affinities(advice):
         assert t in rec["group"] and rec["group"] in groups
         mates = [i for i in rec["group"] if i != t]
         assert rec["recommendation"].startswith("share one model with" if mates else "keep bespoke")
+        # the predicted relative lift: the benefit times the headroom of the short run's validation metric
+        assert adv["headroom_metric"] == "auc"  # conf/debug/toy.yaml validates by mean/auc
+        short = rec["short_run_auc"]
+        assert 0 < short <= 1 and rec["headroom"] == pytest.approx((1 - short) / short)
+        assert rec["predicted_lift"] == pytest.approx(rec["benefit"] * (1 - short) / short)
 
 
 def test_markdown_and_heatmap_are_written(advice):

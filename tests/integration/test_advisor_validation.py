@@ -61,3 +61,30 @@ def test_the_consolidation_report_takes_any_relatedness_as_a_suite():
     assert cr.relatedness("1") == "1.0"
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         cr.relatedness("1.5")
+
+
+def test_the_summary_ranks_by_the_predicted_lift_and_reports_held_out_suites():
+    v = _script()
+    cells = {
+        "a": ([0.62, 0.64], [0.60, 0.60]),
+        "b": ([0.50, 0.52], [0.51, 0.51]),
+        "c": ([0.40, 0.40], [0.45, 0.44]),
+    }
+    lifts = {"a": -0.2, "b": 0.5, "c": 0.1}  # an order the benefits (0.3, -0.1, 0.2) do not give
+    advice = _advice({"a": 0.3, "b": -0.1, "c": 0.2})
+    advice["headroom_metric"] = "ndcg@10"
+    for t, lift in lifts.items():
+        advice["advice"][t].update({"predicted_lift": lift, "short_run_ndcg@10": 0.5})
+    pts = v.points("synthetic-0.4", list(cells), advice, _measured(cells), "sampled")
+    pts += v.points(
+        "synthetic-0.0", list(cells), _advice({"a": 0.3, "b": -0.1, "c": 0.2}), _measured(cells), "sampled"
+    )
+    assert [p["short_run"] for p in pts[:3]] == [0.5] * 3 and pts[3]["short_run"] is None
+    s = v.summary(
+        pts, {"synthetic-0.0": {"advise_seconds": 5.0, "measure_seconds": 100.0}}, ["synthetic-0.4"]
+    )
+    measured = [p["lift"] for p in pts]
+    assert s["spearman"] == pytest.approx(v.spearman([-0.2, 0.5, 0.1, 0.3, -0.1, 0.2], measured))
+    assert s["spearman_benefit"] == pytest.approx(v.spearman([0.3, -0.1, 0.2] * 2, measured))
+    assert s["n_held_out"] == 3
+    assert s["spearman_held_out"] == pytest.approx(v.spearman([-0.2, 0.5, 0.1], measured[:3]))

@@ -235,3 +235,10 @@ def test_a_task_whose_own_step_does_not_help_has_no_normalised_column():
 def test_settings_the_advisor_refuses_name_the_key(overrides, match):
     with pytest.raises(Exception, match=match):
         check_advise(compose(["debug=toy", *overrides]))
+
+
+def test_headroom_by_hand():
+    from unirec.advise import headroom
+
+    assert headroom(0.25) == pytest.approx(3.0) and headroom(0.5) == pytest.approx(1.0) and headroom(1.0) == 0.0
+    assert all(math.isnan(headroom(v)) for v in (None, 0.0, -0.1, 1.5))
