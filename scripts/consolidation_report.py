@@ -17,7 +17,9 @@ relatedness r in [0, 1] is the suite ``synthetic-<r>``):
    share their data.
 3. **Test.** Every chosen run is evaluated on the test split, both protocols for MovieLens (full ranking,
    and the positive plus 100 sampled negatives), the logged impressions for the synthetic canvases, with
-   the popularity baseline of the same data.
+   the popularity baseline of the same data. Each unified run is also read as environments that each
+   serve their own task's best step (``best:<task>``): the tasks whose best validation step is not the
+   best-mean one are evaluated there too.
 4. **Footprint.** Parameters, training wall time, artifact bytes (``python -m unirec.export`` of the
    chosen checkpoint) and serving memory (peak RSS of a process that loads and warms the artifact, as
    ``unirec.serve`` does): one unified model against the sum of the bespoke ones.
