@@ -7,7 +7,7 @@ For each suite (the synthetic canvases at each ``--relatedness``, and MovieLens-
    seed 0), before anything else is trained. Its wall time starts once the unified data set is prepared:
    the measurement's unified runs read that same preparation, so neither side pays for it (the bespoke
    data sets, which only the measurement needs, are in the measurement's time).
-2. **Measurement.** ``scripts/consolidation_report.py``'s ``run_suite`` (the same machinery: equal tuning
+2. **Measurement.** ``unirec.experiments.consolidation.run_suite`` (the same machinery: equal tuning
    over the grid, ``--seeds`` seeds, test split, the suite's headline NDCG@10): the lift of the unified
    model over the bespoke one, per task, and its seed spread.
 
@@ -29,7 +29,6 @@ Finished runs and advice are reused from ``--work`` (default ``runs/advisor-vali
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -38,48 +37,14 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from unirec.experiments.consolidation import parser, run_suite
+from unirec.experiments.stats import spearman
+from unirec.experiments.suites import compose, relatedness, suite_dir, suites, trainer_overrides
+
 RELATEDNESS = ("0.0", "0.25", "0.5", "0.75", "1.0")
 
 
-def _consolidation_report():
-    """scripts/consolidation_report.py as a module (scripts/ is not a package)."""
-    name = "consolidation_report"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 # ------------------------------------------------------------------------------------------- statistics
-
-
-def ranks(x: Sequence[float]) -> np.ndarray:
-    """1-based ranks, ties sharing their mean rank.
-
-    >>> ranks([0.3, 0.1, 0.3, 0.2]).tolist()
-    [3.5, 1.0, 3.5, 2.0]
-    """
-    a = np.asarray(x, dtype=float)
-    order = np.argsort(a, kind="stable")
-    r = np.empty(len(a))
-    r[order] = np.arange(1, len(a) + 1)
-    for v in np.unique(a):
-        r[a == v] = r[a == v].mean()
-    return r
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson's on the ranks, ties averaged); NaN under 3 points.
-
-    >>> round(spearman([1, 2, 3, 4], [10, 20, 40, 30]), 4)
-    0.8
-    """
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = ranks(x), ranks(y)
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def points(suite: str, tasks: Sequence[str], advice: Dict, measured: Dict, headline: str) -> List[Dict]:
@@ -139,7 +104,7 @@ def summary(pts: List[Dict], costs: Dict[str, Dict[str, float]], held_out: Seque
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def advise_suite(cr, suite, args, work: Path) -> Dict:
+def advise_suite(suite, args, work: Path) -> Dict:
     """The advisor on the suite's tasks, as long as (a fraction of) the measurement's unified run."""
     from unirec import advise
     from unirec.data.prepare import prepare
@@ -148,24 +113,22 @@ def advise_suite(cr, suite, args, work: Path) -> Dict:
     if (out / "advice.json").exists():
         return json.loads((out / "advice.json").read_text())
     lr, size, tasks = args.lrs[0], args.sizes[0], list(suite.tasks)
-    cfg = cr.compose(suite, tasks, lr, size, 0)
+    cfg = compose(suite, tasks, lr, size, 0)
     features = prepare(cfg.data, cfg.task, cfg.seed)  # the measurement's unified runs then find it prepared
     t0 = time.perf_counter()
-    cfg = cr.compose(
-        suite, tasks, lr, size, 0, [*cr.trainer_overrides(suite, cfg, features), *args.advise_set]
-    )
+    cfg = compose(suite, tasks, lr, size, 0, [*trainer_overrides(suite, cfg, features), *args.advise_set])
     adv = advise.run(cfg, out, features)
     adv["wall_seconds"] = round(time.perf_counter() - t0, 2)  # its data prepared before, as the measurement's
     (out / "advice.json").write_text(json.dumps(adv, indent=2, sort_keys=True))
     return adv
 
 
-def measure_suite(cr, suite, args, work: Path) -> Dict:
+def measure_suite(suite, args, work: Path) -> Dict:
     """``run_suite`` of the consolidation report, its result kept beside the runs (reused when present)."""
     done = work / "measured" / f"{suite.name}.json"
     if done.exists():
         return json.loads(done.read_text())
-    res = cr.run_suite(suite, args)
+    res = run_suite(suite, args)
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(res, indent=2, sort_keys=True))
     return res
@@ -174,9 +137,8 @@ def measure_suite(cr, suite, args, work: Path) -> Dict:
 def add_reference_costs(res: Dict, reports: Path) -> None:
     """Beside each suite's measured cost, the wall time of the committed consolidation report of the same
     suite (its full protocol: the whole grid and its seeds), where ``reports`` holds one."""
-    cr = _consolidation_report()
     for name, c in res["costs"].items():
-        path = reports / cr.suite_dir(name) / "consolidation.json"
+        path = reports / suite_dir(name) / "consolidation.json"
         if path.exists():
             ref = json.loads(path.read_text())
             c["reference_seconds"], c["reference_command"] = ref["seconds"], ref["command"]
@@ -194,7 +156,8 @@ def write_report(res: Dict, out: Path) -> None:
                   f"{', '.join(missing)}.", ""]  # fmt: skip
     lines += [
         f"Generated by `{res['command']}`. Measurement: the consolidation report's machinery "
-        f"(`scripts/consolidation_report.py` run_suite) with lr {res['grid']['lr']}, sizes {res['grid']['size']}, "
+        "(`unirec.experiments.consolidation.run_suite`, as `scripts/consolidation_report.py` runs it) "
+        f"with lr {res['grid']['lr']}, sizes {res['grid']['size']}, "
         f"{res['seeds']} seeds, each run its suite's epochs; lift = (unified − bespoke) / bespoke of the test "
         "headline NDCG@10, mean over seeds. Advice: `python -m unirec.advise` with the first grid point and the "
         "unified run's length (advise.fraction of its steps), before anything else is trained.",
@@ -327,25 +290,22 @@ def main(argv=None) -> None:
         write_report(res, out)
         write_scatter(res, out / "validation.png")
         return
-    cr = _consolidation_report()
-    names = [f"synthetic-{cr.relatedness(r)}" for r in args.relatedness] + (
-        ["ml100k"] if args.raw_dir else []
-    )
-    cr_args = cr.parser().parse_args(
+    names = [f"synthetic-{relatedness(r)}" for r in args.relatedness] + (["ml100k"] if args.raw_dir else [])
+    cr_args = parser().parse_args(
         ["--suites", *names, "--seeds", str(args.seeds), "--lrs", *map(str, args.lrs), "--sizes", *args.sizes,
          "--batch-size", str(args.batch_size), "--work", str(Path(args.work) / "consolidation")]
         + (["--raw-dir", args.raw_dir] if args.raw_dir else []) + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
         + (["--epochs", str(args.epochs)] if args.epochs else []) + (["--quick"] if args.quick else [])
     )  # fmt: skip
-    all_suites = cr.suites(cr_args)
+    all_suites = suites(cr_args)
     res = {"planned": names, "suites": [], "points": [], "costs": {}, "seeds": args.seeds,
            "grid": {"lr": args.lrs, "size": args.sizes},
            "command": " ".join(["python", "scripts/advisor_validation.py", *sys.argv[1:]])}  # fmt: skip
     work = Path(args.work)
     for name in names:
         suite = all_suites[name]
-        adv = advise_suite(cr, suite, args, work)
-        measured = measure_suite(cr, suite, cr_args, work)
+        adv = advise_suite(suite, args, work)
+        measured = measure_suite(suite, cr_args, work)
         res["suites"].append(name)
         res["points"] += points(name, list(suite.tasks), adv, measured, suite.headline)
         res["costs"][name] = {"advise_seconds": adv["wall_seconds"], "measure_seconds": measured["seconds"],

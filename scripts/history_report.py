@@ -24,18 +24,10 @@ from typing import Dict, List
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-
-
-def _load(name: str):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the module runs
-    spec.loader.exec_module(mod)
-    return mod
+from unirec.experiments import ablations
+from unirec.experiments.runs import evaluate as evaluate_run
+from unirec.experiments.runs import train as train_run
+from unirec.experiments.suites import SIZES
 
 
 def variants(poolings: List[str]) -> Dict[str, List[str]]:
@@ -72,11 +64,9 @@ def main(argv=None) -> None:
     if args.render:
         (out / "history.md").write_text(render(json.loads((out / "history.json").read_text())))
         return
-    ab = _load("ablations")
-    cr = ab.cr
-    suite = ab.suites(args)[args.suite]
-    pinned, _ = ab.pins(suite)
-    lr, size = args.lr or ab.LR, args.size or ab.SIZE
+    suite = ablations.suites(args)[args.suite]
+    pinned, _ = ablations.pins(suite)
+    lr, size = args.lr or ablations.LR, args.size or ablations.SIZE
     t0 = time.perf_counter()
     runs: Dict[str, List[Dict]] = {}
     for name, extra in variants(args.poolings).items():
@@ -84,8 +74,8 @@ def main(argv=None) -> None:
             d = Path(args.work) / args.suite / f"{name.replace(', ', '-').replace(' ', '_')}-s{seed}"
             overrides = [f"{k}={v}" for k, v in pinned.items()] + args.set + extra
             with contextlib.redirect_stdout(io.StringIO()):
-                m = cr.train(suite, None, lr, size, seed, d, args, extra=overrides)
-                res = cr.evaluate(d, "test", (suite.headline,))
+                m = train_run(suite, None, lr, size, seed, d, args, extra=overrides)
+                res = evaluate_run(d, "test", (suite.headline,))
             by = res["protocols"][suite.headline]
             runs.setdefault(name, []).append({
                 "seed": seed, "wall_seconds": m["wall_seconds"], "parameters": m["parameters"],
@@ -96,7 +86,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - t0) / 60
     res = {"suite": args.suite, "seeds": args.seeds, "pinned": pinned, "epochs": suite.epochs, "lr": lr,
-           "size": cr.SIZES[size], "set": args.set, "minutes": round(minutes, 1), "runs": runs,
+           "size": SIZES[size], "set": args.set, "minutes": round(minutes, 1), "runs": runs,
            "command": " ".join(["python scripts/history_report.py", *argv])}  # fmt: skip
     (out / "history.json").write_text(json.dumps(res, indent=2, sort_keys=True))
     (out / "history.md").write_text(render(res))

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.unit.test_movielens import write_grouplens
+from unirec.experiments import ablations as core
+from unirec.experiments.suites import Suite
 
 
 def _script():
@@ -51,12 +53,12 @@ def _fake_run(suite, variant, pinned, seed, work, args, log):
 
 def test_combination_and_trade_off_on_fake_runs(tmp_path, monkeypatch):
     ab = _script()
-    monkeypatch.setattr(ab, "train_and_test", _fake_run)
-    suite = ab.cr.Suite("synthetic", "fake", [], {"a": "a", "b": "b"}, "sampled", ("sampled",), 1, [])
-    variants = ab.select_variants(["tower=mmoe", "sampling"])
+    monkeypatch.setattr(core, "train_and_test", _fake_run)
+    suite = Suite("synthetic", "fake", [], {"a": "a", "b": "b"}, "sampled", ("sampled",), 1, [])
+    variants = core.select_variants(["tower=mmoe", "sampling"])
     assert [v.name for v in variants] == ["tower=mmoe", "sampling=uniform", "sampling=temperature"]
     args = Namespace(work=str(tmp_path / "work"), seeds=[0, 1], quick=False)
-    res = ab.run_suite(
+    res = core.run_suite(
         suite, variants, {"model.tower": "cross", "loader.mix": "natural"}, ["data.impute"], args
     )
     assert res["winners"]["tower"]["name"] == "tower=mmoe"
@@ -77,8 +79,8 @@ def test_combination_and_trade_off_on_fake_runs(tmp_path, monkeypatch):
 
 def test_an_option_this_version_lacks_fails_naming_the_variant(tmp_path, monkeypatch):
     ab = _script()
-    monkeypatch.setitem(ab.BASELINE, "model.no_such_option", "a")
-    monkeypatch.setitem(ab.AXES, "bogus", ("model.no_such_option", ("b",)))
+    monkeypatch.setitem(core.BASELINE, "model.no_such_option", "a")
+    monkeypatch.setitem(core.AXES, "bogus", ("model.no_such_option", ("b",)))
     with pytest.raises(SystemExit, match="variant bogus=b .*model.no_such_option=b"):
         ab.main(["--quick", "--suites", "synthetic", "--variants", "bogus", "--work", str(tmp_path / "w"),
                  "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])  # fmt: skip
@@ -87,7 +89,7 @@ def test_an_option_this_version_lacks_fails_naming_the_variant(tmp_path, monkeyp
 
 def test_a_value_the_model_rejects_fails_before_training(tmp_path, monkeypatch):
     ab = _script()
-    monkeypatch.setitem(ab.AXES, "tower", ("model.tower", ("no_such_tower",)))
+    monkeypatch.setitem(core.AXES, "tower", ("model.tower", ("no_such_tower",)))
     with pytest.raises(SystemExit, match="variant tower=no_such_tower .*model.tower='no_such_tower'"):
         ab.main(["--quick", "--suites", "synthetic", "--variants", "tower", "--work", str(tmp_path / "w"),
                  "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])  # fmt: skip

@@ -52,15 +52,19 @@ def test_points_and_summary_count_what_the_acceptance_reads():
 
 
 def test_the_consolidation_report_takes_any_relatedness_as_a_suite():
-    cr = load_script("consolidation_report")
-    args = cr.parser().parse_args(["--suites", "synthetic-0.25"])
-    suite = cr.suites(args)["synthetic-0.25"]
+    from unirec.experiments import consolidation, suites
+
+    args = consolidation.parser().parse_args(["--suites", "synthetic-0.25"])
+    suite = suites.suites(args)["synthetic-0.25"]
     assert "data.synthetic.relatedness=0.25" in suite.overrides
-    assert cr.suite_dir("synthetic-0.25") == "synthetic/relatedness-0.25"
-    assert cr.suite_dir("synthetic-1.0") == "synthetic/relatedness-1.0" and cr.suite_dir("ml100k") == "ml100k"
-    assert cr.relatedness("1") == "1.0"
+    assert suites.suite_dir("synthetic-0.25") == "synthetic/relatedness-0.25"
+    assert (
+        suites.suite_dir("synthetic-1.0") == "synthetic/relatedness-1.0"
+        and suites.suite_dir("ml100k") == "ml100k"
+    )
+    assert suites.relatedness("1") == "1.0"
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-        cr.relatedness("1.5")
+        suites.relatedness("1.5")
 
 
 def test_the_summary_ranks_by_the_predicted_lift_and_reports_held_out_suites():

@@ -69,11 +69,10 @@ def test_the_run_lock_keeps_two_processes_off_one_run(tmp_path):
     run = tmp_path / "work" / "unified-s0"
     order = tmp_path / "order.txt"
     code = (
-        "import importlib.util, sys, time\n"
-        f"spec = importlib.util.spec_from_file_location('cr', {str(ROOT / 'scripts' / 'consolidation_report.py')!r})\n"
-        "cr = sys.modules['cr'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(cr)\n"
+        "import sys, time\n"
+        "from unirec.experiments.runs import run_lock\n"
         "from pathlib import Path\n"
-        f"with cr.run_lock(Path({str(run)!r})):\n"
+        f"with run_lock(Path({str(run)!r})):\n"
         f"    open({str(order)!r}, 'a').write(sys.argv[1] + ' in\\n')\n"
         "    time.sleep(float(sys.argv[2]))\n"
         f"    open({str(order)!r}, 'a').write(sys.argv[1] + ' out\\n')\n"
@@ -86,7 +85,7 @@ def test_the_run_lock_keeps_two_processes_off_one_run(tmp_path):
     # A --jobs helper does not wait: it is told the run is held, and goes on to another.
     probe = (
         code.split("from pathlib")[0] + "from pathlib import Path\n"
-        f"with cr.run_lock(Path({str(run)!r}), wait=False) as mine:\n"
+        f"with run_lock(Path({str(run)!r}), wait=False) as mine:\n"
         "    sys.exit(0 if mine is False else 3)\n"
     )
     assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60).returncode == 0

@@ -86,10 +86,9 @@ def test_full_valid_protocol_needs_a_metric_it_computes():
 def test_the_report_serves_each_task_at_its_own_best_step(tmp_path, toy_features):
     """The consolidation report's per-task-step figures: a task whose ``best:<task>`` is not the best-mean
     checkpoint is evaluated there, the others keep the run's own evaluation."""
-    from tests.conftest import load_script
     from unirec import evaluate
+    from unirec.experiments import runs as report
 
-    report = load_script("consolidation_report")
     cfg = compose(["debug=toy", "trainer.epochs=2", "trainer.best_metric=mean/ndcg@10", "trainer.keep_checkpoints=5",
                    "loader.batch_size=2048"])  # fmt: skip
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -240,5 +240,7 @@ def test_settings_the_advisor_refuses_name_the_key(overrides, match):
 def test_headroom_by_hand():
     from unirec.advise import headroom
 
-    assert headroom(0.25) == pytest.approx(3.0) and headroom(0.5) == pytest.approx(1.0) and headroom(1.0) == 0.0
+    assert (
+        headroom(0.25) == pytest.approx(3.0) and headroom(0.5) == pytest.approx(1.0) and headroom(1.0) == 0.0
+    )
     assert all(math.isnan(headroom(v)) for v in (None, 0.0, -0.1, 1.5))

@@ -1,0 +1,248 @@
+"""The consolidation measurement of one suite: equal tuning over a grid, seeds, test evaluation and the
+footprint (see ``scripts/consolidation_report.py`` for the protocol), summarised as plain data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from unirec.experiments.runs import (
+    at_own_step,
+    bare_rss_mb,
+    evaluate,
+    footprint,
+    headline,
+    per_task,
+    run_lock,
+    train,
+)
+from unirec.experiments.suites import SIZES, Suite
+
+BASELINES = ("popularity_all", "bpr_mf", "transitions")
+"""Baselines of the full protocol beside the task's own popularity (:mod:`unirec.baselines`)."""
+
+
+def run_suite(suite: Suite, args) -> Dict:
+    work = Path(args.work) / suite.name
+    grid = [(lr, size) for lr in args.lrs for size in args.sizes]
+    tasks = list(suite.tasks)
+    started = time.perf_counter()
+    log = lambda msg: print(f"[{suite.name} {time.perf_counter() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
+
+    def run_dir(kind: str, lr: float, size: str, seed: int) -> Path:
+        return work / f"{kind}-lr{lr:g}-{size}-s{seed}"
+
+    def kinds():
+        return [("unified", tasks)] + [(f"bespoke-{t}", [t]) for t in tasks]
+
+    def run_and_evaluate(run, split: str, wait: bool = True):
+        """Train (or reuse) one (kind, tasks, lr, size, seed) run and evaluate it on ``split`` under its
+        lock -> (run dir, metrics, evaluation); None where another process holds it and ``wait`` is False."""
+        kind, ts, lr, size, seed = run
+        d = run_dir(kind, lr, size, seed)
+        with run_lock(d, wait) as mine:  # another process of the report may be on this run: it is reused
+            if not mine:
+                return None
+            m = train(suite, ts, lr, size, seed, d, args)
+            if split == "valid":
+                return d, m, evaluate(d, "valid", (suite.headline,))
+            # The baselines depend on the data only, which the seed's unified run holds in full.
+            res = evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
+            if kind == "unified":
+                res = {**res, "per_task": per_task(d, ts, suite.protocols)}
+            return d, m, res
+
+    def take_free(runs, split: str) -> None:
+        """Train and evaluate every run no other process holds, longest first (unified before bespoke;
+        seed order within each), so processes sharing the work (``--jobs``) end within about one short
+        bespoke run of each other instead of one waiting out another's unified run."""
+        for run in sorted(runs, key=lambda r: -len(r[1])):
+            run_and_evaluate(run, split, wait=False)
+
+    # A helper process (--jobs) takes the runs free at the time, longest first, and writes no report.
+    helper = getattr(args, "helper", False)
+    # A process that only takes some seeds needs no sweep where the grid has one point: nothing to choose.
+    only = getattr(args, "only_seeds", None)
+    sweeping = [] if (only or helper) and len(grid) == 1 else grid
+    sweep_runs = [(kind, ts, lr, size, 0) for lr, size in sweeping for kind, ts in kinds()]
+    if helper:
+        take_free(sweep_runs, "valid")
+    # 1. sweep with seed 0, selected on valid
+    sweep: Dict[str, Dict[str, float]] = {}
+    for run in sweep_runs:
+        kind, ts, lr, size, _ = run
+        _, _, valid = run_and_evaluate(run, "valid")
+        point = f"lr={lr:g} size={size}"
+        sweep.setdefault(kind, {})[point] = float(np.mean([headline(valid, suite, t) for t in ts]))
+        log(f"sweep {kind} {point}: valid ndcg@10 {sweep[kind][point]:.4f}")
+    chosen = {}
+    for kind, _ in kinds():
+        best = max(grid, key=lambda g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0))
+        chosen[kind] = best
+    seed_runs = [
+        (kind, ts, *chosen[kind], seed) for seed in only or range(args.seeds) for kind, ts in kinds()
+    ]
+    take_free(seed_runs, "test")
+    if helper:
+        log("helper done: the runs it took are trained and evaluated")
+        return None
+    # 2. seeds, 3. test
+    test: Dict[str, List[Dict]] = {}
+    meta: Dict[str, List[Dict]] = {}
+    for run in seed_runs:
+        kind, ts, seed = run[0], run[1], run[4]
+        d, m, res = run_and_evaluate(run, "test")
+        test.setdefault(kind, []).append(res)
+        meta.setdefault(kind, []).append(
+            {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
+        )
+        log(f"seed {seed} {kind}: test {suite.headline} ndcg@10 "
+            + " ".join(f"{t}={headline(res, suite, t):.4f}" for t in ts))  # fmt: skip
+    if only:
+        log(f"seeds {only} done; the report is written by the process that runs them all")
+        return None
+    # 4. footprint of seed 0's chosen runs
+    registry = work / "registry"
+    foot = {kind: footprint(Path(meta[kind][0]["run"]), registry / kind) for kind, _ in kinds()}
+    floor = bare_rss_mb()
+    log("footprint measured")
+    return summarise(suite, args, sweep, chosen, test, meta, foot, floor, time.perf_counter() - started)
+
+
+def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
+    tasks = list(suite.tasks)
+    metrics = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "recall@10", "auc")}
+    table = {}
+    for protocol in suite.protocols:
+        for t in tasks:
+            for metric in metrics[protocol]:
+                if metric not in test["unified"][0]["protocols"][protocol]["model"][t]:
+                    continue
+                u = [r["protocols"][protocol]["model"][t][metric] for r in test["unified"]]
+                b = [r["protocols"][protocol]["model"][t][metric] for r in test[f"bespoke-{t}"]]
+                p = [r["protocols"][protocol]["popularity"][t][metric] for r in test["unified"]]
+                table[(protocol, t, metric)] = {"unified": u, "bespoke": b, "popularity": p}
+                if all("per_task" in r for r in test["unified"]):
+                    own = [at_own_step(r, protocol, t)[metric] for r in test["unified"]]
+                    table[(protocol, t, metric)]["unified_own_step"] = own
+                for base in BASELINES:  # trained on the unified run's data, so one per seed
+                    runs = [r["protocols"][protocol].get(base, {}).get(t) for r in test["unified"]]
+                    if all(runs):
+                        table[(protocol, t, metric)][base] = [x[metric] for x in runs]
+    bespoke_kinds = [f"bespoke-{t}" for t in tasks]
+    fp = {
+        "parameters": (
+            meta["unified"][0]["parameters"],
+            sum(meta[k][0]["parameters"] for k in bespoke_kinds),
+        ),
+        "train_seconds": (
+            float(np.mean([m["wall_seconds"] for m in meta["unified"]])),
+            sum(float(np.mean([m["wall_seconds"] for m in meta[k]])) for k in bespoke_kinds),
+        ),
+        "artifact_bytes": (
+            foot["unified"]["artifact_bytes"],
+            sum(foot[k]["artifact_bytes"] for k in bespoke_kinds),
+        ),
+        "serving_rss_mb": (
+            foot["unified"]["serving_rss_mb"],
+            sum(foot[k]["serving_rss_mb"] for k in bespoke_kinds),
+        ),
+        "serving_rss_over_floor_mb": (
+            foot["unified"]["serving_rss_mb"] - floor,
+            sum(foot[k]["serving_rss_mb"] - floor for k in bespoke_kinds),
+        ),
+    }
+    if all("per_task" in r for r in test["unified"]):  # one export per environment, at its task's best step
+        steps = len(set(test["unified"][0]["per_task"]["steps"].values()))
+        fp["artifact_bytes_own_steps"] = (
+            steps * foot["unified"]["artifact_bytes"],
+            sum(foot[k]["artifact_bytes"] for k in bespoke_kinds),
+        )
+    out = {
+        "suite": suite.name,
+        "title": suite.title,
+        "seeds": args.seeds,
+        "epochs": suite.epochs,
+        "patience": getattr(args, "patience", None),
+        "validation": validation_of(Path(meta["unified"][0]["run"])),
+        "grid": {"lr": args.lrs, "size": {s: SIZES[s] for s in args.sizes}},
+        "sweep_valid_ndcg@10": sweep,
+        "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
+        "test": {"|".join(k): v for k, v in table.items()},
+        "footprint": fp,
+        "own_steps": [
+            {k: r["per_task"][k] for k in ("best", "steps")} for r in test["unified"] if "per_task" in r
+        ],
+        "serving_floor_rss_mb": floor,
+        "runs": meta,
+        "seconds": round(seconds, 1),
+        "command": " ".join(["python", "scripts/consolidation_report.py", *sys.argv[1:]]),
+    }
+    return out
+
+
+def validation_of(run: Path) -> Dict:
+    """How a run validated (from its ``config.yaml``): every how many epochs, under which protocol."""
+    from omegaconf import OmegaConf
+
+    trainer = OmegaConf.load(run / "config.yaml").trainer
+    return {"every_epochs": int(trainer.eval_every_epochs), "protocol": str(trainer.valid_protocol)}
+
+
+def parser(description: str = "The consolidation report.") -> argparse.ArgumentParser:
+    """The command line of ``scripts/consolidation_report.py`` (``scripts/advisor_validation.py`` builds its
+    measurement settings from it)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--suites", nargs="+", default=["ml100k", "synthetic-1.0", "synthetic-0.0"])
+    ap.add_argument(
+        "--raw-dir", help="MovieLens-100K directory (scripts/fetch_movielens.py); needed for ml100k"
+    )
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2])
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=1024,
+        help="of every run (the core default 4096 gives a bespoke MovieLens model only ~25 steps per epoch)",
+    )
+    ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=sorted(SIZES))
+    ap.add_argument("--epochs", type=int, help="epochs per run (default: 5 for MovieLens, 3 for synthetic)")
+    ap.add_argument(
+        "--patience", type=int, help="stop a run after this many epochs without a better valid mean"
+    )
+    ap.add_argument("--work", default="runs/consolidation", help="run directories (reused when finished)")
+    ap.add_argument("--out", default="reports", help="reports go to <out>/<suite-dir>/")
+    ap.add_argument("--cache-dir", help="prepared-data cache (default: data.cache_dir / $UNIREC_CACHE)")
+    ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    ap.add_argument(
+        "--only-seeds",
+        type=int,
+        nargs="+",
+        help="train and evaluate only these seeds and write no report: a second process on the same --work "
+        "takes some seeds off the one that writes it (each run is locked, finished runs are reused)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="training processes sharing the machine's cores (each run is locked; every process takes the free "
+        "runs longest first): one single-threaded run per core beats one run on every core for these small models",
+    )
+    ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs helper process
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides for every run, e.g. data.movielens.negative_sampling=popularity",
+    )
+    ap.add_argument(
+        "--render", action="store_true", help="only rewrite the .md and .png from the saved .json"
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny synthetic data and 1 epoch (the slow test)")
+    return ap
