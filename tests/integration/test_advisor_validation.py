@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from tests.conftest import load_script
-
 
 def _script():
-    return load_script("advisor_validation")
+    from unirec.experiments import advisor_check
+
+    return advisor_check
 
 
 def test_spearman_with_ties_against_hand_computed_values():
