@@ -283,10 +283,11 @@ def add_predicted_lift(adv: Dict, valid: Mapping[str, Mapping[str, float]], metr
     adv["headroom_metric"] = metric
     for t, a in adv["advice"].items():
         value = valid.get(t, {}).get(metric)
-        lift = a["benefit"] * headroom(value)
+        room = headroom(value)
+        lift = a["benefit"] * room
         a[f"short_run_{metric}"] = value
-        a["headroom"] = None if math.isnan(headroom(value)) else headroom(value)
-        a["predicted_lift"] = None if math.isnan(lift) else lift  # None, not NaN: standard JSON
+        a["headroom"] = None if math.isnan(room) else room  # None, not NaN: standard JSON
+        a["predicted_lift"] = None if math.isnan(lift) else lift
         if a["predicted_lift"] is not None:
             a["evidence"].append(
                 f"short-run validation {metric} {value:.4f}: headroom {a['headroom']:.2f}, predicted relative "

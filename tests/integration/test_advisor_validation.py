@@ -29,13 +29,17 @@ def _measured(cells):
     return {"test": {f"sampled|{t}|ndcg@10": {"unified": u, "bespoke": b} for t, (u, b) in cells.items()}}
 
 
+CELLS = {
+    "a": ([0.62, 0.64], [0.60, 0.60]),
+    "b": ([0.50, 0.52], [0.51, 0.51]),
+    "c": ([0.40, 0.40], [0.45, 0.44]),
+}
+"""Task -> (unified, bespoke) test NDCG@10 over two seeds."""
+
+
 def test_points_and_summary_count_what_the_acceptance_reads():
     v = _script()
-    cells = {
-        "a": ([0.62, 0.64], [0.60, 0.60]),
-        "b": ([0.50, 0.52], [0.51, 0.51]),
-        "c": ([0.40, 0.40], [0.45, 0.44]),
-    }
+    cells = CELLS
     pts = v.points(
         "synthetic-0.0", list(cells), _advice({"a": 0.3, "b": -0.1, "c": 0.2}), _measured(cells), "sampled"
     )
@@ -69,11 +73,7 @@ def test_the_consolidation_report_takes_any_relatedness_as_a_suite():
 
 def test_the_summary_ranks_by_the_predicted_lift_and_reports_held_out_suites():
     v = _script()
-    cells = {
-        "a": ([0.62, 0.64], [0.60, 0.60]),
-        "b": ([0.50, 0.52], [0.51, 0.51]),
-        "c": ([0.40, 0.40], [0.45, 0.44]),
-    }
+    cells = CELLS
     lifts = {"a": -0.2, "b": 0.5, "c": 0.1}  # an order the benefits (0.3, -0.1, 0.2) do not give
     advice = _advice({"a": 0.3, "b": -0.1, "c": 0.2})
     advice["headroom_metric"] = "ndcg@10"

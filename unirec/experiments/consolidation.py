@@ -117,6 +117,7 @@ def run_suite(suite: Suite, args) -> Dict:
 def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
     tasks = list(suite.tasks)
     metrics = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "recall@10", "auc")}
+    own_steps = all("per_task" in r for r in test["unified"])  # runs read at each task's own best step
     table = {}
     for protocol in suite.protocols:
         for t in tasks:
@@ -127,7 +128,7 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
                 b = [r["protocols"][protocol]["model"][t][metric] for r in test[f"bespoke-{t}"]]
                 p = [r["protocols"][protocol]["popularity"][t][metric] for r in test["unified"]]
                 table[(protocol, t, metric)] = {"unified": u, "bespoke": b, "popularity": p}
-                if all("per_task" in r for r in test["unified"]):
+                if own_steps:
                     own = [at_own_step(r, protocol, t)[metric] for r in test["unified"]]
                     table[(protocol, t, metric)]["unified_own_step"] = own
                 for base in BASELINES:  # trained on the unified run's data, so one per seed
@@ -157,7 +158,7 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
             sum(foot[k]["serving_rss_mb"] - floor for k in bespoke_kinds),
         ),
     }
-    if all("per_task" in r for r in test["unified"]):  # one export per environment, at its task's best step
+    if own_steps:  # one export per environment, at its task's best step
         steps = len(set(test["unified"][0]["per_task"]["steps"].values()))
         fp["artifact_bytes_own_steps"] = (
             steps * foot["unified"]["artifact_bytes"],
@@ -175,9 +176,7 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
         "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
         "test": {"|".join(k): v for k, v in table.items()},
         "footprint": fp,
-        "own_steps": [
-            {k: r["per_task"][k] for k in ("best", "steps")} for r in test["unified"] if "per_task" in r
-        ],
+        "own_steps": [{k: r["per_task"][k] for k in ("best", "steps")} for r in test["unified"] if own_steps],
         "serving_floor_rss_mb": floor,
         "runs": meta,
         "seconds": round(seconds, 1),

@@ -3,7 +3,7 @@ correlation."""
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 
@@ -27,10 +27,6 @@ def mean(xs: Sequence[float]) -> float:
 def std(xs: Sequence[float]) -> float:
     """The sample standard deviation over seeds (0 for one value)."""
     return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-
-
-def mean_std(xs: Sequence[float]) -> Tuple[float, float]:
-    return mean(xs), std(xs)
 
 
 def fmt(xs: Sequence[float]) -> str:
