@@ -114,9 +114,13 @@ def run_suite(suite: Suite, args) -> Dict:
     return summarise(suite, args, sweep, chosen, test, meta, foot, floor, time.perf_counter() - started)
 
 
+METRICS = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "recall@10", "auc")}
+"""Per protocol, the test metrics the report tabulates, in the order its tables list them."""
+
+
 def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
     tasks = list(suite.tasks)
-    metrics = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "recall@10", "auc")}
+    metrics = METRICS
     own_steps = all("per_task" in r for r in test["unified"])  # runs read at each task's own best step
     table = {}
     for protocol in suite.protocols:

@@ -8,7 +8,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from unirec.experiments.consolidation import BASELINES
+from unirec.experiments.consolidation import BASELINES, METRICS
 from unirec.experiments.stats import fmt, paired_p
 from unirec.experiments.suites import Suite
 
@@ -81,10 +81,16 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
             "| task | metric | unified | unified, own step | bespoke | popularity | lift |",
             "|---|---|---|---|---|---|---|",
         ]
-        for key, c in res["test"].items():
+        # task and metric order, not the JSON's (saved with sorted keys), so --render writes the run's tables
+        keys = [
+            f"{protocol}|{t}|{m}"
+            for t in tasks
+            for m in METRICS[protocol]
+            if f"{protocol}|{t}|{m}" in res["test"]
+        ]
+        for key in keys:
+            c = res["test"][key]
             p, t, metric = key.split("|")
-            if p != protocol:
-                continue
             mu, mb = np.mean(c["unified"]), np.mean(c["bespoke"])
             label = (
                 "HR@10" if (p == "sampled" and metric == "recall@10" and suite.name == "ml100k") else metric
@@ -114,8 +120,9 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
                           for s, v in sorted(res["grid"]["size"].items(), key=lambda kv: kv[1]["hidden_dim"])) + ".",
               "", "| model | " + " | ".join(next(iter(res["sweep_valid_ndcg@10"].values()))) + " | chosen |",
               "|---|" + "---|" * (len(next(iter(res["sweep_valid_ndcg@10"].values()))) + 1)]  # fmt: skip
-    for kind, by in res["sweep_valid_ndcg@10"].items():
-        ch = res["chosen"][kind]
+    sweep = res["sweep_valid_ndcg@10"]
+    for kind in [k for k in ("unified", *(f"bespoke-{t}" for t in tasks)) if k in sweep]:
+        by, ch = sweep[kind], res["chosen"][kind]
         lines.append(
             f"| {kind} | "
             + " | ".join(f"{v:.4f}" for v in by.values())
