@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import orjson
 import pytest
 
@@ -29,3 +30,19 @@ from unirec.serve.app import candidates_json
 def test_candidates_json_equals_orjson_of_the_dicts(ids, scores):
     expected = orjson.dumps([{"id": i, "type": "item", "score": s} for i, s in zip(ids, scores)])
     assert candidates_json(ids, "item", scores) == expected
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        [0.9, 0.5, 1e-7, 3.5e-300, 0.0, 1.0, 0.1 + 0.2, 2 / 3],
+        [math.nan, 0.5, math.inf, 0.25, 1e300, -0.0, 5e-324, 0.123456789012345678],
+    ],
+)
+@pytest.mark.parametrize("ids", [[str(i) for i in range(8)], [*range(4), *map(str, range(4))]])
+def test_candidates_json_of_a_float64_array_equals_that_of_its_floats(ids, scores):
+    """Scored answers pass the float64 array itself: the bytes are those of the Python floats' dicts, with
+    every non-finite score written as null."""
+    as_floats = [s if math.isfinite(s) else None for s in scores]
+    expected = orjson.dumps([{"id": i, "type": "item", "score": s} for i, s in zip(ids, as_floats)])
+    assert candidates_json(ids, "item", np.array(scores, dtype=np.float64)) == expected

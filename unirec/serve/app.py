@@ -225,19 +225,20 @@ def _answer(env: Environment, task: str, scorer: Scorer, a: Answer) -> Response:
     return Response(body, media_type="application/json")
 
 
-def candidates_json(ids: list, ctype: str, scores: list) -> bytes:
+def candidates_json(ids: list, ctype: str, scores) -> bytes:
     """``[{"id": ..., "type": ..., "score": ...}, ...]`` written from the columns, with no Python dict per
-    candidate: orjson writes each id and all scores at once, one join interleaves them; the bytes are those
-    of ``orjson.dumps`` of the dicts. Scores are finite here (environments turn non-finite ones into a
-    fallback); a stray NaN is written as null, never as the invalid JSON token NaN.
+    candidate: orjson writes all ids and all scores (a list, or a float64 array without a Python float per
+    score) at once, and one join interleaves their items; the bytes are those of ``orjson.dumps`` of the
+    dicts. Scores are finite here (environments turn non-finite ones into a fallback); a stray NaN is written
+    as null, never as the invalid JSON token NaN.
 
     >>> candidates_json(["a", 7], "item", [0.5, None])
     b'[{"id":"a","type":"item","score":0.5},{"id":7,"type":"item","score":null}]'
     """
-    if not ids:
+    if not len(ids):
         return b"[]"
     # Numbers and null hold no comma, so the scores' array splits into its items safely.
-    score_items = orjson.dumps(scores)[1:-1].split(b",")
+    score_items = orjson.dumps(scores, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
     typed = b',"type":' + orjson.dumps(ctype) + b',"score":'
     written = orjson.dumps(ids)
     if written.startswith(b'["') and written.endswith(b'"]'):
@@ -245,10 +246,19 @@ def candidates_json(ids: list, ctype: str, scores: list) -> bytes:
         # inside one is escaped); fewer pieces than ids means some id is a number, written one by one below.
         inner = written[2:-2].split(b'","')
         if len(inner) == len(ids):
-            items = map((b'"' + typed).join, zip(inner, score_items))
-            return b'[{"id":"' + b'},{"id":"'.join(items) + b"}]"
-    items = map(typed.join, zip(map(orjson.dumps, ids), score_items))
-    return b'[{"id":' + b'},{"id":'.join(items) + b"}]"
+            return _interleaved(b'[{"id":"', inner, b'"' + typed, score_items, b'},{"id":"')
+    return _interleaved(b'[{"id":', list(map(orjson.dumps, ids)), typed, score_items, b'},{"id":')
+
+
+def _interleaved(start: bytes, ids: list, between: bytes, scores: list, after: bytes) -> bytes:
+    """``start id0 between s0 after id1 between s1 ... }]`` in one join over a list filled by slices (no
+    tuple or join per candidate)."""
+    parts = [after, None, between, None] * len(ids)
+    parts[0] = start
+    parts[1::4] = ids
+    parts[3::4] = scores
+    parts.append(b"}]")
+    return b"".join(parts)
 
 
 def _error(

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,8 @@ class Answer:
 
     ids: List[object]
     ctype: str
-    scores: List[Optional[float]]
+    scores: Union[np.ndarray, List[Optional[float]]]
+    """[N] float64 when scored; a list where a fallback answered (None: no score)."""
     cached: bool = False
     ignored: List[str] = field(default_factory=list)
     reason: Optional[str] = None
@@ -137,7 +138,7 @@ class Environment:
             order = np.argsort(-scores, kind="stable")[:top_k]
             # Python ints index the list several times faster than numpy scalars do; map keeps it in C
             ranked = list(map(ids.__getitem__, order.tolist()))
-            return Answer(ranked, ctype, scores[order].tolist(), cached, ignored)
+            return Answer(ranked, ctype, scores[order], cached, ignored)  # orjson writes the array as it is
         fallback = req.fallback or self.cfg.fallback
         answer = self.fallback(scorer, task, ids, ctype, fallback, top_k)
         answer.ignored, answer.reason, answer.fallback, answer.detail = ignored, reason, fallback, detail
