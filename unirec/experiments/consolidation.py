@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -27,91 +27,111 @@ BASELINES = ("popularity_all", "bpr_mf", "transitions")
 """Baselines of the full protocol beside the task's own popularity (:mod:`unirec.baselines`)."""
 
 
-def run_suite(suite: Suite, args) -> Dict:
-    work = Path(args.work) / suite.name
-    grid = [(lr, size) for lr in args.lrs for size in args.sizes]
-    tasks = list(suite.tasks)
-    started = time.perf_counter()
-    log = lambda msg: print(f"[{suite.name} {time.perf_counter() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
+class SuiteRuns:
+    """The runs of one suite: where each lives, one trained (or reused) and evaluated under its lock, and
+    the order in which processes sharing the work (``--jobs``) take them. A run is a tuple
+    ``(kind, tasks, lr, size, seed)``; kind is ``unified`` or ``bespoke-<task>``."""
 
-    def run_dir(kind: str, lr: float, size: str, seed: int) -> Path:
-        return work / f"{kind}-lr{lr:g}-{size}-s{seed}"
+    def __init__(self, suite: Suite, args):
+        self.suite, self.args = suite, args
+        self.work = Path(args.work) / suite.name
+        self.tasks = list(suite.tasks)
+        self.started = time.perf_counter()
 
-    def kinds():
-        return [("unified", tasks)] + [(f"bespoke-{t}", [t]) for t in tasks]
+    def log(self, msg: str) -> None:
+        print(f"[{self.suite.name} {self.seconds():6.0f}s] {msg}", flush=True)
 
-    def run_and_evaluate(run, split: str, wait: bool = True):
-        """Train (or reuse) one (kind, tasks, lr, size, seed) run and evaluate it on ``split`` under its
-        lock -> (run dir, metrics, evaluation); None where another process holds it and ``wait`` is False."""
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def kinds(self) -> List[tuple]:
+        return [("unified", self.tasks)] + [(f"bespoke-{t}", [t]) for t in self.tasks]
+
+    def dir(self, kind: str, lr: float, size: str, seed: int) -> Path:
+        return self.work / f"{kind}-lr{lr:g}-{size}-s{seed}"
+
+    def run_and_evaluate(self, run, split: str, wait: bool = True):
+        """Train (or reuse) one run and evaluate it on ``split`` under its lock -> (run dir, metrics,
+        evaluation); None where another process holds it and ``wait`` is False."""
         kind, ts, lr, size, seed = run
-        d = run_dir(kind, lr, size, seed)
+        suite, d = self.suite, self.dir(kind, lr, size, seed)
         with run_lock(d, wait) as mine:  # another process of the report may be on this run: it is reused
             if not mine:
                 return None
-            m = train(suite, ts, lr, size, seed, d, args)
+            m = train(suite, ts, lr, size, seed, d, self.args)
             if split == "valid":
                 return d, m, evaluate(d, "valid", (suite.headline,))
             # The baselines depend on the data only, which the seed's unified run holds in full.
-            res = evaluate(d, "test", suite.protocols, kind == "unified", work / "baselines")
+            res = evaluate(d, "test", suite.protocols, kind == "unified", self.work / "baselines")
             if kind == "unified":
                 res = {**res, "per_task": per_task(d, ts, suite.protocols)}
             return d, m, res
 
-    def take_free(runs, split: str) -> None:
+    def take_free(self, runs, split: str) -> None:
         """Train and evaluate every run no other process holds, longest first (unified before bespoke;
-        seed order within each), so processes sharing the work (``--jobs``) end within about one short
-        bespoke run of each other instead of one waiting out another's unified run."""
+        seed order within each), so processes sharing the work end within about one short bespoke run of
+        each other instead of one waiting out another's unified run."""
         for run in sorted(runs, key=lambda r: -len(r[1])):
-            run_and_evaluate(run, split, wait=False)
+            self.run_and_evaluate(run, split, wait=False)
 
-    # A helper process (--jobs) takes the runs free at the time, longest first, and writes no report.
+    def sweep(self, runs, grid) -> Tuple[Dict[str, Dict[str, float]], Dict[str, tuple]]:
+        """(kind -> grid point -> valid headline ndcg@10 of seed 0, kind -> the grid point chosen)."""
+        sweep: Dict[str, Dict[str, float]] = {}
+        for run in runs:
+            kind, ts, lr, size, _ = run
+            _, _, valid = self.run_and_evaluate(run, "valid")
+            point = f"lr={lr:g} size={size}"
+            sweep.setdefault(kind, {})[point] = float(np.mean([headline(valid, self.suite, t) for t in ts]))
+            self.log(f"sweep {kind} {point}: valid ndcg@10 {sweep[kind][point]:.4f}")
+        score = lambda kind, g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0)  # noqa: E731
+        return sweep, {kind: max(grid, key=lambda g: score(kind, g)) for kind, _ in self.kinds()}
+
+    def seeds(self, runs) -> Tuple[Dict[str, List[Dict]], Dict[str, List[Dict]]]:
+        """(kind -> test evaluation per seed, kind -> run facts per seed), in seed order."""
+        test: Dict[str, List[Dict]] = {}
+        meta: Dict[str, List[Dict]] = {}
+        for run in runs:
+            kind, ts, seed = run[0], run[1], run[4]
+            d, m, res = self.run_and_evaluate(run, "test")
+            test.setdefault(kind, []).append(res)
+            meta.setdefault(kind, []).append(
+                {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
+            )
+            self.log(f"seed {seed} {kind}: test {self.suite.headline} ndcg@10 "
+                     + " ".join(f"{t}={headline(res, self.suite, t):.4f}" for t in ts))  # fmt: skip
+        return test, meta
+
+
+def run_suite(suite: Suite, args) -> Dict:
+    """1. sweep the grid with seed 0, chosen on valid; 2. every seed at the chosen point; 3. test; 4. the
+    footprint of seed 0's runs -> :func:`summarise`. A helper process (``args.helper``) only takes the runs
+    free at the time and returns None; so does one given ``args.only_seeds``, after its seeds."""
+    runs = SuiteRuns(suite, args)
+    grid = [(lr, size) for lr in args.lrs for size in args.sizes]
     helper = getattr(args, "helper", False)
     # A process that only takes some seeds needs no sweep where the grid has one point: nothing to choose.
     only = getattr(args, "only_seeds", None)
     sweeping = [] if (only or helper) and len(grid) == 1 else grid
-    sweep_runs = [(kind, ts, lr, size, 0) for lr, size in sweeping for kind, ts in kinds()]
+    sweep_runs = [(kind, ts, lr, size, 0) for lr, size in sweeping for kind, ts in runs.kinds()]
     if helper:
-        take_free(sweep_runs, "valid")
-    # 1. sweep with seed 0, selected on valid
-    sweep: Dict[str, Dict[str, float]] = {}
-    for run in sweep_runs:
-        kind, ts, lr, size, _ = run
-        _, _, valid = run_and_evaluate(run, "valid")
-        point = f"lr={lr:g} size={size}"
-        sweep.setdefault(kind, {})[point] = float(np.mean([headline(valid, suite, t) for t in ts]))
-        log(f"sweep {kind} {point}: valid ndcg@10 {sweep[kind][point]:.4f}")
-    chosen = {}
-    for kind, _ in kinds():
-        best = max(grid, key=lambda g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0))
-        chosen[kind] = best
+        runs.take_free(sweep_runs, "valid")
+    sweep, chosen = runs.sweep(sweep_runs, grid)
     seed_runs = [
-        (kind, ts, *chosen[kind], seed) for seed in only or range(args.seeds) for kind, ts in kinds()
+        (kind, ts, *chosen[kind], seed) for seed in only or range(args.seeds) for kind, ts in runs.kinds()
     ]
-    take_free(seed_runs, "test")
+    runs.take_free(seed_runs, "test")
     if helper:
-        log("helper done: the runs it took are trained and evaluated")
+        runs.log("helper done: the runs it took are trained and evaluated")
         return None
-    # 2. seeds, 3. test
-    test: Dict[str, List[Dict]] = {}
-    meta: Dict[str, List[Dict]] = {}
-    for run in seed_runs:
-        kind, ts, seed = run[0], run[1], run[4]
-        d, m, res = run_and_evaluate(run, "test")
-        test.setdefault(kind, []).append(res)
-        meta.setdefault(kind, []).append(
-            {"run": str(d), **{k: m.get(k) for k in ("parameters", "wall_seconds", "steps", "best")}}
-        )
-        log(f"seed {seed} {kind}: test {suite.headline} ndcg@10 "
-            + " ".join(f"{t}={headline(res, suite, t):.4f}" for t in ts))  # fmt: skip
+    test, meta = runs.seeds(seed_runs)
     if only:
-        log(f"seeds {only} done; the report is written by the process that runs them all")
+        runs.log(f"seeds {only} done; the report is written by the process that runs them all")
         return None
-    # 4. footprint of seed 0's chosen runs
-    registry = work / "registry"
-    foot = {kind: footprint(Path(meta[kind][0]["run"]), registry / kind) for kind, _ in kinds()}
+    registry = runs.work / "registry"
+    foot = {kind: footprint(Path(meta[kind][0]["run"]), registry / kind) for kind, _ in runs.kinds()}
     floor = bare_rss_mb()
-    log("footprint measured")
-    return summarise(suite, args, sweep, chosen, test, meta, foot, floor, time.perf_counter() - started)
+    runs.log("footprint measured")
+    return summarise(suite, args, sweep, chosen, test, meta, foot, floor, runs.seconds())
 
 
 METRICS = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "recall@10", "auc")}
