@@ -113,8 +113,9 @@ def run_suite(suite: Suite, args) -> Dict:
     only = getattr(args, "only_seeds", None)
     sweeping = [] if (only or helper) and len(grid) == 1 else grid
     sweep_runs = [(kind, ts, lr, size, 0) for lr, size in sweeping for kind, ts in runs.kinds()]
-    if helper:
-        runs.take_free(sweep_runs, "valid")
+    # Every process first takes the sweep runs no other holds (the helpers, and this one, which then waits
+    # for the rest): waiting on the first run a helper holds would leave a core idle for the whole sweep.
+    runs.take_free(sweep_runs, "valid")
     sweep, chosen = runs.sweep(sweep_runs, grid)
     seed_runs = [
         (kind, ts, *chosen[kind], seed) for seed in only or range(args.seeds) for kind, ts in runs.kinds()
