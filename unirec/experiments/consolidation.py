@@ -27,6 +27,12 @@ BASELINES = ("popularity_all", "bpr_mf", "transitions")
 """Baselines of the full protocol beside the task's own popularity (:mod:`unirec.baselines`)."""
 
 
+def kinds(tasks) -> List[tuple]:
+    """The model kinds of a suite, in report order: (``unified``, every task), then (``bespoke-<task>``,
+    [task]) per task."""
+    return [("unified", list(tasks))] + [(f"bespoke-{t}", [t]) for t in tasks]
+
+
 class SuiteRuns:
     """The runs of one suite: where each lives, one trained (or reused) and evaluated under its lock, and
     the order in which processes sharing the work (``--jobs``) take them. A run is a tuple
@@ -45,7 +51,7 @@ class SuiteRuns:
         return time.perf_counter() - self.started
 
     def kinds(self) -> List[tuple]:
-        return [("unified", self.tasks)] + [(f"bespoke-{t}", [t]) for t in self.tasks]
+        return kinds(self.tasks)
 
     def dir(self, kind: str, lr: float, size: str, seed: int) -> Path:
         return self.work / f"{kind}-lr{lr:g}-{size}-s{seed}"
@@ -141,12 +147,11 @@ METRICS = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "reca
 
 def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
     tasks = list(suite.tasks)
-    metrics = METRICS
     own_steps = all("per_task" in r for r in test["unified"])  # runs read at each task's own best step
     table = {}
     for protocol in suite.protocols:
         for t in tasks:
-            for metric in metrics[protocol]:
+            for metric in METRICS[protocol]:
                 if metric not in test["unified"][0]["protocols"][protocol]["model"][t]:
                     continue
                 u = [r["protocols"][protocol]["model"][t][metric] for r in test["unified"]]
@@ -160,7 +165,7 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
                     runs = [r["protocols"][protocol].get(base, {}).get(t) for r in test["unified"]]
                     if all(runs):
                         table[(protocol, t, metric)][base] = [x[metric] for x in runs]
-    bespoke_kinds = [f"bespoke-{t}" for t in tasks]
+    bespoke_kinds = [k for k, _ in kinds(tasks)[1:]]
     fp = {
         "parameters": (
             meta["unified"][0]["parameters"],
@@ -189,6 +194,9 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
             steps * foot["unified"]["artifact_bytes"],
             sum(foot[k]["artifact_bytes"] for k in bespoke_kinds),
         )
+    steps_read = (
+        [{k: r["per_task"][k] for k in ("best", "steps")} for r in test["unified"]] if own_steps else []
+    )
     out = {
         "suite": suite.name,
         "title": suite.title,
@@ -201,7 +209,7 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
         "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
         "test": {"|".join(k): v for k, v in table.items()},
         "footprint": fp,
-        "own_steps": [{k: r["per_task"][k] for k in ("best", "steps")} for r in test["unified"] if own_steps],
+        "own_steps": steps_read,
         "serving_floor_rss_mb": floor,
         "runs": meta,
         "seconds": round(seconds, 1),

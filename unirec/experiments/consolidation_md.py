@@ -8,7 +8,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from unirec.experiments.consolidation import BASELINES, METRICS
+from unirec.experiments.consolidation import BASELINES, METRICS, kinds
 from unirec.experiments.stats import fmt, paired_p
 from unirec.experiments.suites import Suite
 
@@ -121,7 +121,7 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
               "", "| model | " + " | ".join(next(iter(res["sweep_valid_ndcg@10"].values()))) + " | chosen |",
               "|---|" + "---|" * (len(next(iter(res["sweep_valid_ndcg@10"].values()))) + 1)]  # fmt: skip
     sweep = res["sweep_valid_ndcg@10"]
-    for kind in [k for k in ("unified", *(f"bespoke-{t}" for t in tasks)) if k in sweep]:
+    for kind in [k for k, _ in kinds(tasks) if k in sweep]:
         by, ch = sweep[kind], res["chosen"][kind]
         lines.append(
             f"| {kind} | "
