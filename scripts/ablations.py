@@ -27,7 +27,9 @@ Usage::
         --set loss.negatives=64 model.tower_layers=1 model.transitions=true   # the MovieLens recipe
 
 Finished runs are reused (``--work``, default ``runs/ablations``; a run whose settings changed trains
-again), so an interrupted report resumes; ``--fresh`` starts over.
+again), so an interrupted report resumes; ``--fresh`` starts over. ``--jobs 2`` trains two runs at a time,
+one thread each (each run is locked, so a process started by hand with the same arguments plus
+``--helper`` joins in too).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from unirec.experiments.ablations import (
     suites,
 )
 from unirec.experiments.ablations_md import chosen_default_section, write_markdown
+from unirec.experiments.runs import start_helpers, wait_helpers
 from unirec.experiments.suites import SIZES
 
 # -------------------------------------------------------------------------------------------------- main
@@ -78,6 +81,10 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", help="prepared-data cache (default: data.cache_dir / $UNIREC_CACHE)")
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="training processes sharing the machine's cores, one single-threaded run per core "
+                         "(each run is locked; helpers take the free runs and the first process writes the report)")  # fmt: skip
+    ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs helper process
     ap.add_argument("--quick", action="store_true", help="tiny synthetic data, 1 epoch, 1 seed (the test)")
     args = ap.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -94,12 +101,15 @@ def main(argv=None) -> None:
     done: List[Tuple[str, Dict]] = []
     # every suite's variants are checked before any training, so a missing option fails at once
     ready = {} if args.render else {n: setup_suite(all_suites[n], variants, args) for n in args.suites}
+    helpers = [] if args.render or args.helper else start_helpers(__file__, args, argv)
     for name in args.suites:
         out = Path(args.out) / OUT_DIRS[name]
         if args.render:
             res = json.loads((out / "ablations.json").read_text())
         else:
             res = run_suite(all_suites[name], variants, *ready[name], args)
+            if res is None:  # a --jobs helper
+                continue
             out.mkdir(parents=True, exist_ok=True)
             (out / "ablations.json").write_text(json.dumps(res, indent=2))
         kept = chosen_default_section(out / "ablations.md")
@@ -109,6 +119,7 @@ def main(argv=None) -> None:
                 f.write("\n" + kept)
         print(f"wrote {out / 'ablations.md'}", flush=True)
         done.append((name, res["recommended"]))
+    wait_helpers(helpers)
     for name, rec in done:
         print(f"{name}: recommended default {rec['name']}"
               + (f": {rec['overrides']}" if rec["overrides"] else " (no override: keep the core default)")

@@ -39,13 +39,12 @@ Finished runs are reused (``--work``, default ``runs/consolidation``), so an int
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from unirec.experiments.consolidation import parser, run_suite
 from unirec.experiments.consolidation_md import write_chart, write_markdown
+from unirec.experiments.runs import start_helpers, wait_helpers
 from unirec.experiments.suites import SYNTHETIC, relatedness, suite_dir, suites
 
 
@@ -68,7 +67,7 @@ def main(argv=None) -> None:
     if "ml100k" in args.suites and not args.raw_dir and not args.render:
         ap.error("suite ml100k needs --raw-dir (python scripts/fetch_movielens.py data/ml-100k)")
     t0 = time.perf_counter()
-    helpers = [] if args.render or args.helper else start_helpers(args, argv)
+    helpers = [] if args.render or args.helper else start_helpers(__file__, args, argv)
     for name in args.suites:
         suite = all_suites[name]
         out = Path(args.out) / suite_dir(name)
@@ -83,35 +82,8 @@ def main(argv=None) -> None:
         write_markdown(res, suite, out / "consolidation.md")
         write_chart(res, suite, out / "consolidation.png")
         print(f"wrote {out / 'consolidation.md'}", flush=True)
-    for proc, path in helpers:
-        if proc.wait() != 0:
-            sys.exit(f"a --jobs helper failed (exit {proc.returncode}); its log: {path}")
+    wait_helpers(helpers)
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min")
-
-
-def start_helpers(args, argv) -> list:
-    """``--jobs N``: N-1 helper processes of this command (``--helper``), every process with an equal share
-    of the cores as torch threads. Returns (process, log path) pairs; the logs lie in ``--work``."""
-    if args.jobs <= 1:
-        return []
-    import os
-
-    import torch
-
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    torch.set_num_threads(threads)
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    out = []
-    for i in range(1, args.jobs):
-        path = Path(args.work) / f"helper-{i}.log"
-        with open(path, "w") as log:
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--helper"]
-            out.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), path))
-    print(f"--jobs {args.jobs}: {args.jobs - 1} helper(s), {threads} torch thread(s) each; logs {args.work}/helper-*.log",
-          flush=True)  # fmt: skip
-    return out
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _script():
     return sys.modules[name]
 
 
-def _fake_run(suite, variant, pinned, seed, work, args, log):
+def _fake_run(suite, variant, pinned, seed, work, args, log, wait=True):
     """Additive validation gains (mmoe +0.01, uniform +0.02), so the combination wins validation; on test
     the combination loses task b to the baseline."""
     ch = dict(variant.changes)
@@ -102,10 +102,19 @@ def test_quick_ablations_report(tmp_path):
     out = tmp_path / "reports"
     cmd = [sys.executable, str(ROOT / "scripts" / "ablations.py"), "--quick", "--raw-dir", str(raw),
            "--variants", "tower=mmoe", "sampling=uniform", "--work", str(tmp_path / "work"),
-           "--out", str(out), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+           "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--jobs", "2", "--fresh"]  # fmt: skip
+    (tmp_path / "work" / "ml100k" / "stale-s0").mkdir(parents=True)  # --fresh deletes it, once
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not (tmp_path / "work" / "ml100k" / "stale-s0").exists()
+    helper = (tmp_path / "work" / "helper-1.log").read_text()  # --jobs 2: the helper took its share
+    trained = [
+        ln for ln in (proc.stdout + helper).splitlines() if " seed 0: train " in ln and "(reused)" not in ln
+    ]
+    assert "helper done" in helper and any(ln in helper for ln in trained), helper
+    names = [(ln[1:].split()[0], ln.split("]", 1)[1].split()[0]) for ln in trained]  # (suite, variant)
+    assert sorted(names) == sorted(set(names)), "a run trained twice: " + "\n".join(trained)
     for suite in ("ml100k", "synthetic"):
         res = json.loads((out / suite / "ablations.json").read_text())
         tasks = res["tasks"]

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from unirec.experiments.runs import evaluate as evaluate_run
+from unirec.experiments.runs import run_lock
 from unirec.experiments.runs import train as train_run
 from unirec.experiments.stats import mean
 from unirec.experiments.suites import SIZES, SYNTHETIC_SIZE, Suite, compose
@@ -224,9 +225,18 @@ def preflight(suite, variants: Sequence[Variant], pinned: Dict[str, str], seed: 
 # ------------------------------------------------------------------------------------------------ running
 
 
-def train_and_test(suite, variant: Variant, pinned, seed: int, work: Path, args, log) -> Dict:
-    """One run (trained, or reused when its settings match) and its test scores: a JSON-ready record."""
+def train_and_test(
+    suite, variant: Variant, pinned, seed: int, work: Path, args, log, wait: bool = True
+) -> Optional[Dict]:
+    """One run (trained, or reused when its settings match) and its test scores: a JSON-ready record.
+    Under the run's lock (processes sharing ``--work`` never take the same run); with ``wait=False``,
+    None at once where another process holds it."""
     d = work / f"{variant.slug}-s{seed}"
+    with run_lock(d, wait) as mine:
+        return _train_and_test(suite, variant, pinned, seed, d, args, log) if mine else None
+
+
+def _train_and_test(suite, variant: Variant, pinned, seed: int, d: Path, args, log) -> Dict:
     key = {
         "suite": [o for o in suite.overrides if not o.startswith("data.cache_dir=")],
         "overrides": variant.overrides(pinned),
@@ -287,22 +297,30 @@ def setup_suite(suite, variants: List[Variant], args) -> Tuple[Dict[str, str], L
     return pinned, unpinned
 
 
-def run_suite(suite, variants: List[Variant], pinned: Dict[str, str], unpinned: List[str], args) -> Dict:
+def run_suite(
+    suite, variants: List[Variant], pinned: Dict[str, str], unpinned: List[str], args
+) -> Optional[Dict]:
+    """Every variant and seed, then the combination of the axis winners -> the report's record. A ``--jobs``
+    helper (``args.helper``) takes the same runs where free, waits for the rest and returns None."""
     work = Path(args.work) / suite.name
     tasks = list(suite.tasks)
     started = time.perf_counter()
     log = lambda msg: print(f"[{suite.name} {time.perf_counter() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
-    baseline = BASE
+    helper = getattr(args, "helper", False)
     entries: List[Dict] = []
 
-    def run_all(v: Variant) -> Dict:
-        runs = [train_and_test(suite, v, pinned, s, work, args, log) for s in args.seeds]
-        e = {"name": v.name, "axis": v.axis, "changes": dict(v.changes), "runs": runs}
-        entries.append(e)
-        return e
+    def run_all(vs: Sequence[Variant]) -> None:
+        """Every seed of ``vs``: first the runs no other process holds (seed by seed, so an interrupted
+        report has whole seeds done), then every record, waiting on the runs another process trains."""
+        taken = {(v.name, s): train_and_test(suite, v, pinned, s, work, args, log, wait=False)
+                 for s in args.seeds for v in vs}  # fmt: skip
+        for v in vs:
+            runs = [
+                taken[v.name, s] or train_and_test(suite, v, pinned, s, work, args, log) for s in args.seeds
+            ]
+            entries.append({"name": v.name, "axis": v.axis, "changes": dict(v.changes), "runs": runs})
 
-    for v in [baseline, *variants]:
-        run_all(v)
+    run_all([BASE, *variants])
     # stage 2: the axis winners (validation only) and their combination
     base_valid = valid_mean(entries[0])
     winners = {}
@@ -317,8 +335,11 @@ def run_suite(suite, variants: List[Variant], pinned: Dict[str, str], unpinned: 
         log(f"combination of the axis winners = {same[0]}: nothing more to train")
     else:
         log(f"combination of the axis winners: {' '.join(f'{k}={v}' for k, v in changes)}")
-        run_all(Variant("combination", "combination", changes))
+        run_all([Variant("combination", "combination", changes)])
         combo["trained"] = True
+    if helper:
+        log("helper done: the runs it took are trained and tested")
+        return None
     res = {
         "suite": suite.name,
         "title": suite.title,

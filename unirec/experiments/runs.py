@@ -53,6 +53,41 @@ def train(
     return metrics
 
 
+def start_helpers(script: str, args, argv) -> list:
+    """``--jobs N``: N-1 helper processes of ``script`` with the same arguments plus ``--helper``, every
+    process (this one too) with an equal share of the cores as torch threads. Returns (process, log path)
+    pairs for :func:`wait_helpers`; the logs lie in ``args.work``."""
+    if args.jobs <= 1:
+        return []
+    import os
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    torch.set_num_threads(threads)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    # Not --fresh: this process has emptied the work directory already; a helper doing it again would
+    # delete the runs this one has started meanwhile.
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--fresh"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = []
+    for i in range(1, args.jobs):
+        path = Path(args.work) / f"helper-{i}.log"
+        with open(path, "w") as log:
+            cmd = [sys.executable, str(Path(script).resolve()), *argv, "--helper"]
+            out.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), path))
+    print(f"--jobs {args.jobs}: {args.jobs - 1} helper(s), {threads} torch thread(s) each; logs {args.work}/helper-*.log",
+          flush=True)  # fmt: skip
+    return out
+
+
+def wait_helpers(helpers) -> None:
+    """Wait for the processes of :func:`start_helpers`; exits naming the log of one that failed."""
+    for proc, path in helpers:
+        if proc.wait() != 0:
+            sys.exit(f"a --jobs helper failed (exit {proc.returncode}); its log: {path}")
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path, wait: bool = True):
     """An exclusive lock on one run (a file beside its directory), so processes sharing a work directory
