@@ -31,6 +31,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -51,8 +52,8 @@ from unirec.affinity import (
     normalised,
 )
 from unirec.config import Config, conf_dir, register_configs, to_object
-from unirec.data.batch import CANDIDATE, Batch
-from unirec.data.loader import shard_files
+from unirec.data.batch import CANDIDATE, Batch, table_to_arrays, to_batch
+from unirec.data.loader import concat_arrays, shard_files
 from unirec.data.prepare import prepare
 from unirec.losses import Objective, task_mean
 from unirec.model import MultiTaskRanker
@@ -70,23 +71,50 @@ def shared_parameters(module: MultiTaskRanker) -> Dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("heads.")}
 
 
-def ranker_lookahead(
+@dataclass
+class Probe:
+    """Validation rows the affinity is measured on (``advise.probe_rows``), with their fixed pools."""
+
+    batch: Batch
+    head: torch.Tensor
+    pools: list
+
+
+def make_probe(
+    features: Path,
+    spec: FeatureSpec,
     module: MultiTaskRanker,
     objective: Objective,
-    batch: Batch,
-    lr: float,
-    direction: Optional[Direction] = None,
-    step: int = 0,
-) -> Lookahead:
-    """:func:`unirec.affinity.lookahead` of the ranker on one batch (on its device), under the run's own
-    training objective (a softmax task's in-batch negatives are drawn once, seeded by ``step``, and reused
-    for every lookahead), in eval mode and fp32 so that the loss before and after a lookahead differ only
-    by the step."""
-    k = len(module.task_names)
+    rows: int,
+    seed: int,
+    device,
+) -> Probe:
+    """``rows`` validation rows per task, drawn once with ``seed``: at random for a BCE task; for a sampled
+    (softmax, BPR) task, up to ``rows // 2`` positives and other rows to fill, whose candidates become the
+    positives' negatives (a validation split holds one positive per request among many negatives)."""
+    rng = np.random.default_rng([seed, 7])
+    parts = []
+    for k, t in enumerate(module.task_names):
+        table = pq.read_table(shard_files(features, "valid", t))
+        if table.num_rows == 0:
+            raise ValueError(f"advise.probe_rows: task {t!r} has no validation rows under {features}")
+        if k in objective.sampled:
+            label = table["label"].to_numpy()
+            pos, other = np.flatnonzero(label > 0), np.flatnonzero(label <= 0)
+            pos = rng.choice(pos, min(len(pos), rows // 2), replace=False)
+            take = np.concatenate([pos, rng.choice(other, min(len(other), rows - len(pos)), replace=False)])
+        else:
+            take = rng.choice(table.num_rows, min(rows, table.num_rows), replace=False)
+        parts.append(table_to_arrays(table.take(np.sort(take))))
+    batch = to_batch(concat_arrays(parts), spec).to(device)
     head = module.head_index(batch.task_type)
-    pools = objective.pools(batch, head, torch.Generator().manual_seed(step)) if objective.sampled else []
-    present = torch.zeros(k, dtype=torch.bool, device=head.device).index_fill(0, head.unique(), True)
-    present[[i for i in objective.sampled if i not in {j for j, _, _ in pools}]] = False  # no positive row
+    pools = objective.pools(batch, head, torch.Generator().manual_seed(seed)) if objective.sampled else []
+    return Probe(batch, head, pools)
+
+
+def _losses_at(module: MultiTaskRanker, objective: Objective, batch: Batch, head, pools):
+    """The :data:`unirec.affinity.LossesAt` of one batch under the run's objective."""
+    k = len(module.task_names)
 
     def losses_at(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         call = (lambda *a: torch.func.functional_call(module, dict(params), a)) if params else module
@@ -94,10 +122,33 @@ def ranker_lookahead(
         per_row, weight = objective.row_losses(batch, head, logits, pools, pairs, full)
         return task_mean(per_row, weight, head, k)[0]
 
+    return losses_at
+
+
+def ranker_lookahead(
+    module: MultiTaskRanker,
+    objective: Objective,
+    batch: Batch,
+    lr: float,
+    direction: Optional[Direction] = None,
+    step: int = 0,
+    probe: Optional[Probe] = None,
+) -> Lookahead:
+    """:func:`unirec.affinity.lookahead` of the ranker on one batch (on its device), under the run's own
+    training objective (a softmax task's in-batch negatives are drawn once, seeded by ``step``, and reused
+    for every lookahead), in eval mode and fp32 so that the loss before and after a lookahead differ only
+    by the step. With a ``probe``, the losses before and after are the probe's (held out)."""
+    k = len(module.task_names)
+    head = module.head_index(batch.task_type)
+    pools = objective.pools(batch, head, torch.Generator().manual_seed(step)) if objective.sampled else []
+    present = torch.zeros(k, dtype=torch.bool, device=head.device).index_fill(0, head.unique(), True)
+    present[[i for i in objective.sampled if i not in {j for j, _, _ in pools}]] = False  # no positive row
+    losses_at = _losses_at(module, objective, batch, head, pools)
+    held_out = None if probe is None else _losses_at(module, objective, probe.batch, probe.head, probe.pools)
     was_training = module.training
     module.eval()
     try:
-        return lookahead(losses_at, shared_parameters(module), lr, present, direction)
+        return lookahead(losses_at, shared_parameters(module), lr, present, direction, held_out)
     finally:
         module.train(was_training)
 
@@ -168,7 +219,7 @@ def check_advise(cfg: Config) -> None:
         raise ImportError("the advisor draws advice.png with matplotlib: pip install 'unirec[report]'")
 
 
-def measure(cfg: Config, tr: Training) -> AffinityLog:
+def measure(cfg: Config, tr: Training, features: Path) -> AffinityLog:
     """The short joint run: train_step on every step; after :func:`skip_steps`, a lookahead measurement
     before every ``advise.measure_every``-th one, on its batch."""
     steps, every, skip = advise_steps(cfg), cfg.advise.measure_every, skip_steps(cfg)
@@ -177,13 +228,18 @@ def measure(cfg: Config, tr: Training) -> AffinityLog:
         adam_direction(tr.opts, shared_parameters(tr.module)) if cfg.advise.lookahead == "adam" else None
     )
     acc = AffinityLog(len(tr.module.task_names))
+    probe = None
+    if cfg.advise.probe_rows:
+        probe = make_probe(
+            features, tr.spec, tr.module, tr.objective, cfg.advise.probe_rows, cfg.seed, tr.device
+        )
     batches = tr.loader.batches(pin_memory=tr.device.type == "cuda")
     try:
         for step in range(steps):
             batch, _ = next(batches)
             batch = batch.to(tr.device, non_blocking=True)
             if step >= skip and (step - skip) % every == 0:
-                acc.add(ranker_lookahead(tr.module, tr.objective, batch, lr, direction, step))
+                acc.add(ranker_lookahead(tr.module, tr.objective, batch, lr, direction, step, probe))
             train_step(tr, batch)
     finally:
         batches.close()  # stops the prefetch thread
@@ -335,7 +391,7 @@ def run(cfg: Config, out_dir: Path, features: Optional[Path] = None) -> Dict:
     features = features or prepare(cfg.data, cfg.task, cfg.seed)
     t1 = time.perf_counter()
     tr = setup(cfg, features)
-    acc = measure(cfg, tr)
+    acc = measure(cfg, tr, features)
     names = tr.module.task_names
     ov = overlaps(tr.spec, features)
     adv = build_advice(names, acc, ov, cfg.advise.max_group_tasks)

@@ -55,6 +55,7 @@ def lookahead(
     lr: float,
     present: torch.Tensor,
     direction: Optional[Direction] = None,
+    held_out: Optional[LossesAt] = None,
 ) -> Lookahead:
     """Z_{i→j} and gradient cosines for every ordered pair of the tasks present in one batch.
 
@@ -65,8 +66,12 @@ def lookahead(
         present: [K] bool, which tasks have rows in the batch (the others get NaN).
         direction: the update direction of a gradient (:data:`Direction`); None: the gradient itself.
             The cosines are always those of the raw gradients.
+        held_out: the per-task losses Z is measured on, before and after each step, where they are not
+            the stepped batch's own (TAG's): rows no step trains on, so Z reads how task i's step moves task
+            j's *held-out* loss. Every task with held-out rows (a loss above 0) is a column then.
 
-    Costs one forward with its graph, one backward per present task and one forward per present task.
+    Costs one forward with its graph, one backward per present task and one forward per present task
+    (with ``held_out``, one more forward).
 
     Example (one shared weight w = 0.5; L_a = (w - 1)², L_b = (2w)²; lr 0.1: a's step moves w to 0.6)::
 
@@ -86,6 +91,10 @@ def lookahead(
     nan = torch.full((k, k), math.nan)
     affinity, flat = nan.clone(), []
     tasks = [i for i in range(k) if bool(present[i])]
+    measure_on = held_out or losses_at
+    with torch.no_grad():
+        base = held_out({}) if held_out is not None else losses.detach()
+    columns = tasks if held_out is None else [j for j in range(k) if float(base[j]) > 0]  # 0: no rows
     for i in tasks:
         grads = torch.autograd.grad(losses[i], params, retain_graph=i != tasks[-1], allow_unused=True)
         grads = [
@@ -96,9 +105,8 @@ def lookahead(
         with torch.no_grad():
             step = grads if direction is None else [direction(n, g) for n, g in zip(names, grads)]
             moved = {n: p.detach() - lr * d for n, p, d in zip(names, params, step)}
-            after = losses_at(moved)
-        base = losses.detach()
-        for j in tasks:
+            after = measure_on(moved)
+        for j in columns:
             affinity[i, j] = float(1.0 - after[j] / base[j])
     cosine = nan.clone()
     if flat:

@@ -48,6 +48,27 @@ def test_lookahead_on_a_tiny_model_matches_the_hand_computed_values():
     assert m.w.item() == 0.5 and m.h.item() == 0.0  # the lookahead leaves the model as it was
 
 
+def test_lookahead_measured_on_held_out_losses_matches_the_hand_computed_values():
+    """The steps are the batch's (as above); Z is read on held-out losses L'_a = (w - 2)^2, L'_b = (3w)^2,
+    and a task without held-out rows (loss 0) gets a NaN column."""
+    m = _Tiny()
+
+    def losses_at(p):  # a third task without rows in the batch either
+        two = torch.func.functional_call(m, dict(p), ()) if p else m()
+        return torch.cat([two, torch.zeros(1)])
+
+    def held_out(p):
+        w = p.get("w", m.w)
+        return torch.stack([(w - 2) ** 2, (3 * w) ** 2, torch.zeros(())])
+
+    res = lookahead(losses_at, {"w": m.w}, 0.1, torch.tensor([True, True, False]), held_out=held_out)
+    # At w = 0.5: L'_a = 2.25, L'_b = 2.25. a's step -> w = 0.6: L'_a = 1.96, L'_b = 3.24.
+    # b's step -> w = 0.1: L'_a = 3.61, L'_b = 0.09.
+    expected = torch.tensor([[1 - 1.96 / 2.25, 1 - 3.24 / 2.25], [1 - 3.61 / 2.25, 1 - 0.09 / 2.25]])
+    assert torch.allclose(res.affinity[:2, :2], expected, atol=1e-5)
+    assert res.affinity[:, 2].isnan().all() and res.affinity[2].isnan().all()
+
+
 def test_an_absent_task_gets_nan_and_no_lookahead():
     m = _Tiny()
     calls = []
@@ -222,9 +243,47 @@ def test_a_task_whose_own_step_does_not_help_has_no_normalised_column():
     assert math.isnan(a[0, 0]) and math.isnan(a[1, 0]) and a[0, 1].item() == pytest.approx(0.5)
 
 
+def test_probe_and_a_lookahead_measured_on_it(toy_features):
+    """make_probe: validation rows, N per task (a softmax task's half positives); ranker_lookahead with it
+    steps on the batch and reads the probe's losses, as an explicit step on a copy does."""
+    from unirec.advise import make_probe
+
+    model, batch = _toy_model(toy_features)
+    spec = FeatureSpec.load(toy_features / "feature_spec.json")
+    k = len(model.task_names)
+    obj = _objective(model, spec, ["softmax"] + ["bce"] * (k - 1))
+    probe = make_probe(toy_features, spec, model, obj, 40, 3, torch.device("cpu"))
+    counts = torch.bincount(probe.head, minlength=k)
+    assert (counts > 0).all() and (counts <= 40).all()
+    first = probe.head == 0
+    assert 0 < int(probe.batch.label[first].gt(0).sum()) <= 20
+    again = make_probe(toy_features, spec, model, obj, 40, 3, torch.device("cpu"))
+    assert torch.equal(again.batch.label, probe.batch.label) and torch.equal(again.head, probe.head)
+    lr, step = 0.05, 7
+    got = ranker_lookahead(model, obj, batch, lr, step=step, probe=probe)
+    head = model.head_index(batch.task_type)
+    pools = obj.pools(batch, head, torch.Generator().manual_seed(step))
+
+    def losses(m, b, h, ps):
+        logits, pairs, full = obj.forward_logits(m, b, ps)
+        return task_mean(*obj.row_losses(b, h, logits, ps, pairs, full), h, k)[0]
+
+    base = losses(model, probe.batch, probe.head, probe.pools).detach()
+    for i in range(k):
+        ref = copy.deepcopy(model)
+        losses(ref, batch, head, pools)[i].backward()
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if not n.startswith("heads.") and p.grad is not None:
+                    p -= lr * p.grad
+            after = losses(ref, probe.batch, probe.head, probe.pools)
+        assert torch.allclose(got.affinity[i], (1 - after / base).float(), atol=1e-5, rtol=1e-4), i
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
+        (["advise.probe_rows=-1"], "advise.probe_rows must be >= 0"),
         (["advise.fraction=0"], "advise.fraction must be in"),
         (["advise.measure_every=0"], "advise.measure_every must be >= 1"),
         (["advise.skip_steps=15"], "raise advise.fraction or lower advise.skip_steps"),

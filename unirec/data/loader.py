@@ -74,7 +74,7 @@ class TaskStream:
             parts.append({c: v[self._pos : self._pos + k] for c, v in self._buf.items()})
             self._pos += k
             n -= k
-        return parts[0] if len(parts) == 1 else _concat(parts)
+        return parts[0] if len(parts) == 1 else concat_arrays(parts)
 
     def state(self) -> dict:
         return {
@@ -109,7 +109,7 @@ class TaskStream:
         self._pos = 0
 
     def _shuffled(self, units: List[int]) -> Arrays:
-        buf = _concat([self._read(u) for u in units])
+        buf = concat_arrays([self._read(u) for u in units])
         return {c: v[perm] for perm in [self.rng.permutation(_len(buf))] for c, v in buf.items()}
 
     def _read(self, unit: int) -> Arrays:
@@ -219,7 +219,7 @@ class MixedLoader:
         parts = [self.streams[t].take(int(k)) for t, k in zip(self.names, counts) if k > 0]
         if self.cfg.resident:
             return {c: torch.cat([p[c] for p in parts]) for c in parts[0]}
-        return _concat(parts)
+        return concat_arrays(parts)
 
     def next_batch(self) -> Batch:
         """The next batch with the model's dtypes already applied (int64 ids, float masks) and any borrowed
@@ -293,5 +293,6 @@ def _len(cols: Arrays) -> int:
     return len(next(iter(cols.values())))
 
 
-def _concat(parts: Sequence[Arrays]) -> Arrays:
+def concat_arrays(parts: Sequence[Arrays]) -> Arrays:
+    """Rows of several reads (tasks) with the same columns -> one set of columns."""
     return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
