@@ -101,6 +101,10 @@ def make_probe(
         if k in objective.sampled:
             label = table["label"].to_numpy()
             pos, other = np.flatnonzero(label > 0), np.flatnonzero(label <= 0)
+            if len(pos) == 0:
+                raise ValueError(
+                    f"advise.probe_rows: task {t!r} has no positive validation row under {features}"
+                )
             pos = rng.choice(pos, min(len(pos), rows // 2), replace=False)
             take = np.concatenate([pos, rng.choice(other, min(len(other), rows - len(pos)), replace=False)])
         else:
@@ -404,6 +408,7 @@ def run(cfg: Config, out_dir: Path, features: Optional[Path] = None) -> Dict:
         full_run_steps=cfg.trainer.max_steps,
         fraction=cfg.advise.fraction,
         lookahead_lr=cfg.advise.lookahead_lr or cfg.optim.lr,
+        probe_rows=cfg.advise.probe_rows,
         seconds={"prepare": round(t1 - t0, 2), "advise": round(t2 - t1, 2), "total": round(t2 - t0, 2)},
         features=str(features),
         command=" ".join(["python -m unirec.advise", *sys.argv[1:]]),
