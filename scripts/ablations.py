@@ -27,9 +27,9 @@ Usage::
         --set loss.negatives=64 model.tower_layers=1 model.transitions=true   # the MovieLens recipe
 
 Finished runs are reused (``--work``, default ``runs/ablations``; a run whose settings changed trains
-again), so an interrupted report resumes; ``--fresh`` starts over. ``--jobs 2`` trains two runs at a time,
-one thread each (each run is locked, so a process started by hand with the same arguments plus
-``--helper`` joins in too).
+again), so an interrupted report resumes; ``--fresh`` starts over. ``--jobs N`` trains N runs at a time,
+each process with ``cpu_count // N`` torch threads (each run is locked, so a process started by hand with
+the same arguments plus ``--helper`` joins in too; a helper ignores ``--fresh``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from unirec.experiments.ablations import (
     suites,
 )
 from unirec.experiments.ablations_md import chosen_default_section, write_markdown
-from unirec.experiments.runs import start_helpers, wait_helpers
+from unirec.experiments.runs import helpers
 from unirec.experiments.suites import SIZES
 
 # -------------------------------------------------------------------------------------------------- main
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="training processes sharing the machine's cores, one single-threaded run per core "
+                    help="training processes sharing the machine's cores, cpu_count // N torch threads each "
                          "(each run is locked; helpers take the free runs and the first process writes the report)")  # fmt: skip
     ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs helper process
     ap.add_argument("--quick", action="store_true", help="tiny synthetic data, 1 epoch, 1 seed (the test)")
@@ -94,32 +94,31 @@ def main(argv=None) -> None:
         ap.error(str(e))
     if "ml100k" in args.suites and not args.raw_dir and not args.render:
         ap.error("suite ml100k needs --raw-dir (python scripts/fetch_movielens.py data/ml-100k)")
-    if args.fresh and not args.render and Path(args.work).exists():
+    if args.fresh and not (args.render or args.helper) and Path(args.work).exists():  # a helper never
         shutil.rmtree(args.work)
     t0 = time.perf_counter()
     all_suites = suites(args)
     done: List[Tuple[str, Dict]] = []
     # every suite's variants are checked before any training, so a missing option fails at once
     ready = {} if args.render else {n: setup_suite(all_suites[n], variants, args) for n in args.suites}
-    helpers = [] if args.render or args.helper else start_helpers(__file__, args, argv)
-    for name in args.suites:
-        out = Path(args.out) / OUT_DIRS[name]
-        if args.render:
-            res = json.loads((out / "ablations.json").read_text())
-        else:
-            res = run_suite(all_suites[name], variants, *ready[name], args)
-            if res is None:  # a --jobs helper
-                continue
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "ablations.json").write_text(json.dumps(res, indent=2))
-        kept = chosen_default_section(out / "ablations.md")
-        write_markdown(res, out / "ablations.md")
-        if kept:  # the maintainers' decision is prose, not data: a regenerated report keeps it
-            with (out / "ablations.md").open("a") as f:
-                f.write("\n" + kept)
-        print(f"wrote {out / 'ablations.md'}", flush=True)
-        done.append((name, res["recommended"]))
-    wait_helpers(helpers)
+    with helpers(__file__, args, argv, start=not (args.render or args.helper)):
+        for name in args.suites:
+            out = Path(args.out) / OUT_DIRS[name]
+            if args.render:
+                res = json.loads((out / "ablations.json").read_text())
+            else:
+                res = run_suite(all_suites[name], variants, *ready[name], args)
+                if res is None:  # a --jobs helper
+                    continue
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "ablations.json").write_text(json.dumps(res, indent=2))
+            kept = chosen_default_section(out / "ablations.md")
+            write_markdown(res, out / "ablations.md")
+            if kept:  # the maintainers' decision is prose, not data: a regenerated report keeps it
+                with (out / "ablations.md").open("a") as f:
+                    f.write("\n" + kept)
+            print(f"wrote {out / 'ablations.md'}", flush=True)
+            done.append((name, res["recommended"]))
     for name, rec in done:
         print(f"{name}: recommended default {rec['name']}"
               + (f": {rec['overrides']}" if rec["overrides"] else " (no override: keep the core default)")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from unirec.experiments.consolidation import parser, run_suite
 from unirec.experiments.consolidation_md import write_chart, write_markdown
-from unirec.experiments.runs import start_helpers, wait_helpers
+from unirec.experiments.runs import helpers
 from unirec.experiments.suites import SYNTHETIC, relatedness, suite_dir, suites
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.seeds < 2:
         ap.error("--seeds must be at least 2 (the report gives mean ± std)")
-    if args.fresh and Path(args.work).exists():
+    if args.fresh and not args.helper and Path(args.work).exists():  # a helper never: the runs started
         shutil.rmtree(args.work)
     try:  # "synthetic-1" names the suite synthetic-1.0
         args.suites = [SYNTHETIC + relatedness(n[len(SYNTHETIC) :]) if n.startswith(SYNTHETIC) else n
@@ -67,22 +67,21 @@ def main(argv=None) -> None:
     if "ml100k" in args.suites and not args.raw_dir and not args.render:
         ap.error("suite ml100k needs --raw-dir (python scripts/fetch_movielens.py data/ml-100k)")
     t0 = time.perf_counter()
-    helpers = [] if args.render or args.helper else start_helpers(__file__, args, argv)
-    for name in args.suites:
-        suite = all_suites[name]
-        out = Path(args.out) / suite_dir(name)
-        if args.render:
-            res = json.loads((out / "consolidation.json").read_text())
-        else:
-            res = run_suite(suite, args)
-            if res is None:  # --only-seeds, or a --jobs helper
-                continue
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "consolidation.json").write_text(json.dumps(res, indent=2, sort_keys=True))
-        write_markdown(res, suite, out / "consolidation.md")
-        write_chart(res, suite, out / "consolidation.png")
-        print(f"wrote {out / 'consolidation.md'}", flush=True)
-    wait_helpers(helpers)
+    with helpers(__file__, args, argv, start=not (args.render or args.helper)):
+        for name in args.suites:
+            suite = all_suites[name]
+            out = Path(args.out) / suite_dir(name)
+            if args.render:
+                res = json.loads((out / "consolidation.json").read_text())
+            else:
+                res = run_suite(suite, args)
+                if res is None:  # --only-seeds, or a --jobs helper
+                    continue
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "consolidation.json").write_text(json.dumps(res, indent=2, sort_keys=True))
+            write_markdown(res, suite, out / "consolidation.md")
+            write_chart(res, suite, out / "consolidation.png")
+            print(f"wrote {out / 'consolidation.md'}", flush=True)
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min")
 
 

@@ -2,7 +2,8 @@
 
 Takes the same Hydra overrides as ``python -m unirec.train``. It trains the unified model for the first
 ``advise.fraction`` of ``trainer.max_steps`` (the full run's own schedule, loader and step), and every
-``advise.measure_every`` steps measures, before that step and on its batch, for every pair of tasks:
+``advise.measure_every`` steps measures, before that step and on its batch (the losses read on that batch,
+or with ``advise.probe_rows`` on a fixed probe of validation rows), for every pair of tasks:
 
 - the lookahead affinity Z_{i→j} of TAG (Fifty et al., NeurIPS 2021) at the shared parameters (everything
   but the task heads), see :mod:`unirec.affinity`, under the run's own objective (a softmax task's
@@ -52,8 +53,8 @@ from unirec.affinity import (
     normalised,
 )
 from unirec.config import Config, conf_dir, register_configs, to_object
-from unirec.data.batch import CANDIDATE, Batch, table_to_arrays, to_batch
-from unirec.data.loader import concat_arrays, shard_files
+from unirec.data.batch import CANDIDATE, Batch, concat_arrays, table_to_arrays, to_batch
+from unirec.data.loader import shard_files
 from unirec.data.prepare import prepare
 from unirec.losses import Objective, task_mean
 from unirec.model import MultiTaskRanker
@@ -97,13 +98,16 @@ def make_probe(
     for k, t in enumerate(module.task_names):
         table = pq.read_table(shard_files(features, "valid", t))
         if table.num_rows == 0:
-            raise ValueError(f"advise.probe_rows: task {t!r} has no validation rows under {features}")
+            raise ValueError(
+                f"advise.probe_rows: task {t!r} has no validation rows under {features}; set advise.probe_rows=0"
+            )
         if k in objective.sampled:
             label = table["label"].to_numpy()
             pos, other = np.flatnonzero(label > 0), np.flatnonzero(label <= 0)
             if len(pos) == 0:
                 raise ValueError(
-                    f"advise.probe_rows: task {t!r} has no positive validation row under {features}"
+                    f"advise.probe_rows: task {t!r} has no positive validation row under {features}; "
+                    "set advise.probe_rows=0"
                 )
             pos = rng.choice(pos, min(len(pos), rows // 2), replace=False)
             take = np.concatenate([pos, rng.choice(other, min(len(other), rows - len(pos)), replace=False)])
@@ -112,19 +116,20 @@ def make_probe(
         parts.append(table_to_arrays(table.take(np.sort(take))))
     batch = to_batch(concat_arrays(parts), spec).to(device)
     head = module.head_index(batch.task_type)
-    pools = objective.pools(batch, head, torch.Generator().manual_seed(seed)) if objective.sampled else []
-    return Probe(batch, head, pools)
+    return Probe(batch, head, objective.pools(batch, head, torch.Generator().manual_seed(seed)))
 
 
 def _losses_at(module: MultiTaskRanker, objective: Objective, batch: Batch, head, pools):
-    """The :data:`unirec.affinity.LossesAt` of one batch under the run's objective."""
+    """The :data:`unirec.affinity.LossesAt` of one batch under the run's objective (NaN for a task without
+    rows that carry a loss there)."""
     k = len(module.task_names)
 
     def losses_at(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         call = (lambda *a: torch.func.functional_call(module, dict(params), a)) if params else module
         logits, pairs, full = objective.forward_logits(call, batch, pools)
         per_row, weight = objective.row_losses(batch, head, logits, pools, pairs, full)
-        return task_mean(per_row, weight, head, k)[0]
+        losses, rows = task_mean(per_row, weight, head, k)
+        return losses.where(rows > 0, math.nan)  # a task without rows here: NaN, not a loss of 0
 
     return losses_at
 
@@ -225,7 +230,8 @@ def check_advise(cfg: Config) -> None:
 
 def measure(cfg: Config, tr: Training, features: Path) -> AffinityLog:
     """The short joint run: train_step on every step; after :func:`skip_steps`, a lookahead measurement
-    before every ``advise.measure_every``-th one, on its batch."""
+    before every ``advise.measure_every``-th one, stepped on its batch (read there, or on the probe of
+    ``advise.probe_rows`` validation rows per task, :func:`make_probe`)."""
     steps, every, skip = advise_steps(cfg), cfg.advise.measure_every, skip_steps(cfg)
     lr = cfg.advise.lookahead_lr or cfg.optim.lr
     direction = (

@@ -27,7 +27,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 
 LossesAt = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
-"""Parameter name -> replacement tensor (``{}``: the model's own) -> the [K] per-task losses of one batch."""
+"""Parameter name -> replacement tensor (``{}``: the model's own) -> the [K] per-task losses of one batch
+(NaN, or anything, for a task without rows there: it is read only where the task is present)."""
 
 Direction = Callable[[str, torch.Tensor], torch.Tensor]
 """Parameter name, a task's (dense) gradient there -> the lookahead's update direction, stepped as
@@ -39,9 +40,12 @@ class Lookahead:
     """One batch's measurement.
 
     Shapes (K tasks):
-        affinity: [K, K], ``affinity[i, j] = Z_{i→j}``; NaN in the rows and columns of absent tasks.
-        cosine: [K, K] cosine of the tasks' gradients at the shared parameters; NaN likewise.
-        present: [K] bool, the task had rows in the batch.
+        affinity: [K, K], ``affinity[i, j] = Z_{i→j}``; NaN in the rows of tasks absent from the stepped
+            batch and in the columns of tasks absent from what Z is read on (the batch, or the held-out
+            rows).
+        cosine: [K, K] cosine of the tasks' gradients at the shared parameters; NaN in the rows and columns
+            of tasks absent from the stepped batch.
+        present: [K] bool, the task had rows in the stepped batch.
     """
 
     affinity: torch.Tensor
@@ -57,7 +61,8 @@ def lookahead(
     direction: Optional[Direction] = None,
     held_out: Optional[LossesAt] = None,
 ) -> Lookahead:
-    """Z_{i→j} and gradient cosines for every ordered pair of the tasks present in one batch.
+    """Z_{i→j} and gradient cosines: a step for every task present in one batch, Z read on every task
+    present there (or in ``held_out``).
 
     Args:
         losses_at: the batch's per-task losses with some parameters replaced (see :data:`LossesAt`).
@@ -68,7 +73,8 @@ def lookahead(
             The cosines are always those of the raw gradients.
         held_out: the per-task losses Z is measured on, before and after each step, where they are not
             the stepped batch's own (TAG's): rows no step trains on, so Z reads how task i's step moves task
-            j's *held-out* loss. Every task with held-out rows (a loss above 0) is a column then.
+            j's *held-out* loss. Its tasks without rows (a NaN loss, as :data:`LossesAt` gives) get NaN
+            columns.
 
     Costs one forward with its graph, one backward per present task and one forward per present task
     (with ``held_out``, one more forward).
@@ -94,7 +100,7 @@ def lookahead(
     measure_on = held_out or losses_at
     with torch.no_grad():
         base = held_out({}) if held_out is not None else losses.detach()
-    columns = tasks if held_out is None else [j for j in range(k) if float(base[j]) > 0]  # 0: no rows
+    columns = tasks if held_out is None else [j for j in range(k) if float(base[j]) > 0]  # NaN: no rows
     for i in tasks:
         grads = torch.autograd.grad(losses[i], params, retain_graph=i != tasks[-1], allow_unused=True)
         grads = [
@@ -127,14 +133,17 @@ class AffinityLog:
         self.z = torch.zeros(k, k, dtype=torch.float64)
         self.cos = torch.zeros(k, k, dtype=torch.float64)
         self.n = torch.zeros(k, k, dtype=torch.float64)
+        self.n_cos = torch.zeros(k, k, dtype=torch.float64)
+        """Counted apart from ``n``: with held-out rows, Z has columns for tasks the batch lacks."""
         self.steps: List[torch.Tensor] = []
         """Each measurement's affinity [K, K], for the spread of the per-task benefit."""
 
     def add(self, m: Lookahead) -> None:
-        ok = ~torch.isnan(m.affinity)
+        ok, ok_cos = ~torch.isnan(m.affinity), ~torch.isnan(m.cosine)
         self.z += torch.where(ok, m.affinity, 0.0).double()
-        self.cos += torch.where(ok, m.cosine, 0.0).double()
+        self.cos += torch.where(ok_cos, m.cosine, 0.0).double()
         self.n += ok.double()
+        self.n_cos += ok_cos.double()
         self.steps.append(m.affinity.double())
 
     def mean_affinity(self) -> torch.Tensor:
@@ -142,7 +151,8 @@ class AffinityLog:
         return self.z / self.n.where(self.n > 0, math.nan)
 
     def mean_cosine(self) -> torch.Tensor:
-        return self.cos / self.n.where(self.n > 0, math.nan)
+        """[K, K] gradient cosine averaged over the steps where both tasks were in the batch."""
+        return self.cos / self.n_cos.where(self.n_cos > 0, math.nan)
 
 
 def normalised(z: torch.Tensor) -> torch.Tensor:

@@ -448,8 +448,8 @@ class AdviseConfig:
     """Step size of the lookahead at the shared parameters; null: optim.lr."""
     probe_rows: int = 0
     """0: each lookahead's losses, before and after the step, are those of the batch the step is taken on
-    (TAG). N > 0: they are those of a fixed probe of validation rows, N per task (a softmax or BPR task's:
-    up to N/2 positives and as many other rows for their negatives), drawn once with the run's seed, so the
+    (TAG). N >= 2: they are those of a fixed probe of validation rows, N per task (a softmax or BPR task's:
+    up to N/2 positives, the rest other rows for their negatives), drawn once with the run's seed, so the
     affinity reads how a step on one task moves another's held-out loss: the transfer a unified model's test
     figures show, not its fit to the batch. Costs one more forward of the probe per measurement."""
     max_group_tasks: int = 6
@@ -460,8 +460,11 @@ class AdviseConfig:
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ValueError(f"advise.fraction must be in (0, 1], got {self.fraction}")
-        if self.probe_rows < 0:
-            raise ValueError(f"advise.probe_rows must be >= 0, got {self.probe_rows}")
+        if self.probe_rows < 0 or self.probe_rows == 1:
+            raise ValueError(
+                f"advise.probe_rows must be 0 (off) or >= 2 (a sampled task needs a positive and a negative), "
+                f"got {self.probe_rows}"
+            )
         for key in ("measure_every", "max_group_tasks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"advise.{key} must be >= 1, got {getattr(self, key)}")

@@ -112,7 +112,7 @@ def test_quick_ablations_report(tmp_path):
     trained = [
         ln for ln in (proc.stdout + helper).splitlines() if " seed 0: train " in ln and "(reused)" not in ln
     ]
-    assert "helper done" in helper and any(ln in helper for ln in trained), helper
+    assert "helper done" in helper, helper  # how many runs it took depends on timing: no more asserted
     names = [(ln[1:].split()[0], ln.split("]", 1)[1].split()[0]) for ln in trained]  # (suite, variant)
     assert sorted(names) == sorted(set(names)), "a run trained twice: " + "\n".join(trained)
     for suite in ("ml100k", "synthetic"):

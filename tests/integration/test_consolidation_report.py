@@ -93,35 +93,3 @@ def test_the_run_lock_keeps_two_processes_off_one_run(tmp_path):
     assert first.wait(timeout=60) == 0 and second.returncode == 0
     assert order.read_text().split("\n")[:4] == ["a in", "a out", "b in", "b out"]
     assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60).returncode == 3  # free now
-
-
-def test_helpers_get_the_command_less_fresh_and_a_share_of_the_cores(tmp_path, monkeypatch):
-    """``--jobs``: a helper reruns the script with ``--helper``, never ``--fresh`` (emptying the work
-    directory again would delete the runs the first process has started), and one thread per share; a
-    helper that fails stops the report, naming its log."""
-    from argparse import Namespace
-
-    import torch
-
-    from unirec.experiments.runs import start_helpers, wait_helpers
-
-    script = tmp_path / "script.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "open(os.path.join(sys.argv[1], 'argv.json'), 'w').write(json.dumps([sys.argv[1:], os.environ['OMP_NUM_THREADS']]))\n"
-        "sys.exit(5 if '--fail' in sys.argv else 0)\n"
-    )
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
-    threads = torch.get_num_threads()
-    try:
-        work = str(tmp_path)
-        helpers = start_helpers(str(script), Namespace(jobs=2, work=work), [work, "--fresh", "--seeds", "2"])
-        wait_helpers(helpers)
-        assert json.loads((tmp_path / "argv.json").read_text()) == [[work, "--seeds", "2", "--helper"], "2"]
-        assert torch.get_num_threads() == 2
-        failing = start_helpers(str(script), Namespace(jobs=2, work=work), [work, "--fail"])
-        with pytest.raises(SystemExit, match="helper-1.log"):
-            wait_helpers(failing)
-        assert start_helpers(str(script), Namespace(jobs=1, work=work), [work]) == []
-    finally:
-        torch.set_num_threads(threads)

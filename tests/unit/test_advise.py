@@ -50,16 +50,16 @@ def test_lookahead_on_a_tiny_model_matches_the_hand_computed_values():
 
 def test_lookahead_measured_on_held_out_losses_matches_the_hand_computed_values():
     """The steps are the batch's (as above); Z is read on held-out losses L'_a = (w - 2)^2, L'_b = (3w)^2,
-    and a task without held-out rows (loss 0) gets a NaN column."""
+    and a task without held-out rows (NaN loss) gets a NaN column."""
     m = _Tiny()
 
     def losses_at(p):  # a third task without rows in the batch either
         two = torch.func.functional_call(m, dict(p), ()) if p else m()
         return torch.cat([two, torch.zeros(1)])
 
-    def held_out(p):
+    def held_out(p):  # the third task has no held-out rows either: NaN, as LossesAt says
         w = p.get("w", m.w)
-        return torch.stack([(w - 2) ** 2, (3 * w) ** 2, torch.zeros(())])
+        return torch.stack([(w - 2) ** 2, (3 * w) ** 2, torch.tensor(math.nan)])
 
     res = lookahead(losses_at, {"w": m.w}, 0.1, torch.tensor([True, True, False]), held_out=held_out)
     # At w = 0.5: L'_a = 2.25, L'_b = 2.25. a's step -> w = 0.6: L'_a = 1.96, L'_b = 3.24.
@@ -67,6 +67,20 @@ def test_lookahead_measured_on_held_out_losses_matches_the_hand_computed_values(
     expected = torch.tensor([[1 - 1.96 / 2.25, 1 - 3.24 / 2.25], [1 - 3.61 / 2.25, 1 - 0.09 / 2.25]])
     assert torch.allclose(res.affinity[:2, :2], expected, atol=1e-5)
     assert res.affinity[:, 2].isnan().all() and res.affinity[2].isnan().all()
+
+
+def test_a_task_the_batch_lacks_but_the_held_out_rows_have_keeps_its_cosines():
+    """With held-out rows, Z has a column for a task absent from the stepped batch while its cosines are
+    NaN for that step: the cosine mean counts its own steps, so one such step does not void the pair."""
+    log = AffinityLog(2)
+    nan = math.nan
+    log.add(Lookahead(torch.tensor([[0.5, 0.1], [nan, nan]]), torch.tensor([[1.0, nan], [nan, nan]]),
+                      torch.tensor([True, False])))  # fmt: skip
+    log.add(Lookahead(torch.tensor([[0.3, 0.3], [0.2, 0.4]]), torch.tensor([[1.0, 0.5], [0.5, 1.0]]),
+                      torch.tensor([True, True])))  # fmt: skip
+    assert log.mean_cosine()[0, 1].item() == pytest.approx(0.5)
+    assert log.mean_affinity()[0, 1].item() == pytest.approx(0.2)  # both steps read task 1
+    assert log.mean_affinity()[1, 0].item() == pytest.approx(0.2)  # one step stepped task 1
 
 
 def test_an_absent_task_gets_nan_and_no_lookahead():
@@ -283,7 +297,7 @@ def test_probe_and_a_lookahead_measured_on_it(toy_features):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["advise.probe_rows=-1"], "advise.probe_rows must be >= 0"),
+        (["advise.probe_rows=1"], r"advise.probe_rows must be 0 \(off\) or >= 2"),
         (["advise.fraction=0"], "advise.fraction must be in"),
         (["advise.measure_every=0"], "advise.measure_every must be >= 1"),
         (["advise.skip_steps=15"], "raise advise.fraction or lower advise.skip_steps"),

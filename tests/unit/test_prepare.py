@@ -42,6 +42,30 @@ def test_a_shrunk_raw_log_is_prepared_anew_not_served_stale(raw: Path, tmp_path:
     assert _labeled_rows(second, "home") < _labeled_rows(first, "home")
 
 
+def test_a_preparation_finished_by_another_process_meanwhile_is_kept_and_used(
+    raw: Path, tmp_path: Path, monkeypatch
+):
+    """Two processes preparing one data set: the second to finish keeps the first's directory whole (a
+    process may be training on it) and returns it."""
+    import unirec.data.prepare as prep
+
+    cfg = _raw_cfg(raw, tmp_path / "cache")
+    final = tmp_path / "cache" / f"{cfg.data.name}-{dataset_key(cfg.data, cfg.task, cfg.seed)}"
+    real = prep.build
+
+    def build_while_another_finishes(raw_dir, out, *a, **kw):
+        res = real(raw_dir, out, *a, **kw)
+        shutil.copytree(out, final)  # the other process's complete result lands first
+        (final / prep.SUCCESS).write_text("other")
+        (final / "in-use").write_text("")
+        return res
+
+    monkeypatch.setattr(prep, "build", build_while_another_finishes)
+    features = prepare(cfg.data, cfg.task, cfg.seed)
+    assert features == final / "features" and (final / "in-use").exists()
+    assert not [p for p in final.parent.iterdir() if p.name.startswith(".")]  # this one's copy removed
+
+
 def test_the_movielens_key_follows_its_source_files(tmp_path: Path):
     src = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "ml100k" / "grouplens", tmp_path / "ml"))
     cfg = compose(["data=movielens", f"data.raw_dir={src}"])

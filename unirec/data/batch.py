@@ -134,6 +134,11 @@ def table_to_arrays(table: pa.Table) -> Arrays:
     return {name: column_array(table[name]) for name in table.column_names}
 
 
+def concat_arrays(parts: Sequence[Arrays]) -> Arrays:
+    """Rows of several reads (tasks) with the same columns -> one set of columns."""
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
 def column_tensor(arr: pa.Array) -> torch.Tensor:
     """Featurized column -> a writable tensor with the dtypes training uses (see :func:`widen`)."""
     return widen(torch.from_numpy(np.array(column_array(arr))))  # a copy: Arrow buffers are read-only

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from unirec.config import LoaderConfig, MixStrategy
-from unirec.data.batch import Arrays, Batch, table_to_arrays, to_batch
+from unirec.data.batch import Arrays, Batch, concat_arrays, table_to_arrays, to_batch
 from unirec.data.borrowing import Borrowing
 from unirec.schema import FeatureSpec
 
@@ -291,8 +291,3 @@ def _prefetched(make, depth: int) -> Iterator[Batch]:
 
 def _len(cols: Arrays) -> int:
     return len(next(iter(cols.values())))
-
-
-def concat_arrays(parts: Sequence[Arrays]) -> Arrays:
-    """Rows of several reads (tasks) with the same columns -> one set of columns."""
-    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}

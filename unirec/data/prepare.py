@@ -134,12 +134,14 @@ def prepare(data: DataConfig, tasks: Mapping[str, TaskConfig], seed: int, force:
         raw_dir = _raw_dir(data, tmp, seed)
         build(raw_dir, tmp, data, tasks, seed)
         (tmp / SUCCESS).write_text(key)
-        if (final / SUCCESS).exists() and not force:
-            log.info("another process prepared %s meanwhile; using it", final)
-        else:
-            if final.exists():
-                shutil.rmtree(final)
+        if force and final.exists():
+            shutil.rmtree(final)
+        try:  # atomic; a directory another process put there meanwhile (complete: it renamed it whole) stays
             os.replace(tmp, final)
+        except OSError:
+            if not (final / SUCCESS).exists():
+                raise
+            log.info("another process prepared %s meanwhile; using it", final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

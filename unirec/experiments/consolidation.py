@@ -262,8 +262,9 @@ def parser(description: str = "The consolidation report.") -> argparse.ArgumentP
         "--jobs",
         type=int,
         default=1,
-        help="training processes sharing the machine's cores (each run is locked; every process takes the free "
-        "runs longest first): one single-threaded run per core beats one run on every core for these small models",
+        help="training processes sharing the machine's cores, cpu_count // N torch threads each (each run is "
+        "locked; every process takes the free runs longest first): one single-threaded run per core beats one run "
+        "on every core for these small models",
     )
     ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs helper process
     ap.add_argument(

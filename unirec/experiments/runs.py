@@ -55,8 +55,8 @@ def train(
 
 def start_helpers(script: str, args, argv) -> list:
     """``--jobs N``: N-1 helper processes of ``script`` with the same arguments plus ``--helper``, every
-    process (this one too) with an equal share of the cores as torch threads. Returns (process, log path)
-    pairs for :func:`wait_helpers`; the logs lie in ``args.work``."""
+    process (this one too) with ``cpu_count // N`` torch threads. Returns (process, log path) pairs for
+    :func:`wait_helpers`; the logs lie in ``args.work``."""
     if args.jobs <= 1:
         return []
     import os
@@ -66,8 +66,8 @@ def start_helpers(script: str, args, argv) -> list:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     torch.set_num_threads(threads)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    # Not --fresh: this process has emptied the work directory already; a helper doing it again would
-    # delete the runs this one has started meanwhile.
+    # Not --fresh (the scripts also ignore it in a helper): this process has emptied the work directory
+    # already; a helper doing it again would delete the runs this one has started meanwhile.
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--fresh"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = []
@@ -81,9 +81,25 @@ def start_helpers(script: str, args, argv) -> list:
     return out
 
 
-def wait_helpers(helpers) -> None:
+@contextlib.contextmanager
+def helpers(script: str, args, argv, start: bool = True):
+    """:func:`start_helpers` around the first process's work: on leaving, waits for them (exits naming the
+    log of one that failed); if that work raised, stops them instead, so none trains on unattended."""
+    procs = start_helpers(script, args, argv) if start else []
+    try:
+        yield procs
+    except BaseException:
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            proc.wait()
+        raise
+    wait_helpers(procs)
+
+
+def wait_helpers(procs) -> None:
     """Wait for the processes of :func:`start_helpers`; exits naming the log of one that failed."""
-    for proc, path in helpers:
+    for proc, path in procs:
         if proc.wait() != 0:
             sys.exit(f"a --jobs helper failed (exit {proc.returncode}); its log: {path}")
 
