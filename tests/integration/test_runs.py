@@ -4,7 +4,6 @@ happens to them when the first process fails."""
 from __future__ import annotations
 
 import json
-import time
 from argparse import Namespace
 
 import pytest
@@ -51,10 +50,9 @@ def test_a_failing_first_process_stops_its_helpers(tmp_path):
             with helpers(str(script), args, ["60"]) as procs:
                 raise RuntimeError("a run failed")
         assert procs[0][0].poll() is not None  # stopped, not left sleeping
-        t0 = time.perf_counter()
         with helpers(str(script), args, ["0.5"]) as procs:
             pass
-        assert procs[0][0].returncode == 0 and time.perf_counter() - t0 >= 0.5  # waited for it
+        assert procs[0][0].returncode == 0  # set by the wait on leaving (None while it runs)
         with helpers(str(script), args, ["60"], start=False) as procs:
             assert procs == []
     finally:
