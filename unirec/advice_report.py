@@ -15,6 +15,10 @@ def _cell(v: Optional[float], fmt: str = "+.3f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _sign(a: Dict) -> str:
+    return "n/a" if a.get("helps") is None else "gains" if a["helps"] else "loses"
+
+
 def matrix_table(m: Matrix, names: List[str], fmt: str = "+.3f") -> List[str]:
     """A markdown table, rows = the task whose step it is (i), columns = the task it acts on (j)."""
     lines = ["| i \\ j | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -47,16 +51,20 @@ def write_markdown(adv: Dict, path: Path) -> None:
         "gains / loses: two standard errors clear of 0; unclear: not. Predicted relative lift = the benefit "
         "times the task's headroom (1 − m) / m, m its validation "
         f"{adv.get('headroom_metric', 'metric')} at the end of the short run: it orders the tasks by how much "
-        "they stand to gain.",
+        "they stand to gain. Alignment = the mean linear CKA of the task's gradients at its candidates' embedding "
+        "table with the other tasks' there (summed over the measured steps); sign = loses where it is below "
+        f"advise.min_alignment={adv.get('min_alignment')} or the verdict is loses, else gains.",
         "",
-        "| task | predicted benefit | verdict | short-run metric | predicted relative lift | recommendation |",
-        "|---|---|---|---|---|---|",
+        "| task | predicted benefit | verdict | alignment | sign | short-run metric | predicted relative lift "
+        "| recommendation |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in names:
         a = adv["advice"][t]
         metric = a.get(f"short_run_{adv.get('headroom_metric')}")
         lines.append(
-            f"| {t} | {a['benefit']:+.3f} ± {a['stderr']:.3f} | {a['verdict']} | {_cell(metric, '.4f')} | "
+            f"| {t} | {a['benefit']:+.3f} ± {a['stderr']:.3f} | {a['verdict']} | {_cell(a.get('alignment'), '.3f')} "
+            f"| {_sign(a)} | {_cell(metric, '.4f')} | "
             f"{_cell(a.get('predicted_lift'))} | {a['recommendation']} |"
         )
     lines += [
@@ -86,6 +94,8 @@ def write_markdown(adv: Dict, path: Path) -> None:
         "",
         *matrix_table(adv["cosine"], names, "+.2f"),
     ]
+    for table, m in adv.get("alignment", {}).items():
+        lines += ["", f"## Gradient alignment at {table} (linear CKA)", "", *matrix_table(m, names, ".3f")]
     for kind, title in (("context", "context fields (Jaccard)"), ("candidate_type", "candidate type (same = 1)"),
                         ("candidate_set", "candidate set (Jaccard of train candidate ids)")):  # fmt: skip
         lines += ["", f"## Overlap: {title}", "", *matrix_table(adv["overlap"][kind], names, ".2f")]

@@ -9,6 +9,8 @@ or with ``advise.probe_rows`` on a fixed probe of validation rows), for every pa
   but the task heads), see :mod:`unirec.affinity`, under the run's own objective (a softmax task's
   in-batch negatives included) and with the step the run's Adam would take (``advise.lookahead``);
 - the cosine of the two tasks' gradients there;
+- with ``advise.min_alignment`` set (the default), each task's gradient at the embedding table of its
+  candidates, summed over the measured steps, for the tasks' :func:`unirec.affinity.alignment` there;
 
 and once, from the prepared data, the overlap of their context fields, candidate types and candidate sets.
 
@@ -34,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import hydra
 import numpy as np
@@ -47,10 +49,12 @@ from unirec.affinity import (
     AffinityLog,
     Direction,
     Lookahead,
+    alignment,
     benefit,
     best_grouping,
     lookahead,
     normalised,
+    onto,
 )
 from unirec.config import Config, conf_dir, register_configs, to_object
 from unirec.data.batch import CANDIDATE, Batch, concat_arrays, table_to_arrays, to_batch
@@ -142,11 +146,13 @@ def ranker_lookahead(
     direction: Optional[Direction] = None,
     step: int = 0,
     probe: Optional[Probe] = None,
+    keep: Sequence[str] = (),
 ) -> Lookahead:
     """:func:`unirec.affinity.lookahead` of the ranker on one batch (on its device), under the run's own
     training objective (a softmax task's in-batch negatives are drawn once, seeded by ``step``, and reused
     for every lookahead), in eval mode and fp32 so that the loss before and after a lookahead differ only
-    by the step. With a ``probe``, the losses before and after are the probe's (held out)."""
+    by the step. With a ``probe``, the losses before and after are the probe's (held out). ``keep``: shared
+    parameters whose per-task gradients come back (:attr:`unirec.affinity.Lookahead.grads`)."""
     k = len(module.task_names)
     head = module.head_index(batch.task_type)
     pools = objective.pools(batch, head, torch.Generator().manual_seed(step)) if objective.sampled else []
@@ -157,7 +163,7 @@ def ranker_lookahead(
     was_training = module.training
     module.eval()
     try:
-        return lookahead(losses_at, shared_parameters(module), lr, present, direction, held_out)
+        return lookahead(losses_at, shared_parameters(module), lr, present, direction, held_out, keep)
     finally:
         module.train(was_training)
 
@@ -228,16 +234,26 @@ def check_advise(cfg: Config) -> None:
         raise ImportError("the advisor draws advice.png with matplotlib: pip install 'unirec[report]'")
 
 
+def candidate_tables(spec: FeatureSpec) -> Dict[str, str]:
+    """Task -> the shared parameter of the embedding table its candidates' ids read."""
+    ids = {c: spec.candidate_fields[cs.id_field].table for c, cs in spec.candidates.items()}
+    return {t: f"tables.{ids[ts.candidate]}.weight" for t, ts in spec.tasks.items() if ids[ts.candidate]}
+
+
 def measure(cfg: Config, tr: Training, features: Path) -> AffinityLog:
     """The short joint run: train_step on every step; after :func:`skip_steps`, a lookahead measurement
     before every ``advise.measure_every``-th one, stepped on its batch (read there, or on the probe of
-    ``advise.probe_rows`` validation rows per task, :func:`make_probe`)."""
+    ``advise.probe_rows`` validation rows per task, :func:`make_probe`). With ``advise.min_alignment`` set,
+    the log also sums each task's gradient at every candidate table two or more tasks read
+    (:func:`candidate_tables`)."""
     steps, every, skip = advise_steps(cfg), cfg.advise.measure_every, skip_steps(cfg)
     lr = cfg.advise.lookahead_lr or cfg.optim.lr
     direction = (
         adam_direction(tr.opts, shared_parameters(tr.module)) if cfg.advise.lookahead == "adam" else None
     )
     acc = AffinityLog(len(tr.module.task_names))
+    used = list(candidate_tables(tr.spec).values())
+    keep = sorted({t for t in used if used.count(t) > 1}) if cfg.advise.min_alignment is not None else []
     probe = None
     if cfg.advise.probe_rows:
         probe = make_probe(
@@ -249,7 +265,7 @@ def measure(cfg: Config, tr: Training, features: Path) -> AffinityLog:
             batch, _ = next(batches)
             batch = batch.to(tr.device, non_blocking=True)
             if step >= skip and (step - skip) % every == 0:
-                acc.add(ranker_lookahead(tr.module, tr.objective, batch, lr, direction, step, probe))
+                acc.add(ranker_lookahead(tr.module, tr.objective, batch, lr, direction, step, probe, keep))
             train_step(tr, batch)
     finally:
         batches.close()  # stops the prefetch thread
@@ -299,20 +315,65 @@ def verdict(b: float, se: float) -> str:
     return "gains" if b - 2 * se > 0 else "loses" if b + 2 * se < 0 else "unclear"
 
 
-def build_advice(names: List[str], acc: AffinityLog, ov: Dict, max_tasks: int) -> Dict:
-    """The advice as plain data (see :func:`recommendation` for each task's entry)."""
+def task_alignment(
+    names: List[str], acc: AffinityLog, tables: Mapping[str, str]
+) -> Tuple[Dict[str, Dict], Dict[str, Optional[float]]]:
+    """The :func:`unirec.affinity.alignment` matrix of every candidate table the log kept gradients for
+    (table -> i -> j -> value), and each task's mean alignment with the other tasks whose candidates read
+    its table (None where no other task does, or none was measured)."""
+    mats = {tab: alignment(acc.grads[tab]) for tab in sorted(set(tables.values())) if tab in acc.grads}
+    per_task: Dict[str, Optional[float]] = {}
+    for k, t in enumerate(names):
+        m = mats.get(tables.get(t))
+        mates = [j for j, u in enumerate(names) if u != t and tables.get(u) == tables.get(t)]
+        vals = [] if m is None else [v for j in mates if not math.isnan(v := float(m[k, j]))]
+        per_task[t] = sum(vals) / len(vals) if vals else None
+    return {tab: _matrix(m.float(), names) for tab, m in mats.items()}, per_task
+
+
+def build_advice(
+    names: List[str],
+    acc: AffinityLog,
+    ov: Dict,
+    max_tasks: int,
+    tables: Optional[Mapping[str, str]] = None,
+    min_alignment: Optional[float] = None,
+) -> Dict:
+    """The advice as plain data (see :func:`recommendation` for each task's entry). ``tables``: task ->
+    its candidate table's parameter (:func:`candidate_tables`), for the alignment rule of
+    ``min_alignment`` (None: no rule): a task whose alignment is below it is predicted to lose and is
+    taken out of its group."""
     z = acc.mean_affinity()
     a = normalised(z)
     b, se = benefit(acc.steps, z)
     am = _matrix(a, names)
-    grouping = best_grouping(
-        {i: {j: (math.nan if v is None else v) for j, v in r.items()} for i, r in am.items()}, max_tasks
-    )
+    an = {i: {j: (math.nan if v is None else v) for j, v in r.items()} for i, r in am.items()}
+    grouping = best_grouping(an, max_tasks)
+    mats, align = task_alignment(names, acc, tables or {}) if tables else ({}, {t: None for t in names})
+    misaligned = {
+        t for t in names if min_alignment is not None and align[t] is not None and align[t] < min_alignment
+    }
+    groups = [g2 for g in grouping.groups if (g2 := [t for t in g if t not in misaligned])]
+    groups += [[t] for t in names if t in misaligned and [t] not in groups]
+    into = onto(groups, an)
     cos = _matrix(acc.mean_cosine(), names)
     tasks = {}
     for k, t in enumerate(names):
-        group = next(g for g in grouping.groups if t in g)
-        tasks[t] = recommendation(t, group, float(b[k]), float(se[k]), grouping.onto[t], am, cos, ov)
+        group = next(g for g in groups if t in g)
+        tasks[t] = recommendation(t, group, float(b[k]), float(se[k]), into[t], am, cos, ov)
+        tasks[t]["alignment"] = align[t]
+        tasks[t]["helps"] = tasks[t]["verdict"] != "loses" and t not in misaligned
+        if align[t] is not None:
+            tasks[t]["evidence"].append(
+                f"gradient alignment with the other tasks at its candidates' table {align[t]:.3f} (linear CKA "
+                "of the summed gradients)"
+                + (f", below advise.min_alignment={min_alignment:g}: predicted to lose, kept bespoke"
+                   if t in misaligned else "")
+            )  # fmt: skip
+        if t in misaligned:
+            tasks[t]["recommendation"] = (
+                "keep bespoke: its use of the shared candidate table is unrelated to the other tasks'"
+            )
     one = best_grouping_score(am, [names])
     return {
         "tasks": names,
@@ -321,9 +382,11 @@ def build_advice(names: List[str], acc: AffinityLog, ov: Dict, max_tasks: int) -
         "cosine": cos,
         "overlap": ov,
         "measured_steps": len(acc.steps),
+        "alignment": mats,
+        "min_alignment": min_alignment,
         "grouping": {
-            "groups": grouping.groups,
-            "score": grouping.score,
+            "groups": groups,
+            "score": best_grouping_score(am, groups),
             "searched": grouping.searched,
             "one_model_score": one,
             "bespoke_score": 0.0,
@@ -404,7 +467,9 @@ def run(cfg: Config, out_dir: Path, features: Optional[Path] = None) -> Dict:
     acc = measure(cfg, tr, features)
     names = tr.module.task_names
     ov = overlaps(tr.spec, features)
-    adv = build_advice(names, acc, ov, cfg.advise.max_group_tasks)
+    adv = build_advice(
+        names, acc, ov, cfg.advise.max_group_tasks, candidate_tables(tr.spec), cfg.advise.min_alignment
+    )
     metric = cfg.trainer.best_metric.partition("/")[2]
     add_predicted_lift(adv, tr.validation.model(tr.module, tr.device), metric)
     t2 = time.perf_counter()
@@ -440,7 +505,8 @@ def main(cfg: DictConfig) -> Dict:
     for t in adv["tasks"]:
         a = adv["advice"][t]
         lift = "n/a" if a["predicted_lift"] is None else f"{a['predicted_lift']:+.3f}"
-        print(f"{t}: {a['verdict']} ({a['benefit']:+.3f} ± {a['stderr']:.3f}; predicted relative lift {lift}); "
+        sign = "predicted to gain" if a["helps"] else "predicted to lose"
+        print(f"{t}: {sign}, {a['verdict']} ({a['benefit']:+.3f} ± {a['stderr']:.3f}; predicted relative lift {lift}); "
               f"{a['recommendation']}")  # fmt: skip
     print(f"advice: {out / 'advice.md'}")
     return adv

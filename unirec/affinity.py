@@ -21,7 +21,7 @@ task alone (bespoke) receives nothing, a task whose group hurts it receives a ne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -46,11 +46,14 @@ class Lookahead:
         cosine: [K, K] cosine of the tasks' gradients at the shared parameters; NaN in the rows and columns
             of tasks absent from the stepped batch.
         present: [K] bool, the task had rows in the stepped batch.
+        grads: parameter name -> [K, *shape] each task's gradient there (zeros for a task absent from the
+            stepped batch), for the parameters named in ``keep``.
     """
 
     affinity: torch.Tensor
     cosine: torch.Tensor
     present: torch.Tensor
+    grads: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def lookahead(
@@ -60,6 +63,7 @@ def lookahead(
     present: torch.Tensor,
     direction: Optional[Direction] = None,
     held_out: Optional[LossesAt] = None,
+    keep: Sequence[str] = (),
 ) -> Lookahead:
     """Z_{i→j} and gradient cosines: a step for every task present in one batch, Z read on every task
     present there (or in ``held_out``).
@@ -75,6 +79,8 @@ def lookahead(
             the stepped batch's own (TAG's): rows no step trains on, so Z reads how task i's step moves task
             j's *held-out* loss. Its tasks without rows (a NaN loss, as :data:`LossesAt` gives) get NaN
             columns.
+        keep: names of shared parameters whose per-task gradients come back (:attr:`Lookahead.grads`),
+            for measures beyond the step (:func:`alignment`); computed anyway, so free but for memory.
 
     Costs one forward with its graph, one backward per present task and one forward per present task
     (with ``held_out``, one more forward).
@@ -97,6 +103,7 @@ def lookahead(
     nan = torch.full((k, k), math.nan)
     affinity, flat = nan.clone(), []
     tasks = [i for i in range(k) if bool(present[i])]
+    kept = {n: torch.zeros((k, *shared[n].shape), dtype=torch.float64) for n in keep}
     measure_on = held_out or losses_at
     with torch.no_grad():
         base = held_out({}) if held_out is not None else losses.detach()
@@ -108,6 +115,8 @@ def lookahead(
             for p, g in zip(params, grads)
         ]
         flat.append(torch.cat([g.reshape(-1) for g in grads]).double())
+        for n in keep:
+            kept[n][i] = grads[names.index(n)].detach().double().cpu()
         with torch.no_grad():
             step = grads if direction is None else [direction(n, g) for n, g in zip(names, grads)]
             moved = {n: p.detach() - lr * d for n, p, d in zip(names, params, step)}
@@ -119,7 +128,7 @@ def lookahead(
         unit = torch.nn.functional.normalize(torch.stack(flat), dim=1)
         idx = torch.tensor(tasks)
         cosine[idx.unsqueeze(1), idx.unsqueeze(0)] = (unit @ unit.T).float().cpu()
-    return Lookahead(affinity, cosine, present.bool().cpu())
+    return Lookahead(affinity, cosine, present.bool().cpu(), kept)
 
 
 class AffinityLog:
@@ -137,6 +146,9 @@ class AffinityLog:
         """Counted apart from ``n``: with held-out rows, Z has columns for tasks the batch lacks."""
         self.steps: List[torch.Tensor] = []
         """Each measurement's affinity [K, K], for the spread of the per-task benefit."""
+        self.grads: Dict[str, torch.Tensor] = {}
+        """Parameter name -> [K, *shape] each task's gradient summed over the measured steps (the parameters
+        a :class:`Lookahead` kept)."""
 
     def add(self, m: Lookahead) -> None:
         ok, ok_cos = ~torch.isnan(m.affinity), ~torch.isnan(m.cosine)
@@ -145,6 +157,8 @@ class AffinityLog:
         self.n += ok.double()
         self.n_cos += ok_cos.double()
         self.steps.append(m.affinity.double())
+        for n, g in m.grads.items():
+            self.grads[n] = self.grads[n] + g if n in self.grads else g.clone()
 
     def mean_affinity(self) -> torch.Tensor:
         """[K, K] Z averaged over the steps where both tasks were present (NaN where never)."""
@@ -153,6 +167,40 @@ class AffinityLog:
     def mean_cosine(self) -> torch.Tensor:
         """[K, K] gradient cosine averaged over the steps where both tasks were in the batch."""
         return self.cos / self.n_cos.where(self.n_cos > 0, math.nan)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith et al., ICML 2019) of two [n, d] matrices whose rows
+    correspond: ``||XᵀY||² / (||XᵀX|| ||YᵀY||)`` (Frobenius norms) after centring each column. 1 when one
+    is a rotation and scaling of the other, near 0 when their rows vary independently; NaN when either is
+    constant.
+
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+        >>> round(linear_cka(x, x @ torch.tensor([[0.0, -2.0], [2.0, 0.0]])), 6)
+        1.0
+    """
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(torch.linalg.matrix_norm(x.T @ y) ** 2 / den) if den > 0 else math.nan
+
+
+def alignment(grads: torch.Tensor) -> torch.Tensor:
+    """[K, K] :func:`linear_cka` of the tasks' summed gradients at one embedding table ([K, rows, d], from
+    :attr:`AffinityLog.grads`), over the rows both tasks' gradients touched (NaN where fewer than 2).
+
+    How the tasks use the table they share: high when the directions task i pushes its rows in vary from
+    row to row as task j's do (up to a rotation of the embedding space, which neither task sees), so
+    training one builds what the other reads; near 0 when each row's update for one task says nothing of
+    the other's. The diagonal is 1."""
+    k = grads.shape[0]
+    touched = grads.flatten(2).abs().sum(-1) > 0  # [K, rows]
+    out = torch.full((k, k), math.nan, dtype=torch.float64)
+    for i in range(k):
+        for j in range(i, k):
+            rows = touched[i] & touched[j]
+            if int(rows.sum()) >= 2:
+                out[i, j] = out[j, i] = linear_cka(grads[i][rows].flatten(1), grads[j][rows].flatten(1))
+    return out
 
 
 def normalised(z: torch.Tensor) -> torch.Tensor:

@@ -452,6 +452,16 @@ class AdviseConfig:
     up to N/2 positives, the rest other rows for their negatives), drawn once with the run's seed, so the
     affinity reads how a step on one task moves another's held-out loss: the transfer a unified model's test
     figures show, not its fit to the batch. Costs one more forward of the probe per measurement."""
+    min_alignment: Optional[float] = 0.025
+    """The alignment rule: a task whose gradients at the embedding table of its candidates are this little
+    aligned with the other tasks' (mean linear CKA of the gradients summed over the measured steps,
+    unirec.affinity.alignment) is predicted to lose from consolidation and kept bespoke, whatever its
+    lookahead benefit says; null: no rule (and no gradients kept). The benefit's sign alone is set early in
+    training and mis-signed small losses and gains on the synthetic canvases (README, "The consolidation
+    advisor"). 0.025 was chosen on the first 36 synthetic points of reports/advisor/validation.md (the two
+    losing tasks at 0.019 and 0.015, every gaining one at 0.031 or more) before the held-out relatedness
+    values of reports/advisor/alignment/ were measured; a threshold on an absolute CKA may not carry to other
+    table sizes and widths. Keeps K x rows x dim float64 sums per candidate table in memory."""
     max_group_tasks: int = 6
     """Most tasks the exhaustive grouping search takes (203 groupings at 6, 4,140 at 8)."""
     out_dir: Optional[str] = None
@@ -474,6 +484,8 @@ class AdviseConfig:
             raise ValueError(f"advise.lookahead must be adam or sgd, got {self.lookahead!r}")
         if self.lookahead_lr is not None and not self.lookahead_lr > 0:
             raise ValueError(f"advise.lookahead_lr must be > 0 or null, got {self.lookahead_lr}")
+        if self.min_alignment is not None and not 0 <= self.min_alignment <= 1:
+            raise ValueError(f"advise.min_alignment must be in [0, 1] or null, got {self.min_alignment}")
 
 
 @dataclass

@@ -37,7 +37,18 @@ def test_the_advice_covers_every_task_and_pair(advice):
         assert adv["normalised_affinity"][t][t] == pytest.approx(1.0)
         assert adv["cosine"][t][t] == pytest.approx(1.0, abs=1e-5)
         assert adv["overlap"]["context"][t][t] == 1.0
-        assert f"{t}: {adv['advice'][t]['verdict']}" in proc.stdout
+        sign = "gain" if adv["advice"][t]["helps"] else "lose"
+        assert f"{t}: predicted to {sign}, {adv['advice'][t]['verdict']}" in proc.stdout
+    # the alignment rule: every task but genre_rows ranks items, so each has an alignment at the item table
+    assert (
+        list(adv["alignment"]) == ["tables.item.weight"] and adv["advice"]["genre_rows"]["alignment"] is None
+    )
+    item = adv["alignment"]["tables.item.weight"]
+    for t in set(TASKS) - {"genre_rows"}:
+        mates = [item[t][j] for j in TASKS if j not in (t, "genre_rows")]
+        assert adv["advice"][t]["alignment"] == pytest.approx(sum(mates) / len(mates), rel=1e-5)
+        misaligned = adv["advice"][t]["alignment"] < adv["min_alignment"]
+        assert adv["advice"][t]["helps"] == (not misaligned and adv["advice"][t]["verdict"] != "loses")
     # genre_rows ranks genres, every other task items: no shared candidate type or candidate ids
     assert adv["overlap"]["candidate_type"]["home"]["genre_rows"] == 0.0
     assert adv["overlap"]["candidate_set"]["home"]["genre_rows"] == 0.0
@@ -53,7 +64,11 @@ def test_the_benefit_and_grouping_agree_with_the_written_affinities(advice):
     assert adv["grouping"]["searched"] == 52  # Bell(5)
     onto = {j: sum(a[i][j] for i in g if i != j) for g in groups for j in g}
     assert adv["grouping"]["score"] == pytest.approx(sum(onto.values()))
-    assert adv["grouping"]["score"] >= max(adv["grouping"]["one_model_score"], 0.0) - 1e-9
+    if all(
+        adv["advice"][t]["alignment"] is None or adv["advice"][t]["alignment"] >= adv["min_alignment"]
+        for t in TASKS
+    ):
+        assert adv["grouping"]["score"] >= max(adv["grouping"]["one_model_score"], 0.0) - 1e-9
     for t in TASKS:
         rec = adv["advice"][t]
         assert rec["benefit"] == pytest.approx(sum(a[i][t] for i in TASKS if i != t))

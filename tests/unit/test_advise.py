@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from unirec.advise import adam_direction, check_advise, ranker_lookahead, shared_parameters
-from unirec.affinity import AffinityLog, Lookahead, benefit, best_grouping, lookahead, normalised, partitions
+from unirec.affinity import (
+    AffinityLog,
+    Lookahead,
+    alignment,
+    benefit,
+    best_grouping,
+    linear_cka,
+    lookahead,
+    normalised,
+    partitions,
+)
 from unirec.config import LoaderConfig, ModelConfig, compose
 from unirec.data.batch import to_batch
 from unirec.data.loader import MixedLoader
@@ -294,9 +304,95 @@ def test_probe_and_a_lookahead_measured_on_it(toy_features):
         assert torch.allclose(got.affinity[i], (1 - after / base).float(), atol=1e-5, rtol=1e-4), i
 
 
+def test_linear_cka_by_hand_and_its_invariances():
+    x, y = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[1.0], [3.0], [2.0]])
+    # centred: x = (-1, 0, 1), y = (-1, 1, 0); ||xᵀy||² = 1, ||xᵀx|| = ||yᵀy|| = 2 -> 1/4
+    assert linear_cka(x, y) == pytest.approx(0.25)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 4, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+    assert linear_cka(a, 3.0 * a @ q + 1.0) == pytest.approx(1.0)  # rotated, scaled and shifted
+    assert linear_cka(a, torch.randn(50, 4, generator=g)) < 0.3
+    assert math.isnan(linear_cka(a, torch.ones(50, 4)))
+
+
+def test_alignment_reads_only_the_rows_both_tasks_touched():
+    rows = torch.tensor([[1.0], [2.0], [3.0], [0.0]])
+    grads = torch.stack([
+        rows,                                          # task 0: rows 0-2
+        torch.tensor([[1.0], [3.0], [2.0], [5.0]]),    # task 1: all four; with task 0, rows 0-2: 1/4
+        torch.tensor([[0.0], [0.0], [7.0], [1.0]]),    # task 2: shares one row with task 0, two with 1
+    ])  # fmt: skip
+    m = alignment(grads)
+    assert m[0, 1] == m[1, 0] == pytest.approx(0.25)
+    assert math.isnan(m[0, 2]) and math.isnan(m[2, 0])  # one row in common: no alignment
+    # task 1 and 2 on rows 2-3: (2, 5) and (7, 1), centred (-1.5, 1.5) and (3, -3): perfectly (anti-)aligned
+    assert m[1, 2] == pytest.approx(1.0)
+    assert torch.diagonal(m).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_lookahead_keeps_each_tasks_gradient_and_the_log_sums_them():
+    m = _Tiny()
+
+    def losses_at(p):
+        two = torch.func.functional_call(m, dict(p), ()) if p else m()
+        return torch.cat([two, torch.zeros(1)])
+
+    present = torch.tensor([True, True, False])
+    res = lookahead(losses_at, {"w": m.w}, 0.1, present, keep=["w"])
+    assert res.grads["w"].tolist() == pytest.approx([-1.0, 4.0, 0.0])  # dL_a/dw, dL_b/dw, absent: 0
+    log = AffinityLog(3)
+    log.add(res)
+    log.add(res)
+    assert log.grads["w"].tolist() == pytest.approx([-2.0, 8.0, 0.0])
+    assert lookahead(losses_at, {"w": m.w}, 0.1, present).grads == {}
+
+
+def _log_with_grads(benefit_rows, grads):
+    log = AffinityLog(len(benefit_rows))
+    z = torch.tensor(benefit_rows)
+    log.add(
+        Lookahead(z, torch.eye(len(z)), torch.ones(len(z), dtype=torch.bool), {"tables.item.weight": grads})
+    )
+    log.add(Lookahead(z * 1.1, torch.eye(len(z)), torch.ones(len(z), dtype=torch.bool)))
+    return log
+
+
+def test_the_alignment_rule_takes_a_misaligned_task_out_of_its_group():
+    from unirec.advise import build_advice
+
+    names = ["a", "b", "c"]
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(30, 4, generator=g)
+    grads = torch.stack(
+        [base, base @ torch.linalg.qr(torch.randn(4, 4, generator=g))[0], torch.randn(30, 4, generator=g)]
+    )
+    # every task helps every other: the lookahead alone would put all three in one model
+    z = [[0.4, 0.2, 0.2], [0.2, 0.4, 0.2], [0.2, 0.2, 0.4]]
+    ov = {
+        k: {i: {j: 1.0 for j in names} for i in names} for k in ("context", "candidate_type", "candidate_set")
+    }
+    tables = {t: "tables.item.weight" for t in names}
+    adv = build_advice(names, _log_with_grads(z, grads), ov, 6, tables, min_alignment=0.5)
+    a = adv["advice"]
+    m = alignment(grads.double())
+    assert a["c"]["alignment"] == pytest.approx(float(m[2, :2].mean())) and a["c"]["alignment"] < 0.5
+    assert a["a"]["alignment"] == pytest.approx(float((m[0, 1] + m[0, 2]) / 2))
+    assert a["c"]["verdict"] == "gains" and not a["c"]["helps"] and a["c"]["group"] == ["c"]
+    assert a["c"]["recommendation"].startswith("keep bespoke")
+    assert a["a"]["helps"] and a["a"]["group"] == ["a", "b"] and a["b"]["group"] == ["a", "b"]
+    assert sorted(map(sorted, adv["grouping"]["groups"])) == [["a", "b"], ["c"]]
+    assert adv["grouping"]["score"] == pytest.approx(1.0)  # 0.2/0.4 each way between a and b
+    assert adv["alignment"]["tables.item.weight"]["a"]["b"] == pytest.approx(1.0, abs=1e-6)
+    # without the rule the same measurement keeps one model for all
+    adv = build_advice(names, _log_with_grads(z, grads), ov, 6, tables, min_alignment=None)
+    assert adv["advice"]["c"]["helps"] and adv["grouping"]["groups"] == [names]
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
+        (["advise.min_alignment=1.5"], r"advise.min_alignment must be in \[0, 1\] or null"),
         (["advise.probe_rows=1"], r"advise.probe_rows must be 0 \(off\) or >= 2"),
         (["advise.fraction=0"], "advise.fraction must be in"),
         (["advise.measure_every=0"], "advise.measure_every must be >= 1"),

@@ -29,7 +29,7 @@ def points(suite: str, tasks: Sequence[str], advice: Dict, measured: Dict, headl
         out.append({
             "suite": suite, "task": t, "predicted": a["benefit"], "stderr": a["stderr"], "verdict": a["verdict"],
             "predicted_lift": a.get("predicted_lift"), "short_run": a.get(f"short_run_{advice.get('headroom_metric')}"),
-            "group": a["group"], "unified": float(u.mean()), "bespoke": float(b.mean()),
+            "group": a["group"], "alignment": a.get("alignment"), "helps": a.get("helps"), "unified": float(u.mean()), "bespoke": float(b.mean()),
             "lift": float((u.mean() - b.mean()) / b.mean()), "difference": float(u.mean() - b.mean()),
             "spread": float(spread), "clear": bool(abs(u.mean() - b.mean()) > spread),
             "loses_every_seed": bool((u < b).all()),
@@ -43,12 +43,19 @@ def ranking_score(p: Dict) -> float:
     return p["predicted"] if p.get("predicted_lift") is None else p["predicted_lift"]
 
 
+def predicts_gain(p: Dict) -> bool:
+    """The advisor's sign: its ``helps`` (the alignment rule and the verdict), or (advice from before it
+    had one) the sign of the predicted benefit."""
+    return p["predicted"] > 0 if p.get("helps") is None else p["helps"]
+
+
 def summary(pts: List[Dict], costs: Dict[str, Dict[str, float]], held_out: Sequence[str] = ()) -> Dict:
     """The acceptance figures, computed from the points and the wall times. ``held_out``: suites the
     predictor was not designed on, whose correlation is also given alone."""
     clear = [p for p in pts if p["clear"]]
     out_pts = [p for p in pts if p["suite"] in held_out]
-    agree = [p for p in clear if (p["predicted"] > 0) == (p["difference"] > 0)]
+    agree = [p for p in clear if predicts_gain(p) == (p["difference"] > 0)]
+    out_clear = [p for p in out_pts if p["clear"]]
     losers = [p for p in pts if p["suite"] == "synthetic-0.0" and p["clear"] and p["difference"] < 0]
     ratios = {s: c["advise_seconds"] / c["measure_seconds"] for s, c in costs.items()}
     return {
@@ -64,8 +71,10 @@ def summary(pts: List[Dict], costs: Dict[str, Dict[str, float]], held_out: Seque
         "clear_points": len(clear),
         "sign_agreement": len(agree),
         "sign_disagreements": [f"{p['suite']}/{p['task']}" for p in clear if p not in agree],
+        "clear_points_held_out": len(out_clear),
+        "sign_agreement_held_out": sum(p in agree for p in out_clear),
         "losers_at_0": [
-            {"task": p["task"], "flagged": p["predicted"] < 0, "verdict": p["verdict"]} for p in losers
+            {"task": p["task"], "flagged": not predicts_gain(p), "verdict": p["verdict"]} for p in losers
         ],
         "cost_ratio": ratios,
         "max_cost_ratio": max(ratios.values()) if ratios else float("nan"),
@@ -145,7 +154,9 @@ def write_report(res: Dict, out: Path) -> None:
     if s.get("held_out"):
         lines.append(f"- Held out (suites the predictor was not designed on: {', '.join(s['held_out'])}): "
                      f"**{s['spearman_held_out']:+.3f}** over {s['n_held_out']} points; predicted benefit alone "
-                     f"{s['spearman_benefit_held_out']:+.3f}.")  # fmt: skip
+                     f"{s['spearman_benefit_held_out']:+.3f}"
+                     + (f"; sign agreement {s['sign_agreement_held_out']}/{s['clear_points_held_out']}"
+                        if "sign_agreement_held_out" in s else "") + ".")  # fmt: skip
     per = {
         n: spearman(*zip(*[(ranking_score(p), p["lift"]) for p in pts if p["suite"] == n]))
         for n in res["suites"]
@@ -171,14 +182,15 @@ def write_report(res: Dict, out: Path) -> None:
                      f"its grid and seeds, run earlier): worst {max(refs.values()):.1%} ("
                      + ", ".join(f"{n} {r:.1%}" for n, r in refs.items()) + ").")  # fmt: skip
     lines += ["", "## Points", "",
-              "| suite | task | predicted benefit | verdict | short-run metric | predicted lift | unified | bespoke "
-              "| lift | beyond spread |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| suite | task | predicted benefit | verdict | alignment | sign | short-run metric | predicted lift "
+              "| unified | bespoke | lift | beyond spread |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in pts:
         short = "n/a" if p.get("short_run") is None else f"{p['short_run']:.4f}"
         lift = "n/a" if p.get("predicted_lift") is None else f"{p['predicted_lift']:+.3f}"
+        align = "n/a" if p.get("alignment") is None else f"{p['alignment']:.3f}"
         lines.append(f"| {p['suite']} | {p['task']} | {p['predicted']:+.3f} ± {p['stderr']:.3f} | {p['verdict']} | "
-                     f"{short} | {lift} | {p['unified']:.4f} | {p['bespoke']:.4f} | {p['lift']:+.1%} | "
+                     f"{align} | {'gains' if predicts_gain(p) else 'loses'} | {short} | {lift} | {p['unified']:.4f} | {p['bespoke']:.4f} | {p['lift']:+.1%} | "
                      f"{'yes' if p['clear'] else 'no'} |")  # fmt: skip
     lines += ["", "## Cost", "", "| suite | advisor, s | measurement, s | ratio | advisor steps / unified run steps |",
               "|---|---|---|---|---|"]  # fmt: skip
