@@ -341,8 +341,9 @@ def build_advice(
 ) -> Dict:
     """The advice as plain data (see :func:`recommendation` for each task's entry). ``tables``: task ->
     its candidate table's parameter (:func:`candidate_tables`), for the alignment rule of
-    ``min_alignment`` (None: no rule): a task whose alignment is below it is predicted to lose and is
-    taken out of its group."""
+    ``min_alignment``. The sign (``helps``): without the rule (None), the predicted benefit's; with it, a
+    task whose alignment is below it is predicted to lose and is taken out of its group, and every other
+    task is predicted to gain unless its verdict is ``loses`` (its benefit two standard errors below 0)."""
     z = acc.mean_affinity()
     a = normalised(z)
     b, se = benefit(acc.steps, z)
@@ -362,7 +363,10 @@ def build_advice(
         group = next(g for g in groups if t in g)
         tasks[t] = recommendation(t, group, float(b[k]), float(se[k]), into[t], am, cos, ov)
         tasks[t]["alignment"] = align[t]
-        tasks[t]["helps"] = tasks[t]["verdict"] != "loses" and t not in misaligned
+        if min_alignment is None:
+            tasks[t]["helps"] = float(b[k]) > 0
+        else:
+            tasks[t]["helps"] = tasks[t]["verdict"] != "loses" and t not in misaligned
         if align[t] is not None:
             tasks[t]["evidence"].append(
                 f"gradient alignment with the other tasks at its candidates' table {align[t]:.3f} (linear CKA "

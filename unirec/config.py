@@ -452,16 +452,16 @@ class AdviseConfig:
     up to N/2 positives, the rest other rows for their negatives), drawn once with the run's seed, so the
     affinity reads how a step on one task moves another's held-out loss: the transfer a unified model's test
     figures show, not its fit to the batch. Costs one more forward of the probe per measurement."""
-    min_alignment: Optional[float] = 0.025
-    """The alignment rule: a task whose gradients at the embedding table of its candidates are this little
-    aligned with the other tasks' (mean linear CKA of the gradients summed over the measured steps,
-    unirec.affinity.alignment) is predicted to lose from consolidation and kept bespoke, whatever its
-    lookahead benefit says; null: no rule (and no gradients kept). The benefit's sign alone is set early in
-    training and mis-signed small losses and gains on the synthetic canvases (README, "The consolidation
-    advisor"). 0.025 was chosen on the first 36 synthetic points of reports/advisor/validation.md (the two
-    losing tasks at 0.019 and 0.015, every gaining one at 0.031 or more) before the held-out relatedness
-    values of reports/advisor/alignment/ were measured; a threshold on an absolute CKA may not carry to other
-    table sizes and widths. Keeps K x rows x dim float64 sums per candidate table in memory."""
+    min_alignment: Optional[float] = None
+    """The alignment rule, off by default (null) because it failed its held-out validation. Set, a task
+    whose gradients at the embedding table of its candidates are this little aligned with the other tasks'
+    (mean linear CKA of the gradients summed over the measured steps, unirec.affinity.alignment) is
+    predicted to lose from consolidation and kept bespoke, and every other task to gain unless its verdict
+    is ``loses``. 0.025 was chosen on the 36 synthetic points of reports/advisor/validation.md (the two
+    losing tasks at 0.019 and 0.015, every gaining one at 0.031 or more) and then tested on five relatedness
+    values it had not seen (reports/advisor/alignment/validation.md): there the alignment of one task moved
+    between runs by more than the margin, so it mis-signed a losing task and a gaining one. Keeps K x rows x
+    dim float64 sums per shared candidate table in memory."""
     max_group_tasks: int = 6
     """Most tasks the exhaustive grouping search takes (203 groupings at 6, 4,140 at 8)."""
     out_dir: Optional[str] = None

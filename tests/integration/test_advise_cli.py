@@ -19,7 +19,7 @@ def advice(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     out = cwd / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "unirec.advise", "debug=toy", f"data.cache_dir={cwd / 'cache'}",
+    cmd = [sys.executable, "-m", "unirec.advise", "debug=toy", f"data.cache_dir={cwd / 'cache'}", "advise.min_alignment=0.025",
            f"hydra.run.dir={out}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -387,6 +387,11 @@ def test_the_alignment_rule_takes_a_misaligned_task_out_of_its_group():
     # without the rule the same measurement keeps one model for all
     adv = build_advice(names, _log_with_grads(z, grads), ov, 6, tables, min_alignment=None)
     assert adv["advice"]["c"]["helps"] and adv["grouping"]["groups"] == [names]
+    # without the rule the sign is the benefit's: c helped by neither other task now predicted to lose
+    z = [[0.4, 0.2, -0.1], [0.2, 0.4, -0.1], [0.2, 0.2, 0.4]]
+    adv = build_advice(names, _log_with_grads(z, grads), ov, 6, tables, min_alignment=None)
+    assert [adv["advice"][t]["helps"] for t in names] == [True, True, False]
+    assert adv["advice"]["c"]["benefit"] == pytest.approx(-0.5)
 
 
 @pytest.mark.parametrize(
