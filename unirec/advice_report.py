@@ -15,6 +15,16 @@ def _cell(v: Optional[float], fmt: str = "+.3f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _sign_rule(adv: Dict) -> str:
+    if adv.get("min_alignment") is None:
+        return "Sign = the predicted benefit's (advise.min_alignment is off)."
+    return (
+        "Alignment = the mean linear CKA of the task's gradients at its candidates' embedding table with the "
+        "other tasks' there (summed over the measured steps); sign = loses where it is below "
+        f"advise.min_alignment={adv['min_alignment']:g} or the verdict is loses, else gains."
+    )
+
+
 def _sign(a: Dict) -> str:
     return "n/a" if a.get("helps") is None else "gains" if a["helps"] else "loses"
 
@@ -51,9 +61,7 @@ def write_markdown(adv: Dict, path: Path) -> None:
         "gains / loses: two standard errors clear of 0; unclear: not. Predicted relative lift = the benefit "
         "times the task's headroom (1 − m) / m, m its validation "
         f"{adv.get('headroom_metric', 'metric')} at the end of the short run: it orders the tasks by how much "
-        "they stand to gain. Alignment = the mean linear CKA of the task's gradients at its candidates' embedding "
-        "table with the other tasks' there (summed over the measured steps); sign = loses where it is below "
-        f"advise.min_alignment={adv.get('min_alignment')} or the verdict is loses, else gains.",
+        "they stand to gain. " + _sign_rule(adv),
         "",
         "| task | predicted benefit | verdict | alignment | sign | short-run metric | predicted relative lift "
         "| recommendation |",

@@ -9,7 +9,7 @@ or with ``advise.probe_rows`` on a fixed probe of validation rows), for every pa
   but the task heads), see :mod:`unirec.affinity`, under the run's own objective (a softmax task's
   in-batch negatives included) and with the step the run's Adam would take (``advise.lookahead``);
 - the cosine of the two tasks' gradients there;
-- with ``advise.min_alignment`` set (the default), each task's gradient at the embedding table of its
+- with ``advise.min_alignment`` set (off by default), each task's gradient at the embedding table of its
   candidates, summed over the measured steps, for the tasks' :func:`unirec.affinity.alignment` there;
 
 and once, from the prepared data, the overlap of their context fields, candidate types and candidate sets.
@@ -348,14 +348,14 @@ def build_advice(
     a = normalised(z)
     b, se = benefit(acc.steps, z)
     am = _matrix(a, names)
-    an = {i: {j: (math.nan if v is None else v) for j, v in r.items()} for i, r in am.items()}
-    grouping = best_grouping(an, max_tasks)
+    an = {i: {j: (0.0 if v is None else v) for j, v in r.items()} for i, r in am.items()}  # unknown: 0
     mats, align = task_alignment(names, acc, tables or {}) if tables else ({}, {t: None for t in names})
     misaligned = {
         t for t in names if min_alignment is not None and align[t] is not None and align[t] < min_alignment
     }
-    groups = [g2 for g in grouping.groups if (g2 := [t for t in g if t not in misaligned])]
-    groups += [[t] for t in names if t in misaligned and [t] not in groups]
+    kept = [t for t in names if t not in misaligned]  # the search runs over the others only
+    grouping = best_grouping({i: {j: an[i][j] for j in kept} for i in kept}, max_tasks)
+    groups = grouping.groups + [[t] for t in names if t in misaligned]
     into = onto(groups, an)
     cos = _matrix(acc.mean_cosine(), names)
     tasks = {}

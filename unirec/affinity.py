@@ -116,7 +116,7 @@ def lookahead(
         ]
         flat.append(torch.cat([g.reshape(-1) for g in grads]).double())
         for n in keep:
-            kept[n][i] = grads[names.index(n)].detach().double().cpu()
+            kept[n][i] = grads[names.index(n)].detach().to("cpu", torch.float64)
         with torch.no_grad():
             step = grads if direction is None else [direction(n, g) for n, g in zip(names, grads)]
             moved = {n: p.detach() - lr * d for n, p, d in zip(names, params, step)}
@@ -186,19 +186,23 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def alignment(grads: torch.Tensor) -> torch.Tensor:
     """[K, K] :func:`linear_cka` of the tasks' summed gradients at one embedding table ([K, rows, d], from
-    :attr:`AffinityLog.grads`), over the rows both tasks' gradients touched (NaN where fewer than 2).
+    :attr:`AffinityLog.grads`), over the rows both tasks' gradients touched (NaN where there are no more
+    of them than the d columns: with n <= d rows the centred matrices have rank below d and CKA is biased
+    upwards, to exactly 1 at n = 2; it stays biased by about d / n beyond, so values compare only between
+    tables of like size and width).
 
-    How the tasks use the table they share: high when the directions task i pushes its rows in vary from
-    row to row as task j's do (up to a rotation of the embedding space, which neither task sees), so
-    training one builds what the other reads; near 0 when each row's update for one task says nothing of
-    the other's. The diagonal is 1."""
-    k = grads.shape[0]
+    Whether the tasks' updates of the shared rows have the same structure: high when the way task i's
+    update varies from row to row is, up to an orthogonal map of the d columns, task j's; near 0 when one
+    task's update of a row says nothing of the other's. Orthogonal maps include reflections, so two tasks
+    that push every shared row in opposite directions also score 1: it is not a measure of agreement
+    (the gradient cosine is). The diagonal is 1."""
+    k, d = grads.shape[0], int(torch.tensor(grads.shape[2:]).prod())
     touched = grads.flatten(2).abs().sum(-1) > 0  # [K, rows]
     out = torch.full((k, k), math.nan, dtype=torch.float64)
     for i in range(k):
         for j in range(i, k):
             rows = touched[i] & touched[j]
-            if int(rows.sum()) >= 2:
+            if int(rows.sum()) > d:
                 out[i, j] = out[j, i] = linear_cka(grads[i][rows].flatten(1), grads[j][rows].flatten(1))
     return out
 

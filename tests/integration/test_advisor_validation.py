@@ -100,12 +100,14 @@ def test_the_sign_is_the_advices_helps_where_it_has_one():
     v = _script()
     advice = _advice({"a": -0.3, "b": -0.1, "c": 0.2})
     for t, helps in {"a": True, "b": True, "c": False}.items():
-        advice["advice"][t].update({"helps": helps, "alignment": 0.1 if helps else 0.01})
+        advice["advice"][t].update(
+            {"helps": helps, "alignment": 0.1 if helps else 0.01, "verdict": "unclear"}
+        )
     pts = v.points("synthetic-0.0", list(CELLS), advice, _measured(CELLS), "sampled")
     s = v.summary(
         pts, {"synthetic-0.0": {"advise_seconds": 5.0, "measure_seconds": 100.0}}, ["synthetic-0.0"]
     )
     assert (s["clear_points"], s["sign_agreement"], s["sign_disagreements"]) == (2, 2, [])
     assert (s["clear_points_held_out"], s["sign_agreement_held_out"]) == (2, 2)
-    assert s["losers_at_0"] == [{"task": "c", "flagged": True, "verdict": "gains"}]
+    assert s["losers_at_0"] == [{"task": "c", "flagged": True, "verdict": "unclear"}]
     assert [p["alignment"] for p in pts] == [0.1, 0.1, 0.01]

@@ -317,18 +317,15 @@ def test_linear_cka_by_hand_and_its_invariances():
 
 
 def test_alignment_reads_only_the_rows_both_tasks_touched():
-    rows = torch.tensor([[1.0], [2.0], [3.0], [0.0]])
-    grads = torch.stack([
-        rows,                                          # task 0: rows 0-2
-        torch.tensor([[1.0], [3.0], [2.0], [5.0]]),    # task 1: all four; with task 0, rows 0-2: 1/4
-        torch.tensor([[0.0], [0.0], [7.0], [1.0]]),    # task 2: shares one row with task 0, two with 1
-    ])  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    grads = torch.randn(3, 5, 2, generator=g)
+    grads[0, 4] = 0.0  # task 0 touched rows 0-3
+    grads[2, :3] = 0.0  # task 2 touched rows 3-4: two rows in common with each, no more than d = 2
     m = alignment(grads)
-    assert m[0, 1] == m[1, 0] == pytest.approx(0.25)
-    assert math.isnan(m[0, 2]) and math.isnan(m[2, 0])  # one row in common: no alignment
-    # task 1 and 2 on rows 2-3: (2, 5) and (7, 1), centred (-1.5, 1.5) and (3, -3): perfectly (anti-)aligned
-    assert m[1, 2] == pytest.approx(1.0)
-    assert torch.diagonal(m).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert m[0, 1] == m[1, 0] == pytest.approx(linear_cka(grads[0, :4], grads[1, :4]))
+    assert m[0, 1] != pytest.approx(linear_cka(grads[0], grads[1]))  # row 4 (task 0's zeros) left out
+    assert math.isnan(m[0, 2]) and math.isnan(m[1, 2]) and math.isnan(m[2, 1])  # n <= d: no alignment
+    assert torch.diagonal(m).tolist() == pytest.approx([1.0, 1.0, math.nan], nan_ok=True)
 
 
 def test_lookahead_keeps_each_tasks_gradient_and_the_log_sums_them():
@@ -392,6 +389,26 @@ def test_the_alignment_rule_takes_a_misaligned_task_out_of_its_group():
     adv = build_advice(names, _log_with_grads(z, grads), ov, 6, tables, min_alignment=None)
     assert [adv["advice"][t]["helps"] for t in names] == [True, True, False]
     assert adv["advice"]["c"]["benefit"] == pytest.approx(-0.5)
+
+
+def test_a_pair_never_measured_counts_zero_in_the_advice_and_its_json_stays_standard():
+    import json
+
+    from unirec.advise import build_advice
+
+    names = ["a", "b", "c"]
+    z = [[0.4, math.nan, 0.2], [0.2, 0.4, 0.2], [0.2, 0.2, 0.4]]  # a's step never read on b
+    grads = torch.randn(3, 30, 4, generator=torch.Generator().manual_seed(2))
+    ov = {
+        k: {i: {j: 1.0 for j in names} for i in names} for k in ("context", "candidate_type", "candidate_set")
+    }
+    tables = {t: "tables.item.weight" for t in names}
+    for rule in (None, 0.9):  # 0.9: every task misaligned, the search runs over none of them
+        adv = build_advice(names, _log_with_grads(z, grads), ov, 6, tables, rule)
+        assert all(math.isfinite(adv["advice"][t]["onto_from_group"]) for t in names), rule
+        json.dumps(adv["advice"], allow_nan=False)
+        assert adv["normalised_affinity"]["a"]["b"] is None
+    assert adv["grouping"]["groups"] == [["a"], ["b"], ["c"]]
 
 
 @pytest.mark.parametrize(
