@@ -50,8 +50,9 @@ def write_markdown(res: Dict, path: Path) -> None:
         "- Baseline (the core default, pinned): `" + " ".join(f"{k}={v}" for k, v in res["baseline"].items()) + "`."
         + (f" Not in this version's config, so not pinned: {', '.join(res['unpinned'])}." if res["unpinned"] else ""),
         f"- Each variant changes one axis of the baseline. Selection score (\"valid\"): the validation mean "
-        f"over tasks of {METRIC} at the kept checkpoint (training's validation, the logged/sampled candidates; "
-        "`metrics.json` `best`), mean over seeds. Test never selects.",
+        f"over tasks of {METRIC} at the kept checkpoint (training's validation, "
+        + ("full ranking" if (st.get("validation") or {}).get("protocol") == "full" else "the logged/sampled candidates")
+        + "; `metrics.json` `best`), mean over seeds. Test never selects.",
         "- Cost: median training wall seconds per run (validation included, test excluded), parameters, and "
         "the wall time relative to the baseline.",
     ]  # fmt: skip
