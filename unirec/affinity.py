@@ -158,7 +158,10 @@ class AffinityLog:
         self.n_cos += ok_cos.double()
         self.steps.append(m.affinity.double())
         for n, g in m.grads.items():
-            self.grads[n] = self.grads[n] + g if n in self.grads else g.clone()
+            if n in self.grads:
+                self.grads[n] += g
+            else:
+                self.grads[n] = g.clone()
 
     def mean_affinity(self) -> torch.Tensor:
         """[K, K] Z averaged over the steps where both tasks were present (NaN where never)."""
@@ -196,7 +199,7 @@ def alignment(grads: torch.Tensor) -> torch.Tensor:
     task's update of a row says nothing of the other's. Orthogonal maps include reflections, so two tasks
     that push every shared row in opposite directions also score 1: it is not a measure of agreement
     (the gradient cosine is). The diagonal is 1."""
-    k, d = grads.shape[0], int(torch.tensor(grads.shape[2:]).prod())
+    k, d = grads.shape[0], math.prod(grads.shape[2:])
     touched = grads.flatten(2).abs().sum(-1) > 0  # [K, rows]
     out = torch.full((k, k), math.nan, dtype=torch.float64)
     for i in range(k):

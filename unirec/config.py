@@ -457,11 +457,12 @@ class AdviseConfig:
     whose gradients at the embedding table of its candidates are this little aligned with the other tasks'
     (mean linear CKA of the gradients summed over the measured steps, unirec.affinity.alignment) is
     predicted to lose from consolidation and kept bespoke (the grouping is searched over the others), and
-    every other task, one without a measured alignment included, to gain unless its verdict is ``loses``. 0.025 was chosen on the 36 synthetic points of reports/advisor/validation.md (the two
-    losing tasks at 0.019 and 0.015, every gaining one at 0.031 or more) and then tested on five relatedness
-    values it had not seen (reports/advisor/alignment/validation.md): there the alignment of one task moved
-    between runs by more than the margin, so it mis-signed a losing task and a gaining one. Keeps two K x rows
-    x dim float64 tensors per shared candidate table in host memory (one step's gradients and their sum)."""
+    every other task, one without a measured alignment included, to gain unless its verdict is ``loses``.
+    0.025 was chosen on the 36 synthetic points of reports/advisor/validation.md (the two losing tasks at
+    0.019 and 0.015, every gaining one at 0.031 or more) and then tested on five relatedness values it had
+    not seen (reports/advisor/alignment/validation.md): there the alignment of one task moved between runs
+    by more than the margin, so it mis-signed a losing task and a gaining one. Keeps two K x rows x dim
+    float64 tensors per shared candidate table in host memory (one step's gradients and their sum)."""
     max_group_tasks: int = 6
     """Most tasks the exhaustive grouping search takes (203 groupings at 6, 4,140 at 8)."""
     out_dir: Optional[str] = None

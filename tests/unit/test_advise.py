@@ -356,7 +356,7 @@ def _log_with_grads(benefit_rows, grads):
 
 
 def test_the_alignment_rule_takes_a_misaligned_task_out_of_its_group():
-    from unirec.advise import build_advice
+    from unirec.advice import build_advice
 
     names = ["a", "b", "c"]
     g = torch.Generator().manual_seed(1)
@@ -394,7 +394,7 @@ def test_the_alignment_rule_takes_a_misaligned_task_out_of_its_group():
 def test_a_pair_never_measured_counts_zero_in_the_advice_and_its_json_stays_standard():
     import json
 
-    from unirec.advise import build_advice
+    from unirec.advice import build_advice
 
     names = ["a", "b", "c"]
     z = [[0.4, math.nan, 0.2], [0.2, 0.4, 0.2], [0.2, 0.2, 0.4]]  # a's step never read on b
@@ -429,7 +429,7 @@ def test_settings_the_advisor_refuses_name_the_key(overrides, match):
 
 
 def test_headroom_by_hand():
-    from unirec.advise import headroom
+    from unirec.advice import headroom
 
     assert (
         headroom(0.25) == pytest.approx(3.0) and headroom(0.5) == pytest.approx(1.0) and headroom(1.0) == 0.0
