@@ -11,6 +11,8 @@ relatedness r in [0, 1] is the suite ``synthetic-<r>``):
    The unified model picks the grid point with the best mean validation score over tasks; each bespoke
    model picks its own best grid point for its task. The validation score is the suite's headline
    protocol: full ranking for MovieLens, the logged impressions for the synthetic canvases.
+   With ``--tuned DIR`` the grid gives way to a search per model kind: each takes the best point of its own
+   Optuna search (``DIR/<kind>/optimization_results.yaml``, the same number of trials for every kind).
 2. **Seeds.** The chosen configurations train again with the other seeds: the seed draws the weights and
    the batch order, and for MovieLens also the canvas assignment, contexts and negatives of the derivation
    (the synthetic data stay those of ``data.synthetic.seed``). Unified and bespoke runs of one seed always
@@ -32,6 +34,9 @@ Usage::
     python scripts/consolidation_report.py --raw-dir data/ml-100k          # every suite, ~30 min on 2 cores
     python scripts/consolidation_report.py --suites ml100k --raw-dir data/ml-100k
     python scripts/consolidation_report.py --suites synthetic-0.5     # -> reports/synthetic/relatedness-0.5
+    python scripts/consolidation_report.py --suites ml100k --raw-dir data/ml-100k --tuned runs/optuna
+        # after: python -m unirec.train -m hparams_search=ml100k_cpu experiment=ml100k data.raw_dir=data/ml-100k
+        #   hydra.sweep.dir=runs/optuna/unified (and task=[movielens/<t>] hydra.sweep.dir=runs/optuna/bespoke-<t>)
 
 Finished runs are reused (``--work``, default ``runs/consolidation``), so an interrupted report resumes;
 ``--fresh`` starts over.

@@ -93,3 +93,46 @@ def test_the_run_lock_keeps_two_processes_off_one_run(tmp_path):
     assert first.wait(timeout=60) == 0 and second.returncode == 0
     assert order.read_text().split("\n")[:4] == ["a in", "a out", "b in", "b out"]
     assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60).returncode == 3  # free now
+
+
+@pytest.mark.slow
+def test_reduced_report_from_equal_searches(tmp_path):
+    """``--tuned``: every model kind searched with Hydra's Optuna sweeper on the same budget, and the report
+    trains each kind's own best point, every seed, instead of a shared grid."""
+    from tests.conftest import run_train
+
+    raw = write_grouplens(tmp_path / "ml-100k", n_users=60, n_items=80)
+    cache, searches = tmp_path / "cache", tmp_path / "searches"
+    for kind, task in [("unified", []), *((f"bespoke-{t}", [f"task=[movielens/{t}]"]) for t in TASKS)]:
+        proc = run_train(["-m", "hparams_search=ml100k_cpu", "experiment=ml100k", f"data.raw_dir={raw}",
+                          f"data.cache_dir={cache}", f"hydra.sweep.dir={searches / kind}", "hydra.sweeper.n_trials=2",
+                          "trainer.epochs=1", *task], tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "reports"
+    cmd = [sys.executable, str(ROOT / "scripts" / "consolidation_report.py"), "--quick", "--suites", "ml100k",
+           "--raw-dir", str(raw), "--seeds", "2", "--tuned", str(searches), "--work", str(tmp_path / "work"),
+           "--out", str(out), "--cache-dir", str(cache)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "ml100k" / "consolidation.json").read_text())
+    import yaml
+    from omegaconf import OmegaConf
+
+    for kind in ["unified", *(f"bespoke-{t}" for t in TASKS)]:
+        best = yaml.safe_load((searches / kind / "optimization_results.yaml").read_text())
+        assert (
+            res["tuning"]["kinds"][kind]["params"] == best["best_params"]
+            and res["chosen"][kind]["size"] == "tuned"
+        )
+        assert len(res["tuning"]["kinds"][kind]["trials"]) == 2
+        for run in res["runs"][kind]:  # every seed trains the kind's own point
+            cfg = OmegaConf.load(f"{run['run']}/config.yaml")
+            assert cfg.model.dropout == best["best_params"]["model.dropout"]
+            assert cfg.data.history.max_len == best["best_params"]["data.history.max_len"]
+            assert cfg.optim.lr == pytest.approx(best["best_params"]["optim.lr"])
+    assert len(res["test"]["full|home|ndcg@10"]["bespoke"]) == 2
+    md = (out / "ml100k" / "consolidation.md").read_text()
+    assert (
+        "Equal tuning: 2 trials of a hyperparameter search per model kind" in md and "| bespoke-genre |" in md
+    )

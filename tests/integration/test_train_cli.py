@@ -118,6 +118,23 @@ def test_optuna_search_maximises_the_best_validation_metric(tmp_path, cache):
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(t["best"]["value"] for t in trials))
     assert {"optim.lr", "loss.negatives", "model.sequence_pooling"} <= set(best["best_params"])
+    # the consolidation report's --tuned reads the search back: its point, every trial, the trials' length
+    import shutil
+
+    from unirec.experiments.consolidation import tuned_points
+
+    found = tuned_points(tmp_path, ["sweep"])["sweep"]
+    assert found["params"] == best["best_params"] and found["best_valid"] == pytest.approx(best["best_value"])
+    assert found["trials"] == [t["best"]["value"] for t in trials] and found["trainer"]["epochs"] == 1
+    assert f"optim.lr={best['best_params']['optim.lr']}" in found["overrides"]
+    shutil.copytree(tmp_path / "sweep", tmp_path / "short")
+    (tmp_path / "short" / "2" / "metrics.json").unlink()  # one trial fewer: no equal tuning
+    with pytest.raises(ValueError, match=r"unequal tuning budgets.*'sweep': 3, 'short': 2"):
+        tuned_points(tmp_path, ["sweep", "short"])
+    with pytest.raises(
+        FileNotFoundError, match=r"absent/optimization_results.yaml: no finished search for absent"
+    ):
+        tuned_points(tmp_path, ["sweep", "absent"])
 
 
 def test_misspelt_key_fails_naming_it(tmp_path, cache):

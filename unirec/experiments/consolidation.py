@@ -4,10 +4,11 @@ footprint (see ``scripts/consolidation_report.py`` for the protocol), summarised
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from unirec.experiments.runs import (
     run_lock,
     train,
 )
-from unirec.experiments.suites import SIZES, Suite
+from unirec.experiments.suites import SIZES, TUNED, Suite
 
 BASELINES = ("popularity_all", "bpr_mf", "transitions")
 """Baselines of the full protocol beside the task's own popularity (:mod:`unirec.baselines`)."""
@@ -33,16 +34,53 @@ def kinds(tasks) -> List[tuple]:
     return [("unified", list(tasks))] + [(f"bespoke-{t}", [t]) for t in tasks]
 
 
+def tuned_points(root: Path, names: Sequence[str]) -> Dict[str, Dict]:
+    """Per model kind, the best point of its hyperparameter search: ``<root>/<kind>/optimization_results.yaml``
+    as Hydra's Optuna sweeper writes it (``python -m unirec.train -m hparams_search=...
+    hydra.sweep.dir=<root>/<kind>``), with every finished trial's best validation value in trial order and
+    the trials' training length. Every kind must have finished the same number of trials: an unequal budget
+    is no equal tuning."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    out = {}
+    for kind in names:
+        best = root / kind / "optimization_results.yaml"
+        if not best.exists():
+            raise FileNotFoundError(f"{best}: no finished search for {kind} (hydra.sweep.dir={root / kind})")
+        found = yaml.safe_load(best.read_text())
+        trials = sorted((int(d.name), d) for d in (root / kind).iterdir() if d.name.isdigit())
+        done = [d for _, d in trials if (d / "metrics.json").exists()]
+        if not done:
+            raise FileNotFoundError(f"{root / kind}: the search finished no trial (no <n>/metrics.json)")
+        trainer = OmegaConf.load(done[0] / "config.yaml").trainer
+        params = found["best_params"]
+        out[kind] = {
+            "params": params,
+            "overrides": [f"{k}={v}" for k, v in params.items()],
+            "best_valid": float(found["best_value"]),
+            "trials": [json.loads((d / "metrics.json").read_text())["best"]["value"] for d in done],
+            "trainer": {k: int(trainer[k]) for k in ("epochs", "patience", "eval_every_epochs")},
+        }
+    budgets = {kind: len(p["trials"]) for kind, p in out.items()}
+    if len(set(budgets.values())) > 1:
+        raise ValueError(f"unequal tuning budgets under {root}: finished trials per model kind {budgets}")
+    return out
+
+
 class SuiteRuns:
     """The runs of one suite: where each lives, one trained (or reused) and evaluated under its lock, and
     the order in which processes sharing the work (``--jobs``) take them. A run is a tuple
-    ``(kind, tasks, lr, size, seed)``; kind is ``unified`` or ``bespoke-<task>``."""
+    ``(kind, tasks, lr, size, seed)``; kind is ``unified`` or ``bespoke-<task>``; size ``TUNED`` takes the
+    kind's point of its search (``args.tuned``, :func:`tuned_points`)."""
 
     def __init__(self, suite: Suite, args):
         self.suite, self.args = suite, args
         self.work = Path(args.work) / suite.name
         self.tasks = list(suite.tasks)
         self.started = time.perf_counter()
+        tuned = getattr(args, "tuned", None)
+        self.tuned = tuned_points(Path(tuned), [k for k, _ in self.kinds()]) if tuned else {}
 
     def log(self, msg: str) -> None:
         print(f"[{self.suite.name} {self.seconds():6.0f}s] {msg}", flush=True)
@@ -64,7 +102,8 @@ class SuiteRuns:
         with run_lock(d, wait) as mine:  # another process of the report may be on this run: it is reused
             if not mine:
                 return None
-            m = train(suite, ts, lr, size, seed, d, self.args)
+            extra = self.tuned[kind]["overrides"] if size == TUNED else ()
+            m = train(suite, ts, lr, size, seed, d, self.args, extra)
             if split == "valid":
                 return d, m, evaluate(d, "valid", (suite.headline,))
             # The baselines depend on the data only, which the seed's unified run holds in full.
@@ -89,6 +128,9 @@ class SuiteRuns:
             point = f"lr={lr:g} size={size}"
             sweep.setdefault(kind, {})[point] = float(np.mean([headline(valid, self.suite, t) for t in ts]))
             self.log(f"sweep {kind} {point}: valid ndcg@10 {sweep[kind][point]:.4f}")
+        if self.tuned:  # each kind's search chose its point already
+            lr = lambda kind: float(self.tuned[kind]["params"].get("optim.lr", self.args.lrs[0]))  # noqa: E731
+            return sweep, {kind: (lr(kind), TUNED) for kind, _ in self.kinds()}
         score = lambda kind, g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0)  # noqa: E731
         return sweep, {kind: max(grid, key=lambda g: score(kind, g)) for kind, _ in self.kinds()}
 
@@ -113,7 +155,7 @@ def run_suite(suite: Suite, args) -> Dict:
     footprint of seed 0's runs -> :func:`summarise`. A helper process (``args.helper``) only takes the runs
     free at the time and returns None; so does one given ``args.only_seeds``, after its seeds."""
     runs = SuiteRuns(suite, args)
-    grid = [(lr, size) for lr in args.lrs for size in args.sizes]
+    grid = [] if runs.tuned else [(lr, size) for lr in args.lrs for size in args.sizes]
     helper = getattr(args, "helper", False)
     # A process that only takes some seeds needs no sweep where the grid has one point: nothing to choose.
     only = getattr(args, "only_seeds", None)
@@ -138,14 +180,14 @@ def run_suite(suite: Suite, args) -> Dict:
     foot = {kind: footprint(Path(meta[kind][0]["run"]), registry / kind) for kind, _ in runs.kinds()}
     floor = bare_rss_mb()
     runs.log("footprint measured")
-    return summarise(suite, args, sweep, chosen, test, meta, foot, floor, runs.seconds())
+    return summarise(suite, args, sweep, chosen, test, meta, foot, floor, runs.seconds(), runs.tuned)
 
 
 METRICS = {"full": ("ndcg@10", "recall@10", "mrr"), "sampled": ("ndcg@10", "recall@10", "auc")}
 """Per protocol, the test metrics the report tabulates, in the order its tables list them."""
 
 
-def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> Dict:
+def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds, tuned=None) -> Dict:
     tasks = list(suite.tasks)
     own_steps = all("per_task" in r for r in test["unified"])  # runs read at each task's own best step
     table = {}
@@ -204,9 +246,10 @@ def summarise(suite, args, sweep, chosen, test, meta, foot, floor, seconds) -> D
         "epochs": suite.epochs,
         "patience": getattr(args, "patience", None),
         "validation": validation_of(Path(meta["unified"][0]["run"])),
-        "grid": {"lr": args.lrs, "size": {s: SIZES[s] for s in args.sizes}},
+        "grid": {} if tuned else {"lr": args.lrs, "size": {s: SIZES[s] for s in args.sizes}},
         "sweep_valid_ndcg@10": sweep,
         "chosen": {k: {"lr": v[0], "size": v[1]} for k, v in chosen.items()},
+        "tuning": {"root": str(args.tuned), "kinds": tuned} if tuned else None,
         "test": {"|".join(k): v for k, v in table.items()},
         "footprint": fp,
         "own_steps": steps_read,
@@ -243,6 +286,14 @@ def parser(description: str = "The consolidation report.") -> argparse.ArgumentP
         help="of every run (the core default 4096 gives a bespoke MovieLens model only ~25 steps per epoch)",
     )
     ap.add_argument("--sizes", nargs="+", default=["S", "M"], choices=sorted(SIZES))
+    ap.add_argument(
+        "--tuned",
+        metavar="DIR",
+        help="instead of the --lrs x --sizes grid, every model kind takes the best point of its own "
+        "hyperparameter search, DIR/<kind>/optimization_results.yaml (kinds: unified, bespoke-<task>; "
+        "python -m unirec.train -m hparams_search=... hydra.sweep.dir=DIR/<kind>); every kind needs the same "
+        "number of finished trials",
+    )
     ap.add_argument("--epochs", type=int, help="epochs per run (default: 5 for MovieLens, 3 for synthetic)")
     ap.add_argument(
         "--patience", type=int, help="stop a run after this many epochs without a better valid mean"

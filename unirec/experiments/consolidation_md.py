@@ -114,13 +114,20 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
         u, b = fp[k]
         lines.append(f"| {labels[k]} | {u:,.1f} | {b:,.1f} | {_ratio(u, b)} |" if isinstance(u, float) else
                      f"| {labels[k]} | {u:,} | {b:,} | {_ratio(u, b)} |")  # fmt: skip
-    lines += ["", "## Equal tuning: validation NDCG@10 of the sweep (seed 0)", "",
-              "Each model kind picks its best grid point; sizes: "
-              + ", ".join(f"{s} = embedding {v['embedding_dim']}, hidden {v['hidden_dim']}"
-                          for s, v in sorted(res["grid"]["size"].items(), key=lambda kv: kv[1]["hidden_dim"])) + ".",
-              "", "| model | " + " | ".join(next(iter(res["sweep_valid_ndcg@10"].values()))) + " | chosen |",
-              "|---|" + "---|" * (len(next(iter(res["sweep_valid_ndcg@10"].values()))) + 1)]  # fmt: skip
+    lines += tuning_section(res, tasks) if res.get("tuning") else grid_section(res, tasks)
+    lines += ["", "![per-task NDCG@10](consolidation.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def grid_section(res: Dict, tasks: List[str]) -> List[str]:
+    """Equal tuning over the --lrs x --sizes grid: every kind's validation score at every point."""
     sweep = res["sweep_valid_ndcg@10"]
+    points = list(next(iter(sweep.values())))
+    lines = ["", "## Equal tuning: validation NDCG@10 of the sweep (seed 0)", "",
+             "Each model kind picks its best grid point; sizes: "
+             + ", ".join(f"{s} = embedding {v['embedding_dim']}, hidden {v['hidden_dim']}"
+                         for s, v in sorted(res["grid"]["size"].items(), key=lambda kv: kv[1]["hidden_dim"])) + ".",
+             "", "| model | " + " | ".join(points) + " | chosen |", "|---|" + "---|" * (len(points) + 1)]  # fmt: skip
     for kind in [k for k, _ in kinds(tasks) if k in sweep]:
         by, ch = sweep[kind], res["chosen"][kind]
         lines.append(
@@ -128,8 +135,30 @@ def write_markdown(res: Dict, suite: Suite, path: Path) -> None:
             + " | ".join(f"{v:.4f}" for v in by.values())
             + f" | lr={ch['lr']:g} size={ch['size']} |"
         )
-    lines += ["", "![per-task NDCG@10](consolidation.png)", ""]
-    path.write_text("\n".join(lines))
+    return lines
+
+
+def tuning_section(res: Dict, tasks: List[str]) -> List[str]:
+    """Equal tuning by a hyperparameter search per model kind (``--tuned``): each kind's trials, and the point
+    it took."""
+    found = res["tuning"]["kinds"]
+    n = len(found["unified"]["trials"])
+    t = found["unified"]["trainer"]
+    lines = ["", f"## Equal tuning: {n} trials of a hyperparameter search per model kind (seed 0)", "",
+             f"Every model kind ran its own search with the same budget of {n} trials (`{res['tuning']['root']}/<kind>`), "
+             f"each trial trained up to {t['epochs']} epochs with patience {t['patience']}, validated every "
+             f"{t['eval_every_epochs']} epoch(s); each kind takes the point best on its own validation mean NDCG@10, "
+             "then trains it as the runs above.",
+             "", "| model | best valid ndcg@10 | trials' valid ndcg@10, in trial order | chosen point |",
+             "|---|---|---|---|"]  # fmt: skip
+    for kind in [k for k, _ in kinds(tasks) if k in found]:
+        p = found[kind]
+        point = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                          for k, v in p["params"].items())  # fmt: skip
+        lines.append(
+            f"| {kind} | {p['best_valid']:.4f} | {' '.join(f'{v:.4f}' for v in p['trials'])} | {point} |"
+        )
+    return lines
 
 
 def own_step_section(res: Dict, suite: Suite) -> List[str]:
@@ -208,7 +237,7 @@ def observations(res: Dict, suite: Suite) -> List[str]:
     if below:
         out.append(f"Neither model beats popularity on {', '.join(below)}: the learned models add nothing to "
                    "the item prior there yet.")  # fmt: skip
-    for kind, ch in res["chosen"].items():
+    for kind, ch in res["chosen"].items() if res["grid"] else ():  # a grid's edge (a search has none here)
         lrs = sorted(res["grid"]["lr"])
         sizes = sorted(
             res["grid"]["size"],

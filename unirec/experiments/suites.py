@@ -15,6 +15,9 @@ SIZES = {
 }
 """Model sizes of the sweep (the core default is embedding 16, hidden 64); W, wide embeddings on a narrow
 tower, is the MovieLens recipe (conf/experiment/ml100k.yaml)."""
+TUNED = "tuned"
+"""The size of a run whose widths come from a hyperparameter search (``--tuned``): no size overrides, the
+search's own (its best point's ``model.*`` among the run's extra overrides)."""
 ML_TASKS = ("home", "related", "search", "genre")
 
 
@@ -118,10 +121,11 @@ SYNTHETIC_SIZE = {
 def compose(
     suite: Suite, tasks: Optional[Sequence[str]], lr: float, size: str, seed: int, extra: Sequence[str] = ()
 ):
-    """The run's config; ``tasks=None`` keeps the task list of ``suite.overrides`` (or conf/train.yaml)."""
+    """The run's config; ``tasks=None`` keeps the task list of ``suite.overrides`` (or conf/train.yaml);
+    ``size=TUNED`` sets no widths (the tuned point's overrides, in ``extra``, do)."""
     from unirec.config import compose as compose_cfg
 
-    model = [f"model.{k}={v}" for k, v in SIZES[size].items()]
+    model = [] if size == TUNED else [f"model.{k}={v}" for k, v in SIZES[size].items()]
     task = [] if tasks is None else [f"task=[{','.join(suite.tasks[t] for t in tasks)}]"]
     return compose_cfg([*suite.overrides, *task, f"optim.lr={lr}", *model, f"seed={seed}", *extra])
 
