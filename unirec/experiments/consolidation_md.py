@@ -147,7 +147,7 @@ def tuning_section(res: Dict, tasks: List[str]) -> List[str]:
     lines = ["", f"## Equal tuning: {n} trials of a hyperparameter search per model kind (seed 0)", "",
              f"Every model kind ran its own search with the same budget of {n} trials (`{res['tuning']['root']}/<kind>`), "
              f"each trial trained up to {t['epochs']} epochs with patience {t['patience']}, validated every "
-             f"{t['eval_every_epochs']} epoch(s); each kind takes the point best on its own validation mean NDCG@10, "
+             f"{'epoch' if t['eval_every_epochs'] == 1 else str(t['eval_every_epochs']) + ' epochs'}; each kind takes the point best on its own validation mean NDCG@10, "
              "then trains it as the runs above.",
              "", "| model | best valid ndcg@10 | trials' valid ndcg@10, in trial order | chosen point |",
              "|---|---|---|---|"]  # fmt: skip
