@@ -129,8 +129,10 @@ class SuiteRuns:
             sweep.setdefault(kind, {})[point] = float(np.mean([headline(valid, self.suite, t) for t in ts]))
             self.log(f"sweep {kind} {point}: valid ndcg@10 {sweep[kind][point]:.4f}")
         if self.tuned:  # each kind's search chose its point already
-            lr = lambda kind: float(self.tuned[kind]["params"].get("optim.lr", self.args.lrs[0]))  # noqa: E731
-            return sweep, {kind: (lr(kind), TUNED) for kind, _ in self.kinds()}
+            lrs = {
+                kind: float(p["params"].get("optim.lr", self.args.lrs[0])) for kind, p in self.tuned.items()
+            }
+            return sweep, {kind: (lr, TUNED) for kind, lr in lrs.items()}
         score = lambda kind, g: sweep.get(kind, {}).get(f"lr={g[0]:g} size={g[1]}", 0.0)  # noqa: E731
         return sweep, {kind: max(grid, key=lambda g: score(kind, g)) for kind, _ in self.kinds()}
 
